@@ -1,0 +1,452 @@
+"""A decoder-only transformer for the Qwen2 family (Qwen2, Qwen2.5, DeepSeek-R1-Distill-Qwen),
+with Llama 3 and Qwen3 through config fields, and Hugging Face safetensors load/save.
+
+    model = load_pretrained("Qwen2.5-7B-Instruct", dtype=torch.bfloat16, device="cuda")
+    logits = model(input_ids)                       # (B, T, V)
+    hidden = model.hidden_states(input_ids)         # (B, T, D), final norm applied, no LM head
+    save_pretrained(model, "out/")                  # transformers loads it with identical logits
+
+Module names equal the Hugging Face names without the leading "model.", so a checkpoint maps
+onto this module with `hf_to_ours` / `ours_to_hf`, two one-line functions.
+
+Attention masks come from three inputs, any of which may be absent:
+- `attention_mask` (B, T) with 0 for padding (left-padded prompts, right-padded responses);
+- `position_ids` (B, T); a position of 0 after the start of a row starts a new document, which is
+  how packed rows (several documents per row) are expressed: documents never see each other;
+- a `KVCache`, where the cache index of a token is its position id, and a query at position p
+  sees cached keys 0..p of its own row.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    head_dim: int | None = None         # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    rope_scaling: dict | None = None    # {"rope_type": "llama3", ...} or None
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = True
+    attention_bias: bool = True         # q/k/v bias: Qwen2 yes, Llama 3 and Qwen3 no
+    qk_norm: bool = False               # per-head RMSNorm on q and k before RoPE (Qwen3)
+    model_type: str = "qwen2"
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    hf_config: dict = field(default_factory=dict, repr=False)  # the config.json we came from
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        """Build from a Hugging Face config.json dict (transformers 4.x or 5.x layout)."""
+        model_type = hf.get("model_type", "qwen2")
+        if model_type not in ("qwen2", "llama", "qwen3"):
+            raise ValueError(f"model_type {model_type!r} is not supported; use qwen2, llama or qwen3")
+        if hf.get("use_sliding_window"):
+            raise ValueError("use_sliding_window=true is not supported; set it to false in config.json")
+        # transformers 5 folds rope_theta and rope_scaling into rope_parameters.
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"rope_type {rope_type!r} is not supported; use default or llama3")
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in hf.items() if k in known and k not in ("rope_scaling", "hf_config")}
+        kw.update(
+            rope_theta=float(theta),
+            rope_scaling={**rope, "rope_type": rope_type} if rope_type != "default" else None,
+            attention_bias=hf.get("attention_bias", model_type == "qwen2"),
+            qk_norm=model_type == "qwen3",
+            tie_word_embeddings=hf.get("tie_word_embeddings", model_type != "llama"),
+            model_type=model_type,
+            hf_config=hf,
+        )
+        return cls(**kw)
+
+    def to_hf(self) -> dict:
+        """A config.json dict that transformers loads into the same architecture."""
+        hf = dict(self.hf_config)
+        arch = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+        hf.update(
+            architectures=[arch[self.model_type]], model_type=self.model_type,
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
+            rope_scaling=self.rope_scaling, max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings, hidden_act="silu",
+            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
+        )
+        hf.pop("rope_parameters", None)  # rope_theta + rope_scaling say it; both loaders read them
+        if self.model_type != "qwen2":
+            hf["attention_bias"] = self.attention_bias
+        return hf
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), with Llama 3's long-context rescaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    s = config.rope_scaling
+    if s and s["rope_type"] == "llama3":
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        is_mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        inv_freq = torch.where(is_mid, mid, scaled)
+    return inv_freq.float()
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, H, T, Dh); cos/sin: (B, 1, T, Dh); rotate-half convention, as in the HF checkpoints.
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalize in fp32 and cast back before the weight, as the reference implementation does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Static, preallocated keys and values: (layers, B, H_kv, max_seq_len, Dh) each.
+
+    A token's cache index is its position id, so a batch slot can be refilled with a new
+    sequence (continuous batching) by writing positions from 0 again; stale entries beyond a
+    query's position are never attended to. Fixed shapes let the decode step be a CUDA graph.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size, max_seq_len, dtype=None, device=None):
+        super().__init__()
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_seq_len,
+                 config.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_seq_len(self):
+        return self.k.shape[3]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, cache_slots=None, position_ids=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, Dh)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            # Scatter this step's keys/values to their positions in their slots, then attend
+            # over the whole static cache; the mask hides positions after each query.
+            layer_k, layer_v = kv_cache.k[self.layer_idx], kv_cache.v[self.layer_idx]
+            if cache_slots is None:  # every slot, in order: attend to the cache without a copy
+                rows = torch.arange(B, device=x.device)[:, None].expand(B, T)
+            else:
+                rows = cache_slots[:, None].expand(B, T)
+            layer_k[rows, :, position_ids] = k.transpose(1, 2).to(layer_k.dtype)
+            layer_v[rows, :, position_ids] = v.transpose(1, 2).to(layer_v.dtype)
+            if cache_slots is not None:
+                layer_k, layer_v = layer_k[cache_slots], layer_v[cache_slots]
+            k, v = layer_k.to(q.dtype), layer_v.to(q.dtype)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, cache_slots=None, position_ids=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_slots,
+                               position_ids)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def build_mask(attention_mask, position_ids, kv_len=None):
+    """Boolean (B, 1, T, S) mask, True where a query may attend to a key.
+
+    Without a cache (kv_len None): causal, within the same document (a new document starts at
+    every position id 0 after the first token), and never onto padding. With a static cache of
+    length kv_len: key index j is visible to a query at position p iff j <= p.
+    """
+    if kv_len is not None:
+        keys = torch.arange(kv_len, device=position_ids.device)
+        return (keys[None, None, :] <= position_ids[:, :, None])[:, None]
+    B, T = position_ids.shape
+    idx = torch.arange(T, device=position_ids.device)
+    starts = (position_ids == 0) & (idx > 0)
+    doc = starts.cumsum(-1)
+    mask = (idx[None, :, None] >= idx[None, None, :]) & (doc[:, :, None] == doc[:, None, :])
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, :]
+    # A padding query that sees nothing would give NaN rows; let every token see itself.
+    mask = mask | torch.eye(T, dtype=torch.bool, device=mask.device)
+    return mask[:, None]
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.gradient_checkpointing = False  # recompute each block in backward to save memory
+
+    def materialize_buffers(self, device=None):
+        """Recompute non-persistent buffers (RoPE frequencies) after a meta-device build."""
+        self.inv_freq = rope_inv_freq(self.config).to(device)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """(V, D): what the fused log-prob kernel multiplies the hidden states with."""
+        return self.lm_head.weight
+
+    def hidden_states(self, input_ids, position_ids=None, attention_mask=None, kv_cache=None,
+                      cache_slots=None):
+        """Final hidden states (B, T, D) after the last norm, without the LM head.
+
+        position_ids default to 0..T-1, or to positions counted over real tokens when an
+        attention_mask is given (so left padding does not shift them). With kv_cache, the new
+        tokens are written at their positions in rows `cache_slots` (default 0..B-1).
+        """
+        B, T = input_ids.shape
+        plain_causal = position_ids is None and attention_mask is None and kv_cache is None
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            else:
+                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        if plain_causal:
+            mask = None  # lets SDPA take its fastest (flash) kernel
+        elif kv_cache is not None:
+            mask = build_mask(None, position_ids, kv_cache.max_seq_len)
+        else:
+            mask = build_mask(attention_mask, position_ids)
+        x = self.embed_tokens(input_ids)
+        angles = position_ids[:, None, :, None].float() * self.inv_freq  # (B, 1, T, Dh/2)
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and kv_cache is None:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv_cache, cache_slots, position_ids)
+        return self.norm(x)
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, kv_cache=None,
+                cache_slots=None):
+        """Logits (B, T, V)."""
+        return self.lm_head(self.hidden_states(input_ids, position_ids, attention_mask, kv_cache,
+                                               cache_slots))
+
+
+# ---- Hugging Face checkpoints ----
+
+def hf_to_ours(name: str) -> str:
+    return name.removeprefix("model.")
+
+
+def ours_to_hf(name: str) -> str:
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def checkpoint_files(path) -> list[str]:
+    """The safetensors files of a HF model directory, single-file or sharded."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, s) for s in shards]
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                                "(only safetensors checkpoints are read; convert .bin files first)")
+    return [single]
+
+
+def iter_checkpoint(path, names=None):
+    """Yield (our_name, tensor) from a HF checkpoint, reading only the tensors asked for.
+
+    `names` (a set of our names, or None for all) lets each rank of a sharded run read just
+    what it holds; tensors are read lazily, one at a time, so peak memory is one tensor.
+    """
+    for file in checkpoint_files(path):
+        with safe_open(file, framework="pt") as f:
+            for hf_name in f.keys():
+                name = hf_to_ours(hf_name)
+                if names is None or name in names:
+                    yield name, f.get_tensor(hf_name)
+
+
+def load_config(path) -> ModelConfig:
+    with open(os.path.join(path, "config.json")) as f:
+        return ModelConfig.from_hf(json.load(f))
+
+
+def load_pretrained(path, dtype=None, device=None) -> Transformer:
+    """Read a HF model directory (config.json + safetensors) into a Transformer.
+
+    The model is built on the meta device and each weight is assigned as it is read, so no
+    random initialization is spent and only one copy of the weights ever exists.
+    """
+    config = load_config(path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {n for n, _ in model.named_parameters()}
+    seen = set()
+    for name, tensor in iter_checkpoint(path):
+        if name not in expected:
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue  # some tied checkpoints still store the head; it equals the embedding
+            raise ValueError(f"{path}: unexpected tensor {ours_to_hf(name)!r} in checkpoint")
+        set_tensor(model, name, tensor.to(device=device, dtype=dtype or tensor.dtype))
+        seen.add(name)
+    missing = expected - seen
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {sorted(ours_to_hf(n) for n in missing)[:5]}")
+    model.materialize_buffers(device)
+    return model
+
+
+def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor):
+    """Replace parameter `name` (meta or real) with `tensor`, keeping ties intact."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, attr, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+    if model.config.tie_word_embeddings and name == "embed_tokens.weight":
+        model.lm_head.weight = model.embed_tokens.weight
+
+
+def save_pretrained(model: Transformer, path, state_dict=None, max_shard_bytes=5 * 2**30):
+    """Write config.json + safetensors (sharded past max_shard_bytes) that transformers loads.
+
+    `state_dict` (our names -> full tensors) may be passed by callers that gathered a sharded
+    model; by default it is the model's own. Files are written to a temporary directory and
+    renamed into place, so a crash never leaves a half-written checkpoint under `path`.
+    """
+    config = model.config
+    sd = state_dict if state_dict is not None else model.state_dict()
+    tensors = {}
+    for name, t in sd.items():
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        tensors[ours_to_hf(name)] = t.detach().to("cpu").contiguous()
+    tmp = str(path).rstrip("/") + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+            weight_map.update({n: fname for n in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    hf = config.to_hf()
+    hf["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    replace_dir(tmp, path)
+
+
+def replace_dir(tmp, path):
+    """Move directory `tmp` to `path`, keeping any files already in `path` that tmp lacks
+    (tokenizer files written beside the weights) and never leaving `path` half-written."""
+    path = str(path).rstrip("/")
+    if os.path.isdir(path):
+        for name in os.listdir(path):
+            if not os.path.exists(os.path.join(tmp, name)):
+                os.replace(os.path.join(path, name), os.path.join(tmp, name))
+        old = path + ".old"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        for name in os.listdir(old):
+            os.remove(os.path.join(old, name))
+        os.rmdir(old)
+    else:
+        os.replace(tmp, path)
