@@ -146,9 +146,10 @@ def render_turns(conversation, chatbot):
 def build_judge_messages(conversation_a, conversation_b, style="instruct"):
     """The judge's chat messages for comparing two conversations that end with the answers.
 
-    >>> build_judge_messages([{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
-    ...                      [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}])
-    [{'role': 'system', 'content': 'Please act as ...'}, {'role': 'user', 'content': '[Client Question]\\n2+2?...'}]
+    One user turn each fills the single-turn template ({question}, {answer_a}, {answer_b});
+    longer conversations are rendered whole. "instruct" -> [system, user], "reasoning" -> [user]:
+        build_judge_messages([user("2+2?"), assistant("4")], [user("2+2?"), assistant("5")])
+        -> [{"role": "system", ...}, {"role": "user", "content": "[Client Question]\\n2+2?\\n\\n..."}]
     """
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
