@@ -1,0 +1,562 @@
+"""Preference data -> RM-R1 judge prompts -> token batches.
+
+    messages = build_judge_messages(conversation_a, conversation_b, style="instruct")
+    records = pairs_to_rlvr("pairs.jsonl", seed=0)       # [{"context_messages", "winner"}]
+    comparisons = load_benchmark("rm-bench", "data/rm-bench/")
+    ids = encode_prompt(tokenizer, messages, max_len=4096)   # None when too long: count it
+    ids, loss_mask = encode_sft(tokenizer, messages, trace, max_len=12288)
+    batch = collate(pack(examples, max_len=12288), pad_id=tokenizer.pad_token_id)
+
+Every loader fails on the first malformed record with a ValueError that names the file, the
+line (JSONL, 1-based) or index (JSON list / Parquet row, 0-based) and the field; nothing is
+dropped silently. Prompt strings are the released RM-R1 ones, byte for byte, so the released
+RM-R1 checkpoints work with this code.
+"""
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+# The RM-R1 release's strings, verbatim: Instruct judges get the system prompt plus a user turn,
+# DeepSeek-R1-distilled judges a single user turn (their chat template ignores system prompts).
+PROMPTS = {
+    'instruct_system_prompt': (
+        "Please act as an impartial judge and evaluate the quality of the responses provided by two AI Chatbots to the Client's question displayed below.\n"
+        '\n'
+        'First, classify the task into one of two categories: <type>Reasoning</type> or <type>Chat</type>.\n'
+        '- Use <type>Reasoning</type> for tasks that involve math, coding, or require domain knowledge, multi-step inference, logical deduction, or combining information to reach a conclusion.\n'
+        '- Use <type>Chat</type> for tasks that involve open-ended or factual conversation, stylistic rewrites, safety questions, or general helpfulness requests without deep reasoning.\n'
+        '\n'
+        'If the task is Reasoning:\n'
+        "1. Solve the Client's question yourself and present your final answer within <solution>...</solution> tags.\n"
+        '2. Evaluate the two Chatbot responses based on correctness, completeness, and reasoning quality, referencing your own solution.\n'
+        '3. Include your evaluation inside <eval>...</eval> tags, quoting or summarizing the Chatbots using the following tags:\n'
+        '   - <quote_A>...</quote_A> for direct quotes from Chatbot A\n'
+        '   - <summary_A>...</summary_A> for paraphrases of Chatbot A\n'
+        '   - <quote_B>...</quote_B> for direct quotes from Chatbot B\n'
+        '   - <summary_B>...</summary_B> for paraphrases of Chatbot B\n'
+        '4. End with your final judgment in the format: <answer>[[A]]</answer> or <answer>[[B]]</answer>\n'
+        '\n'
+        'If the task is Chat:\n'
+        "1. Generate evaluation criteria (rubric) tailored to the Client's question and context, enclosed in <rubric>...</rubric> tags.\n"
+        '2. Assign weights to each rubric item based on their relative importance.\n'
+        '3. Inside <rubric>, include a <justify>...</justify> section explaining why you chose those rubric criteria and weights.\n'
+        '4. Compare both Chatbot responses according to the rubric.\n'
+        '5. Provide your evaluation inside <eval>...</eval> tags, using <quote_A>, <summary_A>, <quote_B>, and <summary_B> as described above.\n'
+        '6. End with your final judgment in the format: <answer>[[A]]</answer> or <answer>[[B]]</answer>\n'
+        '\n'
+        'Important Notes:\n'
+        '- Be objective and base your evaluation only on the content of the responses.\n'
+        '- Do not let response order, length, or Chatbot names affect your judgment.\n'
+        '- Follow the response format strictly depending on the task type.\n'
+        '\n'
+        'Your output must follow one of the two formats below:\n'
+        '\n'
+        'For Reasoning:\n'
+        '<type>Reasoning</type>\n'
+        '\n'
+        '<solution> your own solution for the problem </solution>\n'
+        '\n'
+        '<eval>\n'
+        '  include direct comparisons supported by <quote_A>...</quote_A> or <summary_A>...</summary_A>, and <quote_B>...</quote_B>, or <summary_B>...</summary_B>\n'
+        '</eval>\n'
+        '\n'
+        '<answer>[[A/B]]</answer>\n'
+        '\n'
+        'For Chat:\n'
+        '<type>Chat</type>\n'
+        '\n'
+        '<rubric>\n'
+        '  detailed rubric items\n'
+        '  <justify> justification for the rubric </justify>\n'
+        '</rubric>\n'
+        '\n'
+        '<eval>\n'
+        '  include direct comparisons supported by <quote_A>...</quote_A> or <summary_A>...</summary_A>, and <quote_B>...</quote_B>, or <summary_B>...</summary_B> tags\n'
+        '</eval>\n'
+        '\n'
+        '<answer>[[A/B]]</answer>'
+    ),
+    'instruct_user_single_turn': (
+        '[Client Question]\n'
+        '{question}\n'
+        '\n'
+        "[The Start of Chatbot A's Response]\n"
+        '{answer_a}\n'
+        "[The End of Chatbot A's Response]\n"
+        '\n'
+        "[The Start of Chatbot B's Response]\n"
+        '{answer_b}\n'
+        "[The End of Chatbot B's Response]"
+    ),
+    'instruct_user_multi_turn': (
+        '[The Start of the Conversation between Chatbot A and the Client]\n'
+        '{conversation_1}\n'
+        '[The End of the Conversation between Chatbot A and the Client]\n'
+        '\n'
+        '[The Start of the Conversation between Chatbot B and the Client]\n'
+        '{conversation_2}\n'
+        '[The End of the Conversation between Chatbot B and the Client]'
+    ),
+    'reasoning_user_single_turn': (
+        'Please act as an impartial judge and evaluate the quality of the responses provided by two AI Chatbots to the Client question displayed below. \n'
+        '\n'
+        '[Client Question]\n'
+        '{question}\n'
+        '\n'
+        "[The Start of Chatbot A's Response]\n"
+        '{answer_a}\n'
+        "[The End of Chatbot A's Response]\n"
+        '\n'
+        "[The Start of Chatbot B's Response]\n"
+        '{answer_b}\n'
+        "[The End of Chatbot B's Response]\n"
+        '\n'
+        "Output your final verdict at last by strictly following this format: '<answer>[[A]]</answer>' if Chatbot A is better, or '<answer>[[B]]</answer>' if Chatbot B is better."
+    ),
+    'reasoning_user_multi_turn': (
+        'Please act as an impartial judge and evaluate the quality of the responses provided by two AI Chatbots to the Client question displayed below. \n'
+        '\n'
+        '[The Start of the Conversation between Chatbot A and the Client]\n'
+        '{conversation_1}\n'
+        '[The End of the Conversation between Chatbot A and the Client]\n'
+        '\n'
+        '[The Start of the Conversation between Chatbot B and the Client]\n'
+        '{conversation_2}\n'
+        '[The End of the Conversation between Chatbot B and the Client]\n'
+        '\n'
+        "Output your final verdict at last by strictly following this format: '<answer>[[A]]</answer>' if Chatbot A is better, or '<answer>[[B]]</answer>' if Chatbot B is better."
+    ),
+}
+STYLES = ("instruct", "reasoning")
+ROLES = ("system", "user", "assistant")
+LABELS = ("model_a", "model_b")
+
+
+# ---- judge prompts ----
+
+def render_turns(conversation, chatbot):
+    """One line per turn, `User: ...` / `Chatbot A: ...`, as the RM-R1 multi-turn harness does."""
+    return "\n".join(f"{'User' if m['role'] == 'user' else chatbot}: {m['content']}" for m in conversation)
+
+
+def build_judge_messages(conversation_a, conversation_b, style="instruct"):
+    """The judge's chat messages for comparing two conversations that end with the answers.
+
+    One user turn each fills the single-turn template ({question}, {answer_a}, {answer_b});
+    longer conversations are rendered whole. "instruct" -> [system, user], "reasoning" -> [user]:
+        build_judge_messages([user("2+2?"), assistant("4")], [user("2+2?"), assistant("5")])
+        -> [{"role": "system", ...}, {"role": "user", "content": "[Client Question]\\n2+2?\\n\\n..."}]
+    """
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    a = check_conversation(conversation_a, "conversation_a", "messages")
+    b = check_conversation(conversation_b, "conversation_b", "messages")
+    if a[:-1] != b[:-1]:
+        raise ValueError("conversation_a and conversation_b must share every turn but the last answer")
+    if len(a) == 2:
+        user = PROMPTS[f"{style}_user_single_turn"].format(
+            question=a[0]["content"], answer_a=a[1]["content"], answer_b=b[1]["content"])
+    else:
+        user = PROMPTS[f"{style}_user_multi_turn"].format(
+            conversation_1=render_turns(a, "Chatbot A"), conversation_2=render_turns(b, "Chatbot B"))
+    if style == "reasoning":
+        return [{"role": "user", "content": user}]
+    return [{"role": "system", "content": PROMPTS["instruct_system_prompt"]}, {"role": "user", "content": user}]
+
+
+# ---- reading files ----
+
+SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def data_files(path):
+    """A file, or every .json/.jsonl/.parquet file under a folder in sorted order."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+        if not files:
+            raise ValueError(f"{path}: folder holds no {'/'.join(SUFFIXES)} files")
+        return files
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file or folder")
+    if path.suffix not in SUFFIXES:
+        raise ValueError(f"{path}: unknown format; expected one of {SUFFIXES}")
+    return [path]
+
+
+def read_file(path):
+    """[(where, record)] from one file; `where` is "file.jsonl:12" (line) or "file.json[3]" (index)."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet
+        except ImportError:
+            raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow), "
+                             f"or convert the file to JSONL") from None
+        rows = [(f"{path}[{i}]", r) for i, r in enumerate(pyarrow.parquet.read_table(path).to_pylist())]
+    else:
+        text = path.read_text(encoding="utf-8")
+        # Many ".json" files (Hugging Face exports among them) are really JSON Lines.
+        if path.suffix == ".json" and text.lstrip().startswith("["):
+            try:
+                records = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            rows = [(f"{path}[{i}]", r) for i, r in enumerate(records)]
+        else:
+            rows = []
+            for n, line in enumerate(text.splitlines(), start=1):
+                if line.strip():
+                    try:
+                        rows.append((f"{path}:{n}", json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for where, record in rows:
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    return rows
+
+
+def read_records(path):
+    """[(where, record)] from a JSON list, JSONL or Parquet file, or a folder of them."""
+    return [row for file in data_files(path) for row in read_file(file)]
+
+
+def get_field(record, where, name, kind):
+    if name not in record:
+        raise ValueError(f"{where}: missing field {name!r} (the record has {sorted(record)})")
+    value = record[name]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        want = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"{where}: field {name!r} must be {want}, got {type(value).__name__}")
+    return value
+
+
+def check_messages(messages, where, name):
+    """A copy of a message list as [{role, content}], extra keys (e.g. RMB's `language`) dropped."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: field {name!r} must be a non-empty list of {{role, content}} messages")
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}: field {name!r}[{k}] must be {{'role': one of {ROLES}, "
+                             f"'content': str}}, got {str(m)[:80]!r}")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def check_conversation(messages, where, name):
+    """A conversation to be judged: user/assistant turns, alternating, ending with the answer."""
+    messages = check_messages(messages, where, name)
+    for k, m in enumerate(messages):
+        want = "user" if k % 2 == 0 else "assistant"
+        if m["role"] != want:
+            # The judge templates have no slot for a system turn; fold it into the first user turn.
+            raise ValueError(f"{where}: field {name!r}[{k}] has role {m['role']!r}; a judged conversation "
+                             f"alternates user/assistant starting with user")
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: field {name!r} must end with the assistant's answer")
+    return messages
+
+
+def check_judge_prompt(record, where):
+    messages = check_messages(get_field(record, where, "context_messages", list), where, "context_messages")
+    if messages[-1]["role"] != "user":
+        raise ValueError(f"{where}: field 'context_messages' must end with the user turn holding the pair")
+    return messages
+
+
+def load_sft(path):
+    """RM-R1 distillation records: the judge prompt and the teacher's full trace in `winner`."""
+    records = []
+    for where, r in read_records(path):
+        messages = check_judge_prompt(r, where)
+        trace = get_field(r, where, "winner", str)
+        if trace in LABELS or not trace.strip():
+            raise ValueError(f"{where}: field 'winner' must be the reasoning trace for SFT, got {trace!r} "
+                             f"(an RLVR file? use load_rlvr)")
+        records.append({"context_messages": messages, "winner": trace})
+    return records
+
+
+def load_rlvr(path):
+    """RM-R1 RLVR records: the judge prompt and `winner` in {model_a, model_b}."""
+    records = []
+    for where, r in read_records(path):
+        messages = check_judge_prompt(r, where)
+        label = get_field(r, where, "winner", str)
+        if label not in LABELS:
+            raise ValueError(f"{where}: field 'winner' must be 'model_a' or 'model_b', got {label[:80]!r}")
+        records.append({"context_messages": messages, "winner": label})
+    return records
+
+
+def pair_conversations(record, where, chosen="chosen", rejected="rejected"):
+    """(chosen, rejected) full conversations from a raw preference pair.
+
+    Accepts `prompt` (str or messages, optional) with `chosen`/`rejected` as answer strings, as
+    answer messages, or as full conversations that already start with the prompt.
+    """
+    prompt = record.get("prompt")
+    if isinstance(prompt, str):
+        context = [{"role": "user", "content": prompt}]
+    elif prompt is None:
+        context = []
+    else:
+        context = check_messages(prompt, where, "prompt")
+    pair = []
+    for name in (chosen, rejected):
+        value = get_field(record, where, name, (str, list))
+        if isinstance(value, str):
+            if not context:
+                raise ValueError(f"{where}: field {name!r} is a string, so the record needs a 'prompt'")
+            conversation = context + [{"role": "assistant", "content": value}]
+        else:
+            value = check_messages(value, where, name)
+            conversation = value if value[:len(context)] == context else context + value
+        pair.append(check_conversation(conversation, where, name))
+    if pair[0][:-1] != pair[1][:-1]:
+        raise ValueError(f"{where}: fields {chosen!r} and {rejected!r} must share every turn but the last answer")
+    return pair
+
+
+def pairs_to_rlvr(pairs, seed, style="instruct"):
+    """Raw preference pairs (a path, or a list of records) -> RLVR records.
+
+    The chosen answer goes to position A for exactly half of the pairs (one more when odd),
+    which half drawn by a seeded shuffle, so labels are balanced and reproducible.
+    """
+    rows = read_records(pairs) if isinstance(pairs, (str, Path)) else [(f"pairs[{i}]", r) for i, r in enumerate(pairs)]
+    chosen_is_a = [k % 2 == 0 for k in range(len(rows))]
+    random.Random(seed).shuffle(chosen_is_a)
+    records = []
+    for (where, r), a_first in zip(rows, chosen_is_a):
+        if not isinstance(r, dict):
+            raise ValueError(f"{where}: a record must be a dict, got {type(r).__name__}")
+        chosen, rejected = pair_conversations(r, where)
+        a, b = (chosen, rejected) if a_first else (rejected, chosen)
+        records.append({"context_messages": build_judge_messages(a, b, style),
+                        "winner": "model_a" if a_first else "model_b"})
+    return records
+
+
+# ---- benchmarks ----
+
+@dataclass
+class Comparison:
+    """One judgment a benchmark asks for: is `chosen` better than `rejected`?"""
+    uid: str                   # unique over the benchmark
+    group: str                 # item id the scorer groups by (RM-Bench item, RMB best-of-N item)
+    category: str              # RewardBench subset, RM-Bench domain, RMB category_path
+    chosen: list[dict]         # full conversation ending with the assistant answer
+    rejected: list[dict]
+    meta: dict = field(default_factory=dict)
+
+
+RM_BENCH_DOMAINS = ("chat", "math", "code", "safety")
+RM_BENCH_STYLES = ("concise", "detailed_plain", "detailed_markdown")
+RMB_ASPECTS = ("Helpfulness", "Harmlessness")
+
+
+def load_rewardbench(file):
+    out = []
+    for where, r in read_file(file):
+        subset = get_field(r, where, "subset", str)
+        uid = str(get_field(r, where, "id", (int, str)))
+        chosen, rejected = pair_conversations(r, where)
+        out.append(Comparison(uid, uid, subset, chosen, rejected, {"subset": subset}))
+    return out
+
+
+def rm_bench_domain(raw, where):
+    for domain in RM_BENCH_DOMAINS:
+        if raw.startswith(domain):  # safety-refuse and safety-response both score as safety
+            return domain
+    raise ValueError(f"{where}: RM-Bench domain {raw!r} is none of {RM_BENCH_DOMAINS}; add a 'domain' "
+                     f"field or name the file chat_*, math_*, code_*, safety-refuse_* or safety-response_*")
+
+
+def load_rm_bench(file):
+    """Each item -> 9 comparisons, chosen style i vs rejected style j (the official 3x3 protocol)."""
+    out = []
+    for where, r in read_file(file):
+        raw = get_field(r, where, "domain", str) if "domain" in r else Path(file).stem
+        domain = rm_bench_domain(raw, where)
+        item = f"{raw}/{get_field(r, where, 'id', (int, str))}"
+        prompt = get_field(r, where, "prompt", str)
+        answers = {}
+        for name in ("chosen", "rejected"):
+            answers[name] = get_field(r, where, name, list)
+            if len(answers[name]) != 3 or not all(isinstance(x, str) for x in answers[name]):
+                raise ValueError(f"{where}: field {name!r} must hold 3 strings, styles {RM_BENCH_STYLES}")
+        for i, c in enumerate(answers["chosen"]):
+            for j, rej in enumerate(answers["rejected"]):
+                out.append(Comparison(
+                    f"{item}/{i}{j}", item, domain,
+                    [{"role": "user", "content": prompt}, {"role": "assistant", "content": c}],
+                    [{"role": "user", "content": prompt}, {"role": "assistant", "content": rej}],
+                    {"chosen_style": i, "rejected_style": j}))
+    return out
+
+
+def rmb_aspect(category_path, file, where):
+    """Helpfulness or Harmlessness, from the category path or else the folder the file lies in."""
+    for part in category_path.split("/") + list(Path(file).parts):
+        if part in RMB_ASPECTS:
+            return part
+    raise ValueError(f"{where}: neither 'category_path' ({category_path!r}) nor the file's folders "
+                     f"name {RMB_ASPECTS}; keep RMB's Helpfulness/Harmlessness folders")
+
+
+def rmb_conversation(context, answer, where, name):
+    if not isinstance(answer, dict):
+        raise ValueError(f"{where}: field {name!r} must be a dict with an 'answer' string")
+    text = get_field(answer, f"{where} {name}", "answer", str)
+    return check_conversation(context + [{"role": "assistant", "content": text}], where, name)
+
+
+def load_rmb_pairwise(file):
+    out = []
+    for where, r in read_file(file):
+        uid = str(get_field(r, where, "pair_uid", (int, str)))
+        path = get_field(r, where, "category_path", str)
+        context = check_messages(get_field(r, where, "conversation_input", list), where, "conversation_input")
+        chosen = rmb_conversation(context, get_field(r, where, "chosen", dict), where, "chosen")
+        rejected = rmb_conversation(context, get_field(r, where, "reject", dict), where, "reject")
+        out.append(Comparison(uid, uid, path, chosen, rejected, {"aspect": rmb_aspect(path, file, where)}))
+    return out
+
+
+def load_rmb_bon(file):
+    """Each item -> one comparison of `bon_best` against each loser, all in the item's group."""
+    out = []
+    for where, r in read_file(file):
+        uid = str(get_field(r, where, "bon_uid", (int, str)))
+        path = get_field(r, where, "category_path", str)
+        aspect = rmb_aspect(path, file, where)
+        context = check_messages(get_field(r, where, "conversation_input", list), where, "conversation_input")
+        best = rmb_conversation(context, get_field(r, where, "bon_best", dict), where, "bon_best")
+        losers = get_field(r, where, "loser_list", list)
+        if not losers:
+            raise ValueError(f"{where}: field 'loser_list' is empty")
+        for k, loser in enumerate(losers):
+            rejected = rmb_conversation(context, loser, where, f"loser_list[{k}]")
+            out.append(Comparison(f"{uid}/{k}", uid, path, best, rejected, {"aspect": aspect, "loser": k}))
+    return out
+
+
+BENCHMARKS = {"rewardbench": load_rewardbench, "rm-bench": load_rm_bench,
+              "rmb-pairwise": load_rmb_pairwise, "rmb-bon": load_rmb_bon}
+
+
+def load_benchmark(bench, path):
+    """[Comparison] for bench in BENCHMARKS, from a file or a folder of files."""
+    if bench not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {bench!r}; expected one of {sorted(BENCHMARKS)}")
+    comparisons, seen = [], {}
+    for file in data_files(path):
+        for c in BENCHMARKS[bench](file):
+            # The same item twice (say total_dataset.json beside the per-domain files) would be
+            # counted twice in the scores.
+            if c.uid in seen:
+                raise ValueError(f"{file}: comparison {c.uid!r} already loaded from {seen[c.uid]}")
+            seen[c.uid] = file
+            comparisons.append(c)
+    return comparisons
+
+
+# ---- tokens ----
+
+def chat_ids(tokenizer, messages, add_generation_prompt):
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; use an "
+                         f"Instruct/chat checkpoint's tokenizer or set tokenizer.chat_template")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    # The template already wrote BOS and friends; letting the tokenizer add them again would double them.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompt(tokenizer, messages, max_len):
+    """Prompt ids ending with the generation prompt, or None when longer than max_len (never truncated)."""
+    ids = chat_ids(tokenizer, messages, add_generation_prompt=True)
+    return ids if len(ids) <= max_len else None
+
+
+def encode_sft(tokenizer, messages, trace, max_len):
+    """(input_ids, loss_mask) of prompt + trace, or None when longer than max_len.
+
+    loss_mask is 1 on the trace's tokens and on the end-of-turn token that closes it (so the judge
+    learns to stop), 0 on the prompt and on whatever the template writes after the turn (Qwen's
+    trailing newline). The trainer shifts: targets = input_ids[1:], mask = loss_mask[1:].
+    """
+    prompt = chat_ids(tokenizer, messages, add_generation_prompt=True)
+    ids = chat_ids(tokenizer, messages + [{"role": "assistant", "content": trace}], add_generation_prompt=False)
+    if ids[:len(prompt)] != prompt:
+        raise ValueError("the chat template renders the prompt differently once the assistant turn is added, "
+                         "so the trace cannot be split from the prompt; use a template whose generation prompt "
+                         "is a prefix of the rendered assistant turn")
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    ends = [k for k in range(len(prompt), len(ids)) if ids[k] in special]
+    if not ends:
+        raise ValueError("the chat template closes the assistant turn with no special token, so the judge "
+                         "would never learn to stop; use a template that ends turns with EOS / <|im_end|>")
+    end = ends[-1]
+    completion = tokenizer.decode(ids[len(prompt):end + 1], skip_special_tokens=False,
+                                  clean_up_tokenization_spaces=False)
+    if trace.strip() not in completion:
+        # DeepSeek-R1 templates, for one, cut everything before </think> from past assistant turns.
+        raise ValueError("the chat template changed the trace text; SFT needs a template that keeps the "
+                         "assistant turn verbatim")
+    if len(ids) > max_len:
+        return None
+    loss_mask = [0] * len(prompt) + [1] * (end + 1 - len(prompt)) + [0] * (len(ids) - end - 1)
+    return ids, loss_mask
+
+
+def pack(examples, max_len):
+    """Greedy next-fit packing of (input_ids, loss_mask) examples into rows of at most max_len tokens.
+
+    Keeps the given order (shuffle before packing). position_ids restart at 0 for each document,
+    which model.py reads as a document boundary, so packed documents never attend to each other.
+    The token that ends one document and "predicts" the next document's first token is never
+    trained on, because every document starts with prompt tokens (loss_mask 0).
+    An example longer than max_len is an error: encode_sft already returned None for it.
+    """
+    rows, row = [], None
+    for k, (ids, mask) in enumerate(examples):
+        if len(ids) != len(mask) or not ids:
+            raise ValueError(f"example {k}: input_ids and loss_mask must have the same non-zero length, "
+                             f"got {len(ids)} and {len(mask)}")
+        if len(ids) > max_len:
+            raise ValueError(f"example {k}: {len(ids)} tokens > max_len {max_len}; drop it before packing "
+                             f"(encode_sft returns None for it)")
+        if row is None or len(row["input_ids"]) + len(ids) > max_len:
+            row = {"input_ids": [], "loss_mask": [], "position_ids": []}
+            rows.append(row)
+        row["input_ids"] += ids
+        row["loss_mask"] += mask
+        row["position_ids"] += range(len(ids))
+    return rows
+
+
+def collate(rows, pad_id):
+    """Right-pad rows into (B, T) LongTensors: input_ids, loss_mask, position_ids, attention_mask.
+
+    Padding positions keep counting up rather than restarting at 0, so they never start a
+    document; attention_mask hides them and loss_mask is 0 there.
+    """
+    T = max(len(r["input_ids"]) for r in rows)
+    batch = {k: torch.zeros(len(rows), T, dtype=torch.long)
+             for k in ("input_ids", "loss_mask", "position_ids", "attention_mask")}
+    batch["input_ids"].fill_(pad_id)
+    for b, r in enumerate(rows):
+        n = len(r["input_ids"])
+        batch["input_ids"][b, :n] = torch.tensor(r["input_ids"])
+        batch["loss_mask"][b, :n] = torch.tensor(r["loss_mask"])
+        positions = r.get("position_ids", range(n))
+        batch["position_ids"][b, :n] = torch.tensor(list(positions))
+        batch["position_ids"][b, n:] = torch.arange(T - n) + (positions[-1] + 1 if n else 0)
+        batch["attention_mask"][b, :n] = 1
+    return batch
