@@ -29,6 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
+from kernels import linear_logprobs_and_entropy
+
 
 @dataclass
 class ModelConfig:
@@ -308,10 +310,21 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, kv_cache=None,
-                cache_slots=None):
-        """Logits (B, T, V)."""
-        return self.lm_head(self.hidden_states(input_ids, position_ids, attention_mask, kv_cache,
-                                               cache_slots))
+                cache_slots=None, targets=None, temperature=1.0):
+        """Logits (B, T, V); or, given targets (B, T), (logprobs, entropy), each fp32 (B, T), of
+        the targets under softmax(logits / temperature).
+
+        The targets path runs the fused kernel on hidden states and the LM-head weight, so the
+        (tokens x vocab) logits never exist whole. It sits inside forward() because FSDP2 gathers
+        the root's parameters (the LM head among them) only around forward.
+        """
+        h = self.hidden_states(input_ids, position_ids, attention_mask, kv_cache, cache_slots)
+        if targets is None:
+            return self.lm_head(h)
+        B, T = targets.shape
+        logprobs, entropy = linear_logprobs_and_entropy(
+            h.reshape(B * T, -1), self.lm_head.weight.to(h.dtype), targets.reshape(-1), temperature)
+        return logprobs.view(B, T), entropy.view(B, T)
 
 
 # ---- Hugging Face checkpoints ----

@@ -237,3 +237,16 @@ def test_bad_checkpoint_errors_name_the_problem(tmp_path):
     (empty / "config.json").write_text((path / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="safetensors"):
         load_pretrained(empty)
+
+
+def test_targets_path_gives_logprobs_and_entropy_of_the_logits(tmp_path):
+    _, path = saved_hf(tmp_path, "qwen2", tied=True)
+    model = load_pretrained(path)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 10))
+    targets = torch.randint(0, TINY["vocab_size"], (2, 10))
+    logprobs, entropy = model(ids, targets=targets, temperature=0.7)
+    ref = torch.log_softmax(model(ids).detach() / 0.7, -1)
+    torch.testing.assert_close(logprobs.detach(), ref.gather(-1, targets[..., None])[..., 0])
+    torch.testing.assert_close(entropy.detach(), -(ref.exp() * ref).sum(-1))
+    logprobs.sum().backward()
+    assert model.embed_tokens.weight.grad is not None

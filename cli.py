@@ -1,0 +1,31 @@
+"""Every field of an entry point's config dataclass is a --flag; there is no second list to keep in sync."""
+
+import argparse
+import dataclasses
+
+
+def parse_config(cls, argv=None, doc=None):
+    """Parse --field value flags into `cls`. Returns (config, names of the flags given).
+
+    Booleans take --flag / --no-flag. The set of given names lets an entry point fill the
+    remaining fields with other defaults (the CPU demo's rather than the paper's).
+    """
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = "--" + f.name
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"default {default}")
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else
+                                                               f.type.__name__, str)
+            parser.add_argument(flag, type=kind, default=None, help=f"default {default!r}")
+    args = vars(parser.parse_args(argv))
+    given = {k for k, v in args.items() if v is not None}
+    return cls(**{k: args[k] for k in given}), given
+
+
+def with_defaults(config, overrides: dict, given: set):
+    """Replace the fields not given on the command line by `overrides` (e.g. the demo's values)."""
+    return dataclasses.replace(config, **{k: v for k, v in overrides.items() if k not in given})
