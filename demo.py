@@ -23,12 +23,15 @@ The split of a question (train or test) is a fixed function of its text, so trai
 share a question whatever seeds they are drawn with.
 """
 
+import os
 import random
 import re
 import zlib
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+import data
 
 TEST_SHARE = 10  # one question in TEST_SHARE belongs to the test split
 
@@ -313,3 +316,53 @@ def build_tokenizer(out_dir: str, texts, vocab_size: int = 2048, phrase_share: f
                                  chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False)
     hf.save_pretrained(out_dir)
     return hf
+
+
+# Judge records for the trainers and the evaluator, with the real RM-R1 prompts.
+
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "sft")  # python sft.py makes it
+
+
+def judge_pairs(n: int, seed: int, split: str, style: str = "instruct"):
+    """(pair, judge messages, chosen_is_a) for `n` pairs, the chosen answer at A or B by a
+    seeded coin so that labels are balanced."""
+    rng = random.Random(f"positions-{split}-{seed}")
+    out = []
+    for pair in make_demo_pairs(n, seed, split):
+        chosen_is_a = rng.random() < 0.5
+        a, b = (pair["chosen"], pair["rejected"]) if chosen_is_a else (pair["rejected"], pair["chosen"])
+        out.append((pair, judge_messages(pair["question"], a, b, style), chosen_is_a))
+    return out
+
+
+def judge_messages(question, answer_a, answer_b, style="instruct"):
+    user = {"role": "user", "content": question}
+    return data.build_judge_messages([user, {"role": "assistant", "content": answer_a}],
+                                     [user, {"role": "assistant", "content": answer_b}], style)
+
+
+def sft_records(n: int, seed: int, style: str = "instruct") -> list[dict]:
+    """RM-R1 distillation records: judge prompt + the teacher's trace (train split)."""
+    return [{"context_messages": m, "winner": teacher_trace(p, a)} for p, m, a in judge_pairs(n, seed, "train", style)]
+
+
+def rlvr_records(n: int, seed: int, split: str = "train", style: str = "instruct") -> list[dict]:
+    """RM-R1 RLVR records: judge prompt + model_a/model_b label."""
+    return [{"context_messages": m, "winner": verdict_label(a)} for p, m, a in judge_pairs(n, seed, split, style)]
+
+
+def comparisons(n: int, seed: int) -> list:
+    """Held-out (test split) pairs as benchmark comparisons, category = reasoning | chat."""
+    out = []
+    for pair in make_demo_pairs(n, seed, "test"):
+        user = {"role": "user", "content": pair["question"]}
+        out.append(data.Comparison(uid=pair["id"], group=pair["id"], category=pair["kind"],
+                                   chosen=[user, {"role": "assistant", "content": pair["chosen"]}],
+                                   rejected=[user, {"role": "assistant", "content": pair["rejected"]}],
+                                   meta={}))
+    return out
+
+
+def build_demo_tokenizer(out_dir: str, n: int = 4000, seed: int = 0) -> PreTrainedTokenizerFast:
+    """The demo judge's tokenizer, trained on rendered judge prompts + traces (deterministic)."""
+    return build_tokenizer(out_dir, demo_corpus(n, seed, judge_messages))
