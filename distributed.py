@@ -40,7 +40,8 @@ class Context:
 
     @property
     def distributed(self):
-        return self.world_size > 1
+        """True when a process group exists (torchrun, or any CUDA run): the model is sharded."""
+        return dist.is_initialized()
 
 
 def init() -> Context:
@@ -53,8 +54,12 @@ def init() -> Context:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        if world > 1:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        elif device.type == "cuda":
+            # One GPU without torchrun: a world of one, so FSDP2's bf16 policy applies all the same.
+            dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     return Context(rank, world, device)
 
 
@@ -73,6 +78,13 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         x = x.clone()
         dist.all_reduce(x)
+    return x
+
+
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x
 
 
@@ -278,7 +290,7 @@ def _main():
 class MetricsLogger:
     """Rank 0: a JSON line per step in run_dir/metrics.jsonl, a tqdm bar, and wandb if asked."""
 
-    def __init__(self, run_dir, total_steps, config: dict, wandb_project: str = ""):
+    def __init__(self, run_dir, total_steps, config: dict, wandb_project: str = "", start=0):
         self.main = _main()
         self.bar = self.file = self.wandb = None
         if not self.main:
@@ -286,7 +298,7 @@ class MetricsLogger:
         from tqdm import tqdm
         os.makedirs(run_dir, exist_ok=True)
         self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-        self.bar = tqdm(total=total_steps, file=sys.stderr, dynamic_ncols=True)
+        self.bar = tqdm(total=total_steps, initial=start, file=sys.stderr, dynamic_ncols=True)
         if wandb_project:
             import wandb  # optional extra: pip install wandb
             self.wandb = wandb.init(project=wandb_project, config=config)

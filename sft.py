@@ -1,0 +1,207 @@
+"""Stage 1 of RM-R1: distillation. Fine-tune a judge on reasoning traces, loss on the trace only.
+
+    python sft.py                                                  # CPU demo: trains the tiny judge
+    torchrun --nproc_per_node=8 sft.py --model Qwen2.5-7B-Instruct --data rm_r1_sft.jsonl --out runs/sft7b
+
+Data: RM-R1 distillation records ({"context_messages": [system, user], "winner": trace}), any
+JSON/JSONL/Parquet. Each step takes `batch_size` sequences in a seeded order, packs them into
+rows of at most `max_len` tokens (documents never attend to each other), spreads the rows over
+the ranks, and takes one optimizer step on the token-mean loss over every trace token of the
+step, whatever the number of ranks. Output: `out/hf` (a Hugging Face model directory with the
+tokenizer) and resumable checkpoints in `out/` (`--resume`).
+
+Departures from the paper: none in the objective; the demo (no --model) trains a ~1M-parameter
+Qwen2-architecture judge from scratch on synthetic traces instead of fine-tuning an LLM.
+"""
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+import data
+import distributed as D
+from cli import parse_config, with_defaults
+from model import ModelConfig
+
+
+@dataclass
+class SFTConfig:
+    model: str = ""                  # HF model directory; empty: the demo judge from scratch
+    data: str = ""                   # distillation records; empty: synthetic demo traces
+    out: str = "runs/sft"            # checkpoints, metrics.jsonl and the hf/ export
+    lr: float = 5e-6                 # paper: 5e-6
+    schedule: str = "constant"       # constant | cosine (to 0 over the run), after warmup
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    batch_size: int = 128            # sequences per optimizer step, over all ranks (paper: 128)
+    max_len: int = 12288             # tokens per packed row and per sequence (paper: 12288)
+    epochs: int = 1
+    grad_clip: float = 1.0
+    bf16: bool = True                # bf16 compute with fp32 master weights (CUDA only)
+    activation_checkpointing: bool = True
+    save_every: int = 0              # steps between resumable checkpoints; 0: only at the end
+    resume: bool = False             # continue from out/latest
+    seed: int = 0
+    wandb_project: str = ""          # log to wandb too (pip install wandb)
+    # The demo only:
+    demo_examples: int = 2000        # synthetic teacher traces to train on
+    demo_layers: int = 4
+    demo_hidden: int = 128
+
+
+DEMO = dict(lr=2e-3, warmup_steps=20, schedule="cosine", batch_size=32, max_len=2048, epochs=3,
+            bf16=False, activation_checkpointing=False, weight_decay=0.01, out="runs/sft-demo")
+
+
+def demo_model_config(tokenizer, cfg: SFTConfig) -> ModelConfig:
+    """A tiny Qwen2: same blocks as Qwen2.5, ~1M parameters."""
+    return ModelConfig(vocab_size=len(tokenizer), hidden_size=cfg.demo_hidden,
+                       intermediate_size=3 * cfg.demo_hidden, num_hidden_layers=cfg.demo_layers,
+                       num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
+                       max_position_embeddings=4096, tie_word_embeddings=True,
+                       eos_token_id=tokenizer.eos_token_id)
+
+
+def load_examples(cfg: SFTConfig, tokenizer):
+    """Tokenized (input_ids, loss_mask) pairs; sequences over max_len are dropped and counted."""
+    if cfg.data:
+        records = data.load_sft(cfg.data)
+    else:
+        import demo
+        records = demo.sft_records(cfg.demo_examples, seed=cfg.seed)
+    examples, dropped = [], 0
+    for r in records:
+        enc = data.encode_sft(tokenizer, r["context_messages"], r["winner"], cfg.max_len)
+        if enc is None:
+            dropped += 1
+        else:
+            examples.append(enc)
+    D.log(f"{len(examples)} sequences, {dropped} dropped as longer than max_len={cfg.max_len}")
+    if not examples:
+        raise ValueError("no training sequence fits max_len")
+    return examples
+
+
+def step_rows(examples, step, cfg: SFTConfig, steps_per_epoch):
+    """The packed rows of optimizer step `step`: a pure function of (seed, step), so a resumed
+    run sees exactly the data an uninterrupted one would."""
+    epoch, k = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(len(examples))
+    batch = [examples[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
+    return data.pack(batch, cfg.max_len)
+
+
+def rank_rows(rows, ctx: D.Context, pad_id):
+    """This rank's rows. Every rank runs the same number of micro-batches (FSDP needs it), so
+    the short ranks get a 2-token padding row that carries no loss."""
+    n = math.ceil(len(rows) / ctx.world_size)
+    mine = rows[ctx.rank::ctx.world_size]
+    empty = {"input_ids": [pad_id, pad_id], "loss_mask": [0, 0], "position_ids": [0, 1]}
+    return mine + [empty] * (n - len(mine))
+
+
+def sft_loss(model, row, n_tokens, world_size, device):
+    """Summed negative log-likelihood of the row's trace tokens / the step's trace-token count.
+
+    The division by the global count (not per micro-batch or per rank) makes the step's loss one
+    token mean, whatever the split. FSDP averages gradients over ranks, hence the world_size.
+    Returns (loss to backpropagate, summed NLL for logging).
+    """
+    batch = data.collate([row], pad_id=0)
+    ids = batch["input_ids"].to(device)
+    mask = batch["loss_mask"][:, 1:].to(device).float()  # position t predicts token t + 1
+    logprobs, _ = model(ids[:, :-1], position_ids=batch["position_ids"][:, :-1].to(device),
+                        targets=ids[:, 1:])
+    nll = -(logprobs * mask).sum()
+    return nll * world_size / n_tokens, nll.detach()
+
+
+def lr_lambda(cfg: SFTConfig, total_steps):
+    def f(step):
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "cosine":
+            progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+    return f
+
+
+def train(cfg: SFTConfig):
+    ctx = D.init()
+    torch.manual_seed(cfg.seed)
+    if cfg.schedule not in ("constant", "cosine"):
+        raise ValueError(f"--schedule must be constant or cosine, got {cfg.schedule!r}")
+    if cfg.model:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        model = D.load_model(cfg.model, ctx, bf16=cfg.bf16,
+                             activation_checkpointing=cfg.activation_checkpointing)
+    else:
+        import demo
+        tokenizer = demo.load_tokenizer()
+        model = D.load_model(None, ctx, config=demo_model_config(tokenizer, cfg), seed=cfg.seed,
+                             activation_checkpointing=cfg.activation_checkpointing)
+    examples = load_examples(cfg, tokenizer)
+    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    start = 0
+    if cfg.resume:
+        state = D.load_state(cfg.out, model, optimizer)
+        if state is not None:
+            start = state["step"]
+            scheduler.last_epoch = start
+            D.log(f"resumed from step {start}")
+    n_params = sum(p.numel() for p in model.parameters())
+    D.log(f"{n_params / 1e6:.2f}M parameters, {total_steps} steps, {ctx.world_size} rank(s)")
+    metrics = D.MetricsLogger(cfg.out, total_steps, asdict(cfg), cfg.wandb_project, start)
+    model.train()
+    for step in range(start, total_steps):
+        t0 = time.time()
+        rows = step_rows(examples, step, cfg, steps_per_epoch)
+        n_tokens = sum(sum(r["loss_mask"][1:]) for r in rows)
+        nll_sum = torch.zeros((), device=ctx.device)
+        for row in rank_rows(rows, ctx, tokenizer.pad_token_id or 0):
+            loss, nll = sft_loss(model, row, n_tokens, ctx.world_size, ctx.device)
+            loss.backward()
+            nll_sum += nll
+        loss_value = float(D.all_reduce_sum(nll_sum)) / n_tokens
+        if not math.isfinite(loss_value):
+            raise RuntimeError(f"non-finite loss {loss_value} at step {step}: stopping without "
+                               f"an update; the last good checkpoint is in {cfg.out} (try a lower "
+                               f"--lr or check the data)")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        n_all = sum(len(r["input_ids"]) for r in rows)
+        metrics.log(step + 1, {"loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                               "grad_norm": float(grad_norm), "trace_tokens": n_tokens,
+                               "tokens_per_s": n_all / (time.time() - t0)})
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+            D.save_state(cfg.out, step + 1, model, optimizer, {"loss": loss_value})
+    metrics.close()
+    D.save_state(cfg.out, total_steps, model, optimizer, {})
+    D.save_hf(model, tokenizer, os.path.join(cfg.out, "hf"))
+    D.log(f"wrote {os.path.join(cfg.out, 'hf')}")
+    return model, tokenizer
+
+
+def main(argv=None):
+    cfg, given = parse_config(SFTConfig, argv, __doc__)
+    if not cfg.model:
+        cfg = with_defaults(cfg, DEMO, given)
+    train(cfg)
+    D.shutdown()
+
+
+if __name__ == "__main__":
+    main()
