@@ -237,6 +237,30 @@ def test_bad_inputs_raise_errors_that_name_the_fix():
             kernels.logprobs_and_entropy(logits, torch.tensor([1, 2, 0, 3]), backend="triton")
 
 
+@pytest.mark.skipif(INTERPRETING, reason="the interpreter replaces the kernels with Python functions")
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_kernels_compile_for_h100_without_a_gpu(dtype):
+    """The interpreter does not type-check like the compiler does: build real sm_90 code with the
+    ptxas that ships with triton, so a GPU-only compile error shows up in CI."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels import triton_logprobs
+
+    ptr = f"*{dtype}"
+    fwd = dict(logits_ptr=ptr, targets_ptr="*i64", logprobs_ptr="*fp32", entropy_ptr="*fp32", lse_ptr="*fp32",
+               V="i32", stride_row="i64", inv_temperature="fp32", BLOCK_V="constexpr")
+    bwd = dict(logits_ptr=ptr, targets_ptr="*i64", lse_ptr="*fp32", entropy_ptr="*fp32", grad_logprobs_ptr="*fp32",
+               grad_entropy_ptr="*fp32", grad_ptr=ptr, V="i32", stride_row="i64", grad_stride_row="i64",
+               inv_temperature="fp32", BLOCK_V="constexpr")
+    for kernel, signature in [(triton_logprobs._forward_kernel, fwd), (triton_logprobs._backward_kernel, bwd)]:
+        source = ASTSource(kernel, signature=signature, constexprs={"BLOCK_V": triton_logprobs.BLOCK_V})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": triton_logprobs.NUM_WARPS})
+        assert compiled.asm["cubin"], f"no cubin for {kernel.fn.__name__}"
+
+
 @pytest.mark.skipif(INTERPRETING or HAS_CUDA, reason="this is the parent: Triton cases already run here")
 def test_interpreted_kernels_match_in_a_child_process():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
