@@ -53,13 +53,17 @@ def _forward_kernel(logits_ptr, targets_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
         a = scale * (a + shift * s) + tl.sum(e * tl.where(e > 0, z - m_ref, 0.0), axis=0)
         s = s * scale + tl.sum(e, axis=0)
         m = m_new
+    # An all -inf row ends with m = -inf, s = 0, a = 0; computing it as m = 0, s = 1 keeps every
+    # value below finite (entropy comes out 0) and lse is stored as -inf to mark the row.
     valid = s > 0
-    lse = m + tl.log(s)  # -inf (not NaN) for an all -inf row: m = -inf, log 0 = -inf
+    m = tl.where(valid, m, 0.0)
+    s = tl.where(valid, s, 1.0)
+    lse = m + tl.log(s)
     target = tl.load(targets_ptr + row)
     z_target = tl.load(row_ptr + target).to(tl.float32) * inv_temperature
     tl.store(logprobs_ptr + row, tl.where(valid, z_target - lse, 0.0))
-    tl.store(entropy_ptr + row, tl.where(valid, tl.log(s) - a / s, 0.0))
-    tl.store(lse_ptr + row, lse)
+    tl.store(entropy_ptr + row, tl.log(s) - a / s)
+    tl.store(lse_ptr + row, tl.where(valid, lse, float("-inf")))
 
 
 @triton.jit
@@ -81,8 +85,8 @@ def _backward_kernel(logits_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logprob
     z = tl.where(in_row, z.to(tl.float32) * inv_temperature, float("-inf"))
     log_p = z - lse
     p = tl.exp(log_p)
-    # p == 0 where z == -inf: take 0 rather than 0 * -inf.
-    grad_z = -p * tl.where(p > 0, g_logprob + g_entropy * (log_p + entropy), 0.0)
+    log_p = tl.where(p > 0, log_p, 0.0)  # where p == 0 (z == -inf) the term is 0, not 0 * -inf
+    grad_z = -p * (g_logprob + g_entropy * (log_p + entropy))
     grad_z = tl.where(cols == target, grad_z + g_logprob, grad_z)
     grad = grad_z * inv_temperature
     tl.store(grad_ptr + row * grad_stride_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
