@@ -85,7 +85,6 @@ def test_first_token_frequencies_match_softmax_over_temperature(tmp_path):
     _, ours = tiny_model(tmp_path, vocab_size=16, logit_scale=20.0)
     prompt = random_prompts([7], vocab_size=16)[0]
     probs = first_token_probs(ours, prompt, 0.7)
-    assert probs.max() < 0.6 and probs.min() < 0.02, "the test needs a non-uniform distribution"
     tokens = first_token_samples(ours, prompt, dict(temperature=0.7, seed=3), 4000)
     counts = torch.bincount(tokens, minlength=16).double()
     # Pool tokens expected fewer than 5 times, as the chi-square approximation needs.
@@ -93,6 +92,7 @@ def test_first_token_frequencies_match_softmax_over_temperature(tmp_path):
     counts = torch.cat([counts[~rare], counts[rare].sum()[None]])
     probs = torch.cat([probs[~rare], probs[rare].sum()[None]]).double()
     stat, df = chi_square(counts, probs), len(probs) - 1
+    assert df >= 4, "the test needs several tokens with non-negligible probability"
     # 0.999 quantile of chi-square(df) by Wilson-Hilferty: a fixed-seed test that fails if the
     # sampler draws from anything but softmax(logits / T).
     z = 3.0902
@@ -117,11 +117,13 @@ def test_top_k_and_top_p_never_emit_excluded_tokens(tmp_path):
     kept = probs[order[:4]].double()
     assert chi_square(counts, kept / kept.sum()) < 16.27  # chi-square(3) 0.999 quantile
 
-    mass_before = probs[order].cumsum(0) - probs[order]
-    nucleus = set(order[mass_before < 0.8].tolist())
-    assert 1 < len(nucleus) < 16
-    tokens = first_token_samples(ours, prompt, dict(temperature=1.0, top_p=0.8, seed=1), 2000)
-    assert set(tokens.tolist()) == nucleus, f"top-p=0.8 must emit exactly the nucleus {sorted(nucleus)}"
+    # Just below and just above the mass of the top 2 and top 3 tokens: an off-by-one in the
+    # nucleus boundary either way changes the emitted set.
+    cum = probs[order].cumsum(0)
+    for top_p in (cum[1] - 0.01, cum[1] + 0.01, cum[2] - 0.01, cum[2] + 0.01):
+        nucleus = set(order[(cum - probs[order]) < top_p].tolist())
+        tokens = first_token_samples(ours, prompt, dict(temperature=1.0, top_p=top_p.item(), seed=2), 1000)
+        assert set(tokens.tolist()) == nucleus, f"top_p={top_p:.3f} must emit exactly {sorted(nucleus)}"
 
 
 def test_stop_tokens_and_max_new_tokens(tmp_path):
