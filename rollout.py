@@ -154,9 +154,14 @@ def cuda_graph(fn):
 
 
 @torch.no_grad()
-def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda_graph=True):
+def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda_graph=True,
+             first_prompt_index=0):
     """Sample params.n completions for each prompt (a list of token ids); returns
-    len(prompts) * n Completions, prompt-major (prompt 0 samples 0..n-1, then prompt 1, ...)."""
+    len(prompts) * n Completions, prompt-major (prompt 0 samples 0..n-1, then prompt 1, ...).
+
+    The sampling noise of prompts[i] is keyed by first_prompt_index + i: a data-parallel caller
+    that passes the global index of its first prompt draws the same traces whatever the number
+    of ranks (Completion.prompt_index stays the local i)."""
     config = model.config
     check_inputs(prompts, params, config.vocab_size, max_batch_size)
     weight = model.embed_tokens.weight
@@ -217,7 +222,8 @@ def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda
 
             # Idle slots (nothing left to admit) decode a dummy token at position 0 of their own row.
             seqs = [seq or (0, 0) for seq in slot_seq]
-            state.copy_(torch.tensor([slot_token, slot_pos, [p for p, _ in seqs], [s for _, s in seqs]]))
+            state.copy_(torch.tensor([slot_token, slot_pos, [first_prompt_index + p for p, _ in seqs],
+                                      [s for _, s in seqs]]))
             next_ids, logprobs = step()
             next_ids, logprobs = next_ids.tolist(), logprobs.tolist()
 
