@@ -45,6 +45,7 @@ class SFTConfig:
     activation_checkpointing: bool = True
     save_every: int = 0              # steps between resumable checkpoints; 0: only at the end
     resume: bool = False             # continue from out/latest
+    max_steps: int = 0               # stop (with a checkpoint) after this many steps of this run; 0: no limit
     seed: int = 0
     wandb_project: str = ""          # log to wandb too (pip install wandb)
     # The demo only:
@@ -143,7 +144,7 @@ def train(cfg: SFTConfig):
                              activation_checkpointing=cfg.activation_checkpointing)
     else:
         import demo
-        tokenizer = demo.load_tokenizer()
+        tokenizer = demo.build_demo_tokenizer(os.path.join(cfg.out, "tokenizer"))
         model = D.load_model(None, ctx, config=demo_model_config(tokenizer, cfg), seed=cfg.seed,
                              activation_checkpointing=cfg.activation_checkpointing)
     examples = load_examples(cfg, tokenizer)
@@ -163,7 +164,8 @@ def train(cfg: SFTConfig):
     D.log(f"{n_params / 1e6:.2f}M parameters, {total_steps} steps, {ctx.world_size} rank(s)")
     metrics = D.MetricsLogger(cfg.out, total_steps, asdict(cfg), cfg.wandb_project, start)
     model.train()
-    for step in range(start, total_steps):
+    stop = min(total_steps, start + cfg.max_steps) if cfg.max_steps else total_steps
+    for step in range(start, stop):
         t0 = time.time()
         rows = step_rows(examples, step, cfg, steps_per_epoch)
         n_tokens = sum(sum(r["loss_mask"][1:]) for r in rows)
@@ -186,10 +188,13 @@ def train(cfg: SFTConfig):
         metrics.log(step + 1, {"loss": loss_value, "lr": scheduler.get_last_lr()[0],
                                "grad_norm": float(grad_norm), "trace_tokens": n_tokens,
                                "tokens_per_s": n_all / (time.time() - t0)})
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < stop:
             D.save_state(cfg.out, step + 1, model, optimizer, {"loss": loss_value})
     metrics.close()
-    D.save_state(cfg.out, total_steps, model, optimizer, {})
+    D.save_state(cfg.out, stop, model, optimizer, {})
+    if stop < total_steps:
+        D.log(f"stopped after step {stop} of {total_steps}; continue with --resume")
+        return model, tokenizer
     D.save_hf(model, tokenizer, os.path.join(cfg.out, "hf"))
     D.log(f"wrote {os.path.join(cfg.out, 'hf')}")
     return model, tokenizer

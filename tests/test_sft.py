@@ -1,0 +1,96 @@
+"""sft.py: the loss, packing, 2 ranks vs 1, kill-and-resume, and the HF export."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import demo
+from model import ModelConfig, Transformer
+from sft import sft_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RUN = ["--demo_examples", "24", "--batch_size", "8", "--epochs", "1", "--max_len", "400",
+            "--demo_layers", "2", "--demo_hidden", "32", "--lr", "3e-3", "--warmup_steps", "0"]
+
+
+def run(args, nproc=1, env=None):
+    cmd = [sys.executable, "sft.py"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "sft.py"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    out = subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in open(Path(run_dir) / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return demo.build_demo_tokenizer(str(tmp_path_factory.mktemp("tok")), n=400)
+
+
+def test_loss_mask_covers_exactly_the_trace_and_its_end(tokenizer):
+    record = demo.sft_records(1, seed=3)[0]
+    ids, mask = data.encode_sft(tokenizer, record["context_messages"], record["winner"], 4096)
+    trained = [t for t, m in zip(ids, mask) if m]
+    assert tokenizer.decode(trained) == record["winner"] + "<|im_end|>"
+
+
+def test_packed_and_unpacked_batches_give_the_same_loss(tokenizer):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    examples = [data.encode_sft(tokenizer, r["context_messages"], r["winner"], 4096)
+                for r in demo.sft_records(3, seed=1)]
+    n_tokens = sum(sum(m[1:]) for _, m in examples)
+    packed = data.pack(examples, max_len=4096)
+    assert len(packed) == 1
+    loss_packed, _ = sft_loss(model, packed[0], n_tokens, 1, "cpu")
+    separate = sum(sft_loss(model, data.pack([ex], 4096)[0], n_tokens, 1, "cpu")[0] for ex in examples)
+    torch.testing.assert_close(loss_packed, separate, atol=1e-5, rtol=1e-5)
+    # the token-mean normalizer: equal to the plain mean NLL over every trace token
+    nll = []
+    for ids, mask in examples:
+        logp = torch.log_softmax(model(torch.tensor([ids[:-1]])), -1)[0]
+        nll += [-logp[t, ids[t + 1]] for t in range(len(ids) - 1) if mask[t + 1]]
+    torch.testing.assert_close(loss_packed, torch.stack(nll).mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_two_ranks_give_the_same_losses_as_one(tmp_path):
+    run(TINY_RUN + ["--out", str(tmp_path / "one")])
+    run(TINY_RUN + ["--out", str(tmp_path / "two")], nproc=2)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), atol=1e-5, rtol=1e-5,
+                               msg=f"1 rank {one} vs 2 ranks {two}")
+
+
+def test_stop_and_resume_gives_the_same_losses(tmp_path):
+    run(TINY_RUN + ["--out", str(tmp_path / "full")])
+    run(TINY_RUN + ["--out", str(tmp_path / "cut"), "--max_steps", "2"])
+    assert (tmp_path / "cut" / "latest").read_text() == "step_00000002"
+    assert not (tmp_path / "cut" / "hf").exists()
+    run(TINY_RUN + ["--out", str(tmp_path / "cut"), "--resume"])
+    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert cut[:2] == full[:2] and len(cut) == 3
+    assert cut[2] == pytest.approx(full[2], rel=1e-6, abs=1e-7)
+
+
+def test_hf_export_loads_in_transformers_with_identical_logits(tmp_path):
+    import transformers
+    from model import load_pretrained
+    run(TINY_RUN + ["--out", str(tmp_path)])
+    ours = load_pretrained(tmp_path / "hf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = torch.tensor([tok("<type>Reasoning</type> 12 + 7 = 19")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
