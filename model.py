@@ -310,15 +310,18 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, kv_cache=None,
-                cache_slots=None, targets=None, temperature=1.0):
+                cache_slots=None, targets=None, temperature=1.0, hidden_only=False):
         """Logits (B, T, V); or, given targets (B, T), (logprobs, entropy), each fp32 (B, T), of
-        the targets under softmax(logits / temperature).
+        the targets under softmax(logits / temperature); or, with hidden_only, hidden states.
 
         The targets path runs the fused kernel on hidden states and the LM-head weight, so the
-        (tokens x vocab) logits never exist whole. It sits inside forward() because FSDP2 gathers
-        the root's parameters (the LM head among them) only around forward.
+        (tokens x vocab) logits never exist whole. Both other paths sit inside forward() because
+        FSDP2 gathers the root's parameters (the LM head among them) only around forward, and
+        needs the root's forward to run first (a prefill that needs no logits uses hidden_only).
         """
         h = self.hidden_states(input_ids, position_ids, attention_mask, kv_cache, cache_slots)
+        if hidden_only:
+            return h
         if targets is None:
             return self.lm_head(h)
         B, T = targets.shape

@@ -155,13 +155,14 @@ def cuda_graph(fn):
 
 @torch.no_grad()
 def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda_graph=True,
-             first_prompt_index=0):
+             prompt_keys=None):
     """Sample params.n completions for each prompt (a list of token ids); returns
     len(prompts) * n Completions, prompt-major (prompt 0 samples 0..n-1, then prompt 1, ...).
 
-    The sampling noise of prompts[i] is keyed by first_prompt_index + i: a data-parallel caller
-    that passes the global index of its first prompt draws the same traces whatever the number
-    of ranks (Completion.prompt_index stays the local i)."""
+    The sampling noise of prompts[i] is keyed by prompt_keys[i] (default i): a data-parallel
+    caller that passes each prompt's global index draws the same traces whatever the number of
+    ranks (Completion.prompt_index stays the local i)."""
+    keys = list(range(len(prompts))) if prompt_keys is None else list(prompt_keys)
     config = model.config
     check_inputs(prompts, params, config.vocab_size, max_batch_size)
     weight = model.embed_tokens.weight
@@ -211,8 +212,8 @@ def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda
                         cache.v[:, slot, :, :len(prompt) - 1] = cache.v[:, src, :, :len(prompt) - 1]
                 elif len(prompt) > 1:
                     prefix = torch.tensor(prompt[:-1], device=device)[None]
-                    model.hidden_states(prefix, torch.arange(len(prompt) - 1, device=device)[None],
-                                        kv_cache=cache, cache_slots=torch.tensor([slot], device=device))
+                    model(prefix, torch.arange(len(prompt) - 1, device=device)[None], kv_cache=cache,
+                          cache_slots=torch.tensor([slot], device=device), hidden_only=True)
                 last_admitted = (p, slot)
                 slot_seq[slot] = (p, s)
                 slot_token[slot], slot_pos[slot] = prompt[-1], len(prompt) - 1
@@ -222,7 +223,7 @@ def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda
 
             # Idle slots (nothing left to admit) decode a dummy token at position 0 of their own row.
             seqs = [seq or (0, 0) for seq in slot_seq]
-            state.copy_(torch.tensor([slot_token, slot_pos, [first_prompt_index + p for p, _ in seqs],
+            state.copy_(torch.tensor([slot_token, slot_pos, [keys[p] for p, _ in seqs],
                                       [s for _, s in seqs]]))
             next_ids, logprobs = step()
             next_ids, logprobs = next_ids.tolist(), logprobs.tolist()

@@ -1,0 +1,49 @@
+"""Runs grpo_step under torchrun or plain python for tests/test_grpo_run.py; not a test itself.
+
+    python tests/grpo_worker.py MODEL_DIR OUT.json STEPS LR
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import distributed as D  # noqa: E402
+from grpo import GRPOConfig, grpo_step, rank_share  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+
+def even_first_token(completions, texts, records):
+    """A reward a tiny random model can learn in a few steps: +1 if the first sampled token id
+    is even, else -1."""
+    return torch.tensor([1.0 if c.token_ids[0] % 2 == 0 else -1.0 for c in completions])
+
+
+def main(model_dir, out, steps, lr):
+    ctx = D.init()
+    cfg = GRPOConfig(model=model_dir, lr=lr, rollout_batch_size=8, mini_batch_size=4, n_samples=4,
+                     max_response_len=6, micro_batch_tokens=64, kl_coef=0.01, bf16=False,
+                     activation_checkpointing=False, rollout_slots=32, entropy_coef=0.001)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = D.load_model(model_dir, ctx)
+    ref = D.load_model(model_dir, ctx).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 300, (int(n),), generator=gen).tolist()
+               for n in torch.randint(3, 9, (cfg.rollout_batch_size,), generator=gen)]
+    share = rank_share(cfg, ctx)
+    history = []
+    for step in range(steps):
+        m = grpo_step(model, ref, optimizer, tokenizer, [{"winner": "model_a"}] * len(share),
+                      [prompts[i] for i in share], step, share, cfg, ctx, score=even_first_token)
+        history.append(m)
+    checksum = float(sum(p.double().sum() for p in D.full_state_dict(model).values()))
+    if ctx.is_main:
+        Path(out).write_text(json.dumps({"history": history, "checksum": checksum}))
+    D.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))

@@ -1,0 +1,108 @@
+"""GRPO's pieces against values worked out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from grpo import GRPOConfig, group_advantages, kl_penalty, pack_rows, policy_loss
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1., -1., -1., 1., 1., 1.])  # groups of 3: (1,-1,-1) and (1,1,1)
+    adv = group_advantages(r, 3)
+    mean, std = -1 / 3, math.sqrt(((4 / 3) ** 2 + 2 * (2 / 3) ** 2) / 2)  # unbiased std
+    expected = torch.tensor([(1 - mean) / std, (-1 - mean) / std, (-1 - mean) / std, 0, 0, 0])
+    torch.testing.assert_close(adv, expected, atol=1e-5, rtol=1e-5)
+    dr = group_advantages(r, 3, norm_by_std=False)
+    torch.testing.assert_close(dr, torch.tensor([4 / 3, -2 / 3, -2 / 3, 0, 0, 0]))
+
+
+def test_kl_estimators_by_hand():
+    logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    d = logp - ref  # 0.5, -1.0
+    torch.testing.assert_close(kl_penalty(logp, ref, "k1"), d)
+    torch.testing.assert_close(kl_penalty(logp, ref, "mse"), torch.tensor([0.125, 0.5]))
+    k3 = torch.tensor([math.exp(-0.5) + 0.5 - 1, math.exp(1.0) - 1.0 - 1])
+    torch.testing.assert_close(kl_penalty(logp, ref, "low_var_kl"), k3)
+    assert kl_penalty(torch.tensor([0.0]), torch.tensor([30.0]), "low_var_kl").item() == 10.0
+    with pytest.raises(ValueError, match="kl_estimator"):
+        kl_penalty(logp, ref, "k4")
+
+
+def loss_inputs():
+    # Two sequences of 3 tokens; the last token of sequence 1 is padding (mask 0).
+    logp = torch.tensor([-1.0, -0.5, -2.0, -1.2, -0.8, -9.0])
+    old = torch.tensor([-1.0, -0.9, -1.0, -1.2, -0.3, -1.0])
+    ref = torch.tensor([-1.1, -0.5, -2.0, -1.0, -0.3, -1.0])
+    adv = torch.tensor([1.0, 1.0, 1.0, -2.0, -2.0, -2.0])
+    mask = torch.tensor([1, 1, 1, 1, 1, 0])
+    ent = torch.tensor([0.5, 0.4, 0.3, 0.2, 0.1, 7.0])
+    seq = torch.tensor([0, 0, 0, 1, 1, 1])
+    return logp, old, ref, adv, mask, ent, seq
+
+
+def by_hand(cfg, logp, old, ref, adv, mask, ent, seq):
+    per = []
+    for i in range(6):
+        ratio = math.exp(logp[i] - old[i])
+        clipped = min(max(ratio, 1 - cfg.clip_ratio_low), 1 + cfg.clip_ratio_high)
+        pg = max(-adv[i] * ratio, -adv[i] * clipped)
+        kl = math.exp(ref[i] - logp[i]) - (ref[i] - logp[i]) - 1
+        per.append(float(pg + cfg.kl_coef * kl - cfg.entropy_coef * ent[i]))
+    if cfg.loss_agg == "token-mean":
+        return sum(p for p, m in zip(per, mask) if m) / int(mask.sum())
+    s0 = sum(per[:3]) / 3
+    s1 = (per[3] + per[4]) / 2
+    return (s0 + s1) / 2
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_policy_loss_by_hand(agg):
+    cfg = GRPOConfig(kl_coef=0.1, entropy_coef=0.01, loss_agg=agg, clip_ratio_high=0.28)
+    x = loss_inputs()
+    loss, sums = policy_loss(*x, cfg, n_tokens=5, n_seqs=2)
+    assert loss.item() == pytest.approx(by_hand(cfg, *x), rel=1e-6)
+    # Clipping binds where the ratio left [0.8, 1.28] in the advantage's favour: token 1
+    # (ratio e^0.4, A > 0) and token 4 (ratio e^-0.5, A < 0); not token 2 (e^-1, A > 0).
+    assert sums["clip_frac"].item() == 2
+
+
+@pytest.mark.parametrize("agg,splits", [
+    ("token-mean", ([3], [2, 4], [1, 3, 5])),
+    ("seq-mean-token-mean", ([3],)),  # rows never split a sequence, so split at its boundary
+])
+def test_micro_batch_losses_add_up_to_the_full_loss(agg, splits):
+    cfg = GRPOConfig(kl_coef=0.1, loss_agg=agg)
+    x = loss_inputs()
+    full, _ = policy_loss(*x, cfg, n_tokens=5, n_seqs=2)
+    for split in splits:
+        bounds = [0, *split, 6]
+        parts = [policy_loss(*(t[a:b] for t in x), cfg, n_tokens=5, n_seqs=2)[0]
+                 for a, b in zip(bounds, bounds[1:])]
+        torch.testing.assert_close(sum(parts), full, msg=f"split {split}")
+
+
+def test_ratio_one_gives_the_policy_gradient():
+    cfg = GRPOConfig(kl_coef=0.0, entropy_coef=0.0)
+    logp, _, ref, adv, mask, ent, seq = loss_inputs()
+    logp = logp.clone().requires_grad_()
+    loss, _ = policy_loss(logp, logp.detach(), ref, adv, mask, ent, seq, cfg, n_tokens=5, n_seqs=2)
+    loss.backward()
+    # d/dlogp of -A * exp(logp - old) at logp == old is -A; token mean over the 5 real tokens.
+    torch.testing.assert_close(logp.grad, -adv * mask / 5)
+
+
+def test_pack_rows_marks_response_targets():
+    seqs = [{"input_ids": [1, 2, 3, 4, 5], "prompt_len": 3, "advantage": 0.5,
+             "sampler_logprobs": [-0.1, -0.2]},
+            {"input_ids": [6, 7, 8], "prompt_len": 2, "advantage": -1.0, "sampler_logprobs": [-0.3]}]
+    rows = pack_rows(seqs, max_tokens=6)
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["ids"] == [1, 2, 3, 4, 6, 7] and r["targets"] == [2, 3, 4, 5, 7, 8]
+    assert r["pos"] == [0, 1, 2, 3, 0, 1]
+    assert r["mask"] == [0, 0, 1, 1, 0, 1]  # targets 4, 5 and 8 are response tokens
+    assert r["adv"] == [0.5] * 4 + [-1.0] * 2 and r["seq"] == [0] * 4 + [1] * 2
+    assert r["sampler"] == [0.0, 0.0, -0.1, -0.2, 0.0, -0.3]
+    assert len(pack_rows(seqs, max_tokens=5)) == 2
