@@ -34,12 +34,12 @@ from model import KVCache
 
 @dataclass
 class SamplingParams:
-    temperature: float = 1.0      # 0 = greedy
+    temperature: float = 1.0      # 0 = greedy (top_p and top_k then have no effect)
     top_p: float = 1.0            # nucleus: keep the smallest set of tokens with this much mass
     top_k: int = 0                # keep the k most likely tokens; 0 = off
     max_new_tokens: int = 256     # a completion that reaches this ends with reason "length"
     n: int = 1                    # samples per prompt (GRPO's group size)
-    stop_token_ids: tuple = ()    # any of these ends a completion (and is kept in its tokens)
+    stop_token_ids: tuple[int, ...] = ()  # any of these ends a completion (and is kept in its tokens)
     seed: int = 0                 # in [0, 2**32); derive it from the training step
 
 
@@ -47,9 +47,9 @@ class SamplingParams:
 class Completion:
     prompt_index: int
     sample_index: int
-    token_ids: list       # generated tokens, the stop token included when there was one
-    logprobs: list        # one fp32 log-prob per generated token, under softmax(logits / T)
-    finish_reason: str    # "stop" or "length"
+    token_ids: list[int]     # generated tokens, the stop token included when there was one
+    logprobs: list[float]    # one fp32 log-prob per generated token, under softmax(logits / T)
+    finish_reason: str       # "stop" or "length"
 
 
 def check_inputs(prompts, params, vocab_size, max_batch_size):
@@ -159,9 +159,13 @@ def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda
     """Sample params.n completions for each prompt (a list of token ids); returns
     len(prompts) * n Completions, prompt-major (prompt 0 samples 0..n-1, then prompt 1, ...).
 
+    max_batch_size is the number of cache slots (sequences decoded together): the KV cache holds
+    max_batch_size * (longest prompt + max_new_tokens) positions. use_cuda_graph replays the
+    decode step as a CUDA graph on a CUDA model; pass False to debug or profile it eagerly.
     The sampling noise of prompts[i] is keyed by prompt_keys[i] (default i): a data-parallel
     caller that passes each prompt's global index draws the same traces whatever the number of
-    ranks (Completion.prompt_index stays the local i)."""
+    ranks (Completion.prompt_index stays the local i).
+    """
     keys = list(range(len(prompts))) if prompt_keys is None else list(prompt_keys)
     config = model.config
     check_inputs(prompts, params, config.vocab_size, max_batch_size)
