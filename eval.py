@@ -1,7 +1,7 @@
 """Run a judge on a benchmark and score it: RewardBench, RM-Bench, RMB (pairwise, best-of-N), or the demo.
 
     python eval.py                                     # CPU demo: the shipped demo judge, held-out demo pairs
-    python eval.py --model runs/grpo-demo/hf           # the demo judge after GRPO
+    python eval.py --model RUN/hf                      # the demo judge after GRPO (grpo.py's hf/ export)
     python eval.py --model Qwen2.5-7B-Instruct-RM --bench rm-bench --data ../shared/data/rm-bench
     python eval.py --model DeepSeek-R1-Distill-Qwen-7B-RM --style reasoning --bench rmb-pairwise \\
         --data RMB/Pairwise_set --limit 500           # one GPU; --limit for a quick look
@@ -15,7 +15,8 @@ and the same whatever --limit or --batch_size. Outputs, in `out` (default runs/e
   whole log, with counts of overlong prompts, unparseable verdicts and truncated judgments.
 Re-running with the same `out` resumes: comparisons already in the log are skipped.
 
-Choices this harness makes (the papers leave them open):
+Departures from the RM-R1 harness and choices it leaves open:
+- the A/B coin is seeded and logged (the authors' was not, so their runs are not bit-reproducible);
 - A prompt longer than max_prompt_len is never truncated (a cut-off pair is not the pair the
   benchmark asks about) and never dropped: it gets a log line with finish_reason "prompt_too_long"
   and counts as wrong, so every score keeps the benchmark's denominator. The count is printed and
