@@ -1,0 +1,282 @@
+"""Run a judge on a benchmark and score it: RewardBench, RM-Bench, RMB (pairwise, best-of-N), or the demo.
+
+    python eval.py                                     # CPU demo: the shipped demo judge, held-out demo pairs
+    python eval.py --model RUN/hf                      # the demo judge after GRPO (grpo.py's hf/ export)
+    python eval.py --model Qwen2.5-7B-Instruct-RM --bench rm-bench --data ../shared/data/rm-bench
+    python eval.py --model DeepSeek-R1-Distill-Qwen-7B-RM --style reasoning --bench rmb-pairwise \\
+        --data RMB/Pairwise_set --limit 500           # one GPU; --limit for a quick look
+
+Every comparison is judged once, greedily (as the RM-R1 authors did), with the chosen answer at
+position A or B by a coin that is a hash of (seed, comparison uid): seeded, recorded in the log,
+and the same whatever --limit or --batch_size. Outputs, in `out` (default runs/eval-<bench>):
+- samples.jsonl: one line per comparison (uid, group, category, meta, chosen_position,
+  prompt_tokens, judgment, verdict, correct, finish_reason), appended and flushed chunk by chunk;
+- scores.json: reward.py's scores under the benchmark's own metric names, recomputed from the
+  whole log, with counts of overlong prompts, unparseable verdicts and truncated judgments.
+Re-running with the same `out` resumes: comparisons already in the log are skipped.
+
+Departures from the RM-R1 harness and choices it leaves open:
+- the A/B coin is seeded and logged (the authors' was not, so their runs are not bit-reproducible);
+- A prompt longer than max_prompt_len is never truncated (a cut-off pair is not the pair the
+  benchmark asks about) and never dropped: it gets a log line with finish_reason "prompt_too_long"
+  and counts as wrong, so every score keeps the benchmark's denominator. The count is printed and
+  saved; raise --max_prompt_len to judge them.
+- Comparisons are taken item by item in a fixed hash order that mixes the files, so --limit N
+  samples every domain / category rather than the first file; N is rounded up to whole items
+  because RM-Bench (9 comparisons per item) and RMB best-of-N (one per loser) score whole items.
+"""
+
+import hashlib
+import json
+import os
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data
+import demo
+import distributed as D
+import reward
+import rollout
+from cli import parse_config, with_defaults
+from model import load_pretrained
+
+
+@dataclass
+class EvalConfig:
+    model: str = demo.SHIPPED        # HF model directory (weights + tokenizer with a chat template)
+    bench: str = "demo"              # demo | rewardbench | rm-bench | rmb-pairwise | rmb-bon
+    data: str = ""                   # benchmark file or folder (not needed for demo)
+    style: str = "instruct"          # instruct: system + user prompt; reasoning: one user turn (R1-distilled)
+    max_new_tokens: int = 8192       # judgment length; one that reaches it is logged as "length" (demo: 160)
+    max_prompt_len: int = 4096       # longer prompts are not judged and count as wrong (paper: 4096)
+    batch_size: int = 64             # sequences decoded at once by the sampler
+    limit: int = 0                   # judge only the first N comparisons (whole items); 0 = all
+    seed: int = 0                    # A/B coin of every comparison
+    out: str = ""                    # default runs/eval-<bench>
+    demo_pairs: int = 400            # held-out demo pairs to judge (--bench demo)
+
+
+DEMO = dict(max_new_tokens=160)
+BENCHES = ("demo", "rewardbench", "rm-bench", "rmb-pairwise", "rmb-bon")
+# Fields that change what a logged judgment is; resuming a log made with other values would mix two runs.
+RUN_IDENTITY = ("model", "bench", "data", "style", "max_new_tokens", "max_prompt_len", "seed")
+# Sampler batches per logged chunk: continuous batching keeps slots busy while the longest
+# judgments finish, and a killed run loses at most one chunk.
+CHUNK_BATCHES = 4
+
+
+def check_config(cfg: EvalConfig):
+    if cfg.bench not in BENCHES:
+        raise ValueError(f"--bench must be one of {BENCHES}, got {cfg.bench!r}")
+    if cfg.style not in data.STYLES:
+        raise ValueError(f"--style must be one of {data.STYLES}, got {cfg.style!r}")
+    if cfg.bench != "demo" and not cfg.data:
+        raise ValueError(f"--bench {cfg.bench} needs --data (a file or a folder of the benchmark's files)")
+    for name in ("max_new_tokens", "max_prompt_len", "batch_size", "demo_pairs"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.limit < 0:
+        raise ValueError(f"--limit must be >= 0 (0 = all), got {cfg.limit}")
+
+
+# ---- which comparisons, in which order, which answer is A ----
+
+def load_comparisons(cfg: EvalConfig) -> list:
+    if cfg.bench == "demo":
+        # The held-out set is drawn with a fixed seed, so runs that differ in --seed judge the same pairs.
+        return demo.comparisons(cfg.demo_pairs, seed=0)
+    return data.load_benchmark(cfg.bench, cfg.data)
+
+
+def ordered(comparisons, limit=0) -> list:
+    """Items (groups) in crc32 order, each item's comparisons together in load order; then the
+    first `limit` comparisons, rounded up to the end of the item that the cut falls in."""
+    items = {}
+    for c in comparisons:
+        items.setdefault(c.group, []).append(c)
+    out = []
+    for group in sorted(items, key=lambda g: (zlib.crc32(g.encode()), g)):
+        if limit and len(out) >= limit:
+            break
+        out += items[group]
+    return out
+
+
+def chosen_is_a(seed: int, uid: str) -> bool:
+    """The A/B coin: a stable hash of (seed, uid), so it never depends on which other comparisons
+    are run, in what order or batch (Python's hash() is salted per process, hence sha256)."""
+    return hashlib.sha256(f"{seed}/{uid}".encode()).digest()[0] % 2 == 0
+
+
+# ---- judging ----
+
+def judge(model, tokenizer, comparisons, cfg: EvalConfig, log=None) -> list[dict]:
+    """Judge every comparison greedily; returns one log record per comparison, in order.
+
+    When `log` (an open text file) is given, each chunk's records are written to it as JSON lines
+    and flushed as soon as the chunk is judged.
+    """
+    params = rollout.SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens,
+                                    stop_token_ids=(tokenizer.eos_token_id,))
+    chunk = cfg.batch_size * CHUNK_BATCHES
+    records = []
+    with tqdm(total=len(comparisons), desc=f"judging ({cfg.bench})", unit="pair") as bar:
+        for start in range(0, len(comparisons), chunk):
+            todo = []
+            for c in comparisons[start:start + chunk]:
+                a_first = chosen_is_a(cfg.seed, c.uid)
+                a, b = (c.chosen, c.rejected) if a_first else (c.rejected, c.chosen)
+                ids = data.chat_ids(tokenizer, data.build_judge_messages(a, b, cfg.style), add_generation_prompt=True)
+                record = {"uid": c.uid, "group": c.group, "category": c.category, "meta": c.meta,
+                          "chosen_position": "A" if a_first else "B", "prompt_tokens": len(ids),
+                          "judgment": "", "verdict": None, "correct": False, "finish_reason": "prompt_too_long"}
+                todo.append((record, ids if len(ids) <= cfg.max_prompt_len else None))
+            judged = [(r, ids) for r, ids in todo if ids is not None]
+            if judged:
+                completions = rollout.generate(model, [ids for _, ids in judged], params,
+                                               max_batch_size=cfg.batch_size)
+                for (record, _), completion in zip(judged, completions):
+                    text = tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+                    verdict = reward.parse_verdict(text)
+                    record.update(judgment=text, verdict=verdict, correct=verdict == record["chosen_position"],
+                                  finish_reason=completion.finish_reason)
+            if log is not None:
+                log.write("".join(json.dumps(r) + "\n" for r, _ in todo))
+                log.flush()
+            records += [r for r, _ in todo]
+            bar.update(len(todo))
+    return records
+
+
+# ---- the log on disk ----
+
+def read_log(path) -> list[dict]:
+    """The records of samples.jsonl. A torn last line (a run killed mid-write) is cut off the file,
+    since its comparison will be judged again; any other unreadable line is an error."""
+    if not os.path.exists(path):
+        return []
+    text = Path(path).read_text(encoding="utf-8")
+    complete, _, torn = text.rpartition("\n")
+    if torn:
+        print(f"{path}: dropping a torn last line ({len(torn)} characters); it will be judged again")
+        with open(path, "r+", encoding="utf-8") as f:
+            f.truncate(len(complete.encode("utf-8")) + (1 if complete else 0))
+    records = []
+    for n, line in enumerate(complete.split("\n") if complete else [], start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); delete the line or start a new --out") from None
+        for name in ("uid", "correct", "verdict", "finish_reason"):
+            if name not in records[-1]:
+                raise ValueError(f"{path}:{n}: missing field {name!r}; is this an eval.py log?")
+    return records
+
+
+def check_resume(cfg: EvalConfig, out):
+    """Write out/config.json on the first run; on a rerun, refuse settings that would mix two runs."""
+    path = os.path.join(out, "config.json")
+    current = asdict(cfg) | {"model": os.path.abspath(cfg.model), "data": cfg.data and os.path.abspath(cfg.data)}
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        changed = [k for k in RUN_IDENTITY if saved.get(k) != current[k]]
+        if changed:
+            diff = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+            raise ValueError(f"{out} holds a run with other settings ({diff}); pass a new --out, "
+                             f"or the same settings to resume")
+    else:
+        D.write_atomic(path, json.dumps(current, indent=2) + "\n")
+
+
+# ---- scores ----
+
+def score_demo(records):
+    """Accuracy overall and per category (reasoning, chat)."""
+    by_category, _ = reward.accuracy_by(records, lambda r: r["category"])
+    return {"accuracy": reward.mean([r["correct"] for r in records])} | by_category
+
+
+SCORERS = {"demo": score_demo, "rewardbench": reward.score_rewardbench, "rm-bench": reward.score_rm_bench,
+           "rmb-pairwise": reward.score_rmb_pairwise, "rmb-bon": reward.score_rmb_bon}
+
+
+def scores_of(records, bench) -> dict:
+    """The benchmark's official scores from log records, and the judge's own health counts."""
+    n = len(records)
+    judged = [r for r in records if r["finish_reason"] != "prompt_too_long"]
+    return {
+        "bench": bench,
+        "comparisons": n,
+        "prompt_too_long": n - len(judged),
+        # share of judged comparisons whose text holds neither or both of [[A]] / [[B]]
+        "invalid_verdict_rate": sum(r["verdict"] is None for r in judged) / max(1, len(judged)),
+        "truncated_rate": sum(r["finish_reason"] == "length" for r in judged) / max(1, len(judged)),
+        # position bias shows as a verdict-A share away from the gold A share
+        "verdict_A_share": sum(r["verdict"] == "A" for r in judged) / max(1, len(judged)),
+        "gold_A_share": sum(r["chosen_position"] == "A" for r in judged) / max(1, len(judged)),
+        "scores": SCORERS[bench](records),
+    }
+
+
+def summary(scores) -> str:
+    """A two-column table: every scalar score in percent, then the counts."""
+    rows = [(k, f"{100 * v:.1f}") for k, v in scores["scores"].items() if isinstance(v, float)]
+    rows += [(k, str(scores[k])) for k in ("comparisons", "prompt_too_long")]
+    rows += [(k, f"{100 * scores[k]:.1f}") for k in ("invalid_verdict_rate", "truncated_rate",
+                                                      "verdict_A_share", "gold_A_share")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v:>7}" for k, v in rows)
+
+
+# ---- entry point ----
+
+def load_judge(path):
+    if not os.path.isdir(path):
+        hint = " (train the demo judge with `python sft.py`)" if path == demo.SHIPPED else ""
+        raise ValueError(f"--model {path}: no such model directory{hint}")
+    from transformers import AutoTokenizer
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return load_pretrained(path, dtype=dtype, device=device), AutoTokenizer.from_pretrained(path)
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Judge what the log lacks, append it, and return (and write) the scores of the whole log."""
+    check_config(cfg)
+    out = cfg.out or f"runs/eval-{cfg.bench}"
+    comparisons = ordered(load_comparisons(cfg), cfg.limit)
+    os.makedirs(out, exist_ok=True)
+    check_resume(cfg, out)
+    log_path = os.path.join(out, "samples.jsonl")
+    done = {r["uid"] for r in read_log(log_path)}
+    todo = [c for c in comparisons if c.uid not in done]
+    print(f"{len(comparisons)} comparisons, {len(comparisons) - len(todo)} already in {log_path}, "
+          f"{len(todo)} to judge")
+    if todo:
+        model, tokenizer = load_judge(cfg.model)
+        with open(log_path, "a", encoding="utf-8") as log:
+            judge(model, tokenizer, todo, cfg, log)
+    scores = scores_of(read_log(log_path), cfg.bench)
+    D.write_atomic(os.path.join(out, "scores.json"), json.dumps(scores, indent=2) + "\n")
+    print(summary(scores))
+    if scores["prompt_too_long"]:
+        print(f"{scores['prompt_too_long']} prompts longer than --max_prompt_len={cfg.max_prompt_len} "
+              f"were not judged and count as wrong")
+    print(f"wrote {os.path.join(out, 'scores.json')}")
+    return scores
+
+
+def main(argv=None):
+    cfg, given = parse_config(EvalConfig, argv, __doc__)
+    if cfg.bench == "demo":
+        cfg = with_defaults(cfg, DEMO, given)
+    return evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
