@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import data
+import demo
 import distributed as D
 import reward
 from cli import parse_config, with_defaults
@@ -68,11 +69,11 @@ class GRPOConfig:
     wandb_project: str = ""
 
 
-DEMO = dict(model="demo/sft", lr=1e-4, rollout_batch_size=32, mini_batch_size=16, n_samples=7,
-            micro_batch_tokens=8192, max_prompt_len=2048, max_response_len=160, kl_coef=1e-3,
-            bf16=False, activation_checkpointing=False, rollout_slots=112, eval_limit=200,
-            out="runs/grpo-demo", epochs=1)
-DEMO_PAIRS = 640  # training pairs the demo draws (-> 20 rollout steps of 32 prompts)
+DEMO = dict(model=demo.SHIPPED, lr=1e-4, rollout_batch_size=16, mini_batch_size=8, n_samples=7,
+            micro_batch_tokens=4096, max_prompt_len=2048, max_response_len=160, kl_coef=1e-3,
+            bf16=False, activation_checkpointing=False, rollout_slots=56, eval_every=10,
+            eval_limit=200, out="runs/grpo-demo", epochs=1)
+DEMO_PAIRS = 480  # training pairs the demo draws: 30 rollout steps of 16 prompts
 
 
 # ---- the algorithm: pure functions on tensors ----
@@ -212,7 +213,9 @@ def pack_rows(seqs, max_tokens):
 def row_tensors(row, device):
     """Lists -> tensors on device; tensors already there (old/ref log-probs) pass through."""
     t = {k: v if torch.is_tensor(v) else torch.tensor(v, device=device) for k, v in row.items()}
-    t["adv"], t["sampler"] = t["adv"].float(), t["sampler"].float()
+    for k in ("adv", "sampler", "old", "ref"):
+        if k in t:
+            t[k] = t[k].float()
     return t
 
 
@@ -227,7 +230,7 @@ def equalize(rows, ctx):
     """FSDP needs every rank to run the same number of forwards: pad with a 2-token empty row."""
     n = int(D.all_reduce_max(torch.tensor(len(rows))))
     empty = {"ids": [0, 0], "targets": [0, 0], "pos": [0, 1], "mask": [0, 0], "adv": [0.0, 0.0],
-             "seq": [0, 0], "sampler": [0.0, 0.0]}
+             "seq": [0, 0], "sampler": [0.0, 0.0], "old": [0.0, 0.0], "ref": [0.0, 0.0]}
     return rows + [dict(empty) for _ in range(n - len(rows))]
 
 
@@ -345,7 +348,6 @@ def load_records(path, cfg: GRPOConfig, split):
     """RLVR records ({context_messages, winner}) from a file of them or of raw preference pairs;
     without a path, the demo's synthetic pairs (split train or test)."""
     if not path:
-        import demo
         n = DEMO_PAIRS if split == "train" else cfg.eval_limit
         return demo.rlvr_records(n, seed=cfg.seed, split=split)
     first = data.read_records(path)[0][1]

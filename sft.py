@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import data
+import demo
 import distributed as D
 from cli import parse_config, with_defaults
 from model import ModelConfig
@@ -32,7 +33,8 @@ from model import ModelConfig
 class SFTConfig:
     model: str = ""                  # HF model directory; empty: the demo judge from scratch
     data: str = ""                   # distillation records; empty: synthetic demo traces
-    out: str = "runs/sft"            # checkpoints, metrics.jsonl and the hf/ export
+    out: str = "runs/sft"            # checkpoints and metrics.jsonl
+    export: str = ""                 # Hugging Face export directory; empty: out/hf
     lr: float = 5e-6                 # paper: 5e-6
     schedule: str = "constant"       # constant | cosine (to 0 over the run), after warmup
     warmup_steps: int = 0
@@ -55,7 +57,8 @@ class SFTConfig:
 
 
 DEMO = dict(lr=2e-3, warmup_steps=20, schedule="cosine", batch_size=32, max_len=2048, epochs=3,
-            bf16=False, activation_checkpointing=False, weight_decay=0.01, out="runs/sft-demo")
+            bf16=False, activation_checkpointing=False, weight_decay=0.01, out="runs/sft-demo",
+            export=demo.SHIPPED)
 
 
 def demo_model_config(tokenizer, cfg: SFTConfig) -> ModelConfig:
@@ -72,7 +75,6 @@ def load_examples(cfg: SFTConfig, tokenizer):
     if cfg.data:
         records = data.load_sft(cfg.data)
     else:
-        import demo
         records = demo.sft_records(cfg.demo_examples, seed=cfg.seed)
     examples, dropped = [], 0
     for r in records:
@@ -143,7 +145,6 @@ def train(cfg: SFTConfig):
         model = D.load_model(cfg.model, ctx, bf16=cfg.bf16,
                              activation_checkpointing=cfg.activation_checkpointing)
     else:
-        import demo
         tokenizer = demo.build_demo_tokenizer(os.path.join(cfg.out, "tokenizer"))
         model = D.load_model(None, ctx, config=demo_model_config(tokenizer, cfg), seed=cfg.seed,
                              activation_checkpointing=cfg.activation_checkpointing)
@@ -195,8 +196,9 @@ def train(cfg: SFTConfig):
     if stop < total_steps:
         D.log(f"stopped after step {stop} of {total_steps}; continue with --resume")
         return model, tokenizer
-    D.save_hf(model, tokenizer, os.path.join(cfg.out, "hf"))
-    D.log(f"wrote {os.path.join(cfg.out, 'hf')}")
+    export = cfg.export or os.path.join(cfg.out, "hf")
+    D.save_hf(model, tokenizer, export)
+    D.log(f"wrote {export}")
     return model, tokenizer
 
 

@@ -24,15 +24,17 @@ def even_first_token(completions, texts, records):
 def main(model_dir, out, steps, lr):
     ctx = D.init()
     cfg = GRPOConfig(model=model_dir, lr=lr, rollout_batch_size=8, mini_batch_size=4, n_samples=4,
-                     max_response_len=6, micro_batch_tokens=64, kl_coef=0.01, bf16=False,
+                     max_response_len=6, micro_batch_tokens=40, kl_coef=0.01, bf16=False,
                      activation_checkpointing=False, rollout_slots=32, entropy_coef=0.001)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = D.load_model(model_dir, ctx)
     ref = D.load_model(model_dir, ctx).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 300, (int(n),), generator=gen).tolist()
-               for n in torch.randint(3, 9, (cfg.rollout_batch_size,), generator=gen)]
+    # Short prompts where rank 0 of two samples, long ones where rank 1 does: the ranks pack
+    # different numbers of rows and must still run the same number of FSDP forwards.
+    prompts = [torch.randint(3, 300, (3 if i % 4 < 2 else 20,), generator=gen).tolist()
+               for i in range(cfg.rollout_batch_size)]
     share = rank_share(cfg, ctx)
     history = []
     for step in range(steps):

@@ -20,6 +20,8 @@ TINY_RUN = ["--demo_examples", "24", "--batch_size", "8", "--epochs", "1", "--ma
 
 
 def run(args, nproc=1, env=None):
+    # The demo's default export is the shipped demo/sft: tests must never write there.
+    args = args + ["--export", args[args.index("--out") + 1] + "/hf"]
     cmd = [sys.executable, "sft.py"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "sft.py"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
