@@ -327,7 +327,8 @@ class Transformer(nn.Module):
         B, T = targets.shape
         logprobs, entropy = linear_logprobs_and_entropy(
             h.reshape(B * T, -1), self.lm_head.weight.to(h.dtype), targets.reshape(-1), temperature)
-        return logprobs.view(B, T), entropy.view(B, T)
+        # Fresh tensors, not views: FSDP2 warns that a view output could lose its backward hook.
+        return logprobs.view(B, T).clone(), entropy.view(B, T).clone()
 
 
 # ---- Hugging Face checkpoints ----

@@ -51,12 +51,12 @@ class SFTConfig:
     seed: int = 0
     wandb_project: str = ""          # log to wandb too (pip install wandb)
     # The demo only:
-    demo_examples: int = 2000        # synthetic teacher traces to train on
+    demo_examples: int = 4000        # synthetic teacher traces to train on
     demo_layers: int = 4
     demo_hidden: int = 128
 
 
-DEMO = dict(lr=2e-3, warmup_steps=20, schedule="cosine", batch_size=32, max_len=2048, epochs=3,
+DEMO = dict(lr=2e-3, warmup_steps=20, schedule="cosine", batch_size=32, max_len=2048, epochs=4,
             bf16=False, activation_checkpointing=False, weight_decay=0.01, out="runs/sft-demo",
             export=demo.SHIPPED)
 
