@@ -69,11 +69,11 @@ class GRPOConfig:
     wandb_project: str = ""
 
 
-DEMO = dict(model=demo.SHIPPED, lr=1e-4, rollout_batch_size=16, mini_batch_size=8, n_samples=7,
+DEMO = dict(model=demo.SHIPPED, lr=3e-5, rollout_batch_size=32, mini_batch_size=16, n_samples=7,
             micro_batch_tokens=4096, max_prompt_len=2048, max_response_len=160, kl_coef=1e-3,
-            bf16=False, activation_checkpointing=False, rollout_slots=56, eval_every=10,
+            bf16=False, activation_checkpointing=False, rollout_slots=112, eval_every=5,
             eval_limit=200, out="runs/grpo-demo", epochs=1)
-DEMO_PAIRS = 480  # training pairs the demo draws: 30 rollout steps of 16 prompts
+DEMO_PAIRS = 640  # training pairs the demo draws: 20 rollout steps of 32 prompts
 
 
 # ---- the algorithm: pure functions on tensors ----
@@ -246,7 +246,7 @@ def update(model, optimizer, rows, cfg: GRPOConfig, ctx):
                                  t["seq"], cfg, n_tokens.to(ctx.device), n_seqs.to(ctx.device))
         (loss * ctx.world_size).backward()  # FSDP averages gradients over ranks; we want the sum
         totals.update({k: float(v) for k, v in sums.items()})
-        totals["loss"] += float(loss)
+        totals["loss"] += loss.item()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     optimizer.step()
