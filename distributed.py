@@ -24,8 +24,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_state_dict, set_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from model import ModelConfig, Transformer, checkpoint_files, load_config, save_pretrained
-from safetensors import safe_open
+from model import ModelConfig, Transformer, iter_checkpoint, load_config, save_pretrained
 
 
 @dataclass
@@ -122,8 +121,9 @@ def load_model(path, ctx: Context, bf16=False, activation_checkpointing=False,
     """Build on the meta device, shard, then fill each rank's rows straight from safetensors.
 
     With `path` None a fresh model is initialized from `config` (the demo), identically on every
-    rank. No rank ever holds more than its shard plus one tensor being read. Weights stay fp32
-    (the optimizer's master copy); bf16 compute comes from FSDP's policy or from autocast.
+    rank. No rank ever holds more than its shard plus the rows being read. Weights stay fp32
+    (the optimizer's master copy); bf16 compute comes from FSDP2's mixed-precision policy (every
+    CUDA run is wrapped, one GPU included).
     """
     config = config or load_config(path)
     with torch.device("meta"):
@@ -137,7 +137,7 @@ def load_model(path, ctx: Context, bf16=False, activation_checkpointing=False,
     if path is None:
         init_weights(model, seed)
     else:
-        load_shards(model, path, ctx)
+        load_shards(model, path)
     return model
 
 
@@ -165,27 +165,15 @@ def shard_start(p: torch.Tensor) -> int:
     return min(rank * math.ceil(p.shape[0] / world), p.shape[0])
 
 
-def load_shards(model: Transformer, path, ctx: Context):
+def load_shards(model: Transformer, path):
+    """Fill each parameter (an FSDP2 shard or a whole tensor) with its rows of the checkpoint."""
     params = dict(model.named_parameters())
-    seen = set()
-    for file in checkpoint_files(path):
-        with safe_open(file, framework="pt") as f:
-            for hf_name in f.keys():
-                name = hf_name.removeprefix("model.")
-                if name not in params:
-                    if name == "lm_head.weight" and model.config.tie_word_embeddings:
-                        continue
-                    raise ValueError(f"{file}: unexpected tensor {hf_name!r}")
-                p = params[name]
-                local = p.to_local() if hasattr(p, "to_local") else p
-                start = shard_start(p)
-                rows = f.get_slice(hf_name)[start:start + local.shape[0]]  # reads only these rows
-                with torch.no_grad():
-                    local.copy_(rows.to(local.dtype))
-                seen.add(name)
-    missing = set(params) - seen
-    if missing:
-        raise ValueError(f"{path}: checkpoint lacks {sorted(missing)[:5]}")
+    for name, weight in iter_checkpoint(path, set(params), model.config.tie_word_embeddings):
+        p = params[name]
+        local = p.to_local() if hasattr(p, "to_local") else p
+        start = shard_start(p)
+        with torch.no_grad():
+            local.copy_(weight[start:start + local.shape[0]].to(local.dtype))  # reads only these rows
 
 
 @contextlib.contextmanager

@@ -355,18 +355,27 @@ def checkpoint_files(path) -> list[str]:
     return [single]
 
 
-def iter_checkpoint(path, names=None):
-    """Yield (our_name, tensor) from a HF checkpoint, reading only the tensors asked for.
+def iter_checkpoint(path, expected: set, tie_word_embeddings: bool):
+    """Yield (our_name, slice) for every weight of a HF checkpoint; `slice[a:b]` reads rows a..b
+    and `slice[:]` the whole tensor, so a rank of a sharded run reads only its own rows.
 
-    `names` (a set of our names, or None for all) lets each rank of a sharded run read just
-    what it holds; tensors are read lazily, one at a time, so peak memory is one tensor.
+    Checks the names against `expected` (our parameter names): an unknown tensor or a missing
+    one is an error naming it. A tied checkpoint that still stores lm_head.weight is fine.
     """
+    seen = set()
     for file in checkpoint_files(path):
         with safe_open(file, framework="pt") as f:
             for hf_name in f.keys():
                 name = hf_to_ours(hf_name)
-                if names is None or name in names:
-                    yield name, f.get_tensor(hf_name)
+                if name not in expected:
+                    if name == "lm_head.weight" and tie_word_embeddings:
+                        continue  # it equals the embedding
+                    raise ValueError(f"{file}: unexpected tensor {hf_name!r} in checkpoint")
+                seen.add(name)
+                yield name, f.get_slice(hf_name)
+    missing = expected - seen
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {sorted(ours_to_hf(n) for n in missing)[:5]}")
 
 
 def load_config(path) -> ModelConfig:
@@ -384,17 +393,9 @@ def load_pretrained(path, dtype=None, device=None) -> Transformer:
     with torch.device("meta"):
         model = Transformer(config)
     expected = {n for n, _ in model.named_parameters()}
-    seen = set()
-    for name, tensor in iter_checkpoint(path):
-        if name not in expected:
-            if name == "lm_head.weight" and config.tie_word_embeddings:
-                continue  # some tied checkpoints still store the head; it equals the embedding
-            raise ValueError(f"{path}: unexpected tensor {ours_to_hf(name)!r} in checkpoint")
+    for name, weight in iter_checkpoint(path, expected, config.tie_word_embeddings):
+        tensor = weight[:]
         set_tensor(model, name, tensor.to(device=device, dtype=dtype or tensor.dtype))
-        seen.add(name)
-    missing = expected - seen
-    if missing:
-        raise ValueError(f"{path}: checkpoint lacks {sorted(ours_to_hf(n) for n in missing)[:5]}")
     model.materialize_buffers(device)
     return model
 

@@ -216,15 +216,19 @@ def test_gradient_checkpointing_gives_same_gradients(tmp_path):
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
 
 
-def test_meta_build_then_load_reads_only_requested(tmp_path):
+def test_checkpoint_slices_read_rows_and_meta_build_holds_no_memory(tmp_path):
     from model import iter_checkpoint
-    _, path = saved_hf(tmp_path, "qwen2")
-    names = {"norm.weight", "layers.1.mlp.up_proj.weight"}
-    got = dict(iter_checkpoint(path, names))
-    assert set(got) == names
+    ref, path = saved_hf(tmp_path, "qwen2")
+    config = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
     with torch.device("meta"):
-        model = Transformer(ModelConfig.from_hf(json.loads((path / "config.json").read_text())))
+        model = Transformer(config)
     assert all(p.is_meta for p in model.parameters())
+    names = {n for n, _ in model.named_parameters()}
+    slices = dict(iter_checkpoint(path, names, config.tie_word_embeddings))
+    full = ref.state_dict()["model.layers.1.mlp.up_proj.weight"]
+    torch.testing.assert_close(slices["layers.1.mlp.up_proj.weight"][3:7], full[3:7])
+    with pytest.raises(ValueError, match="lacks"):
+        list(iter_checkpoint(path, names | {"extra.weight"}, config.tie_word_embeddings))
 
 
 def test_bad_checkpoint_errors_name_the_problem(tmp_path):
