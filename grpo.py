@@ -64,7 +64,8 @@ class GRPOConfig:
     eval_every: int = 0                # rollout steps between held-out evaluations; 0: start and end only
     eval_limit: int = 512              # held-out pairs per evaluation
     save_every: int = 0                # rollout steps between resumable checkpoints; 0: end only
-    resume: bool = False
+    resume: bool = False               # continue from out/latest: same prompts, same rollouts
+    max_steps: int = 0                 # stop (with a checkpoint) after this many steps of this run
     seed: int = 0
     wandb_project: str = ""
 
@@ -414,7 +415,8 @@ def train(cfg: GRPOConfig):
                                                   cfg, ctx)}, show=("eval_accuracy",))
 
     R, share = cfg.rollout_batch_size, rank_share(cfg, ctx)
-    for step in range(start, total_steps):
+    stop = min(total_steps, start + cfg.max_steps) if cfg.max_steps else total_steps
+    for step in range(start, stop):
         epoch, k = divmod(step, steps_per_epoch)
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(records))
         mine = [order[k * R + i] for i in share]
@@ -424,10 +426,13 @@ def train(cfg: GRPOConfig):
                              or step + 1 == total_steps):
             m["eval_accuracy"] = evaluate(model, tokenizer, eval_records, eval_prompts, cfg, ctx)
         metrics.log(step + 1, m, show=("reward", "eval_accuracy", "kl", "clip_frac"))
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < stop:
             D.save_state(cfg.out, step + 1, model, optimizer, {})
     metrics.close()
-    D.save_state(cfg.out, total_steps, model, optimizer, {})
+    D.save_state(cfg.out, stop, model, optimizer, {})
+    if stop < total_steps:
+        D.log(f"stopped after step {stop} of {total_steps}; continue with --resume")
+        return model
     D.save_hf(model, tokenizer, os.path.join(cfg.out, "hf"))
     D.log(f"wrote {os.path.join(cfg.out, 'hf')}")
     return model
