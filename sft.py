@@ -1,14 +1,15 @@
 """Stage 1 of RM-R1: distillation. Fine-tune a judge on reasoning traces, loss on the trace only.
 
-    python sft.py                                                  # CPU demo: trains the tiny judge
+    python sft.py                                  # CPU demo: rebuilds demo/sft (~9.5 min, 2 cores)
     torchrun --nproc_per_node=8 sft.py --model Qwen2.5-7B-Instruct --data rm_r1_sft.jsonl --out runs/sft7b
 
 Data: RM-R1 distillation records ({"context_messages": [system, user], "winner": trace}), any
 JSON/JSONL/Parquet. Each step takes `batch_size` sequences in a seeded order, packs them into
 rows of at most `max_len` tokens (documents never attend to each other), spreads the rows over
 the ranks, and takes one optimizer step on the token-mean loss over every trace token of the
-step, whatever the number of ranks. Output: `out/hf` (a Hugging Face model directory with the
-tokenizer) and resumable checkpoints in `out/` (`--resume`).
+step, whatever the number of ranks. Output: `out/hf` or `--export` (a Hugging Face model
+directory with the tokenizer; the demo exports to demo/sft) and resumable checkpoints in `out/`
+(`--resume`, `--max_steps`).
 
 Departures from the paper: none in the objective; the demo (no --model) trains a ~1M-parameter
 Qwen2-architecture judge from scratch on synthetic traces instead of fine-tuning an LLM.
