@@ -148,14 +148,16 @@ def init_weights(model: Transformer, seed: int):
         for name, p in model.named_parameters():
             full = torch.zeros(p.shape) if name.endswith("bias") else \
                 torch.ones(p.shape) if "norm" in name else torch.randn(p.shape, generator=gen) * 0.02
-            copy_full_into(p, full)
+            copy_rows_into(p, full)
 
 
-def copy_full_into(p: torch.Tensor, full: torch.Tensor):
-    """Copy a full tensor into a parameter that may be an FSDP2 shard (rows split by torch.chunk)."""
+def copy_rows_into(p: torch.Tensor, source):
+    """Copy this rank's rows of `source` (a full tensor, or a safetensors slice, which then reads
+    only those rows from disk) into a parameter that may be an FSDP2 shard (rows split by
+    torch.chunk)."""
     local = p.to_local() if hasattr(p, "to_local") else p
     start = shard_start(p)
-    local.copy_(full[start:start + local.shape[0]].to(local.dtype))
+    local.copy_(source[start:start + local.shape[0]].to(local.dtype))
 
 
 def shard_start(p: torch.Tensor) -> int:
@@ -169,11 +171,8 @@ def load_shards(model: Transformer, path):
     """Fill each parameter (an FSDP2 shard or a whole tensor) with its rows of the checkpoint."""
     params = dict(model.named_parameters())
     for name, weight in iter_checkpoint(path, set(params), model.config.tie_word_embeddings):
-        p = params[name]
-        local = p.to_local() if hasattr(p, "to_local") else p
-        start = shard_start(p)
         with torch.no_grad():
-            local.copy_(weight[start:start + local.shape[0]].to(local.dtype))  # reads only these rows
+            copy_rows_into(params[name], weight)
 
 
 @contextlib.contextmanager
@@ -194,6 +193,16 @@ def full_weights(model):
             m.set_reshard_after_forward(m is not model, recurse=False)
 
 
+def clip_and_step(model, optimizer, max_norm) -> float:
+    """Clip the global gradient norm, take the optimizer step, clear gradients; returns the
+    norm before clipping. With FSDP2 the norm is a DTensor over all shards: made a plain number."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
 def full_state_dict(model) -> dict:
     """Full (unsharded) CPU tensors on every rank; only rank 0 needs to write them."""
     if not any(isinstance(m, FSDPModule) for m in model.modules()):
@@ -202,22 +211,11 @@ def full_state_dict(model) -> dict:
                                                                 cpu_offload=True))
 
 
-def save_hf(model, tokenizer, out_dir, dtype=None):
+def save_hf(model, tokenizer, out_dir):
     """Export a Hugging Face directory (config.json + safetensors + tokenizer), atomically."""
     sd = full_state_dict(model)
-    if dist.is_initialized() and dist.get_rank() != 0:
-        barrier()
-        return
-    if dtype is not None:
-        sd = {k: v.to(dtype) for k, v in sd.items()}
-    tmp = str(out_dir).rstrip("/") + ".tok.tmp"
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    save_pretrained(model, out_dir, state_dict=sd)
-    if tokenizer is not None:  # tokenizer files go beside the weights, still all-or-nothing
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-        os.rmdir(tmp)
+    if _main():
+        save_pretrained(model, out_dir, state_dict=sd, tokenizer=tokenizer)
     barrier()
 
 

@@ -248,16 +248,13 @@ def update(model, optimizer, rows, cfg: GRPOConfig, ctx):
         (loss * ctx.world_size).backward()  # FSDP averages gradients over ranks; we want the sum
         totals.update({k: float(v) for k, v in sums.items()})
         totals["loss"] += loss.item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = D.clip_and_step(model, optimizer, cfg.grad_clip)
     global_sums = D.all_reduce_sum(torch.tensor([totals[k] for k in
                                                  ("clip_frac", "ppo_kl", "kl", "entropy", "loss")]))
     out = {k: float(v) / float(n_tokens) for k, v in
            zip(("clip_frac", "ppo_kl", "kl", "entropy"), global_sums[:4])}
     out["loss"] = float(global_sums[4])
-    out["grad_norm"] = float(grad_norm)
+    out["grad_norm"] = grad_norm
     return out
 
 

@@ -409,8 +409,10 @@ def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor):
         model.lm_head.weight = model.embed_tokens.weight
 
 
-def save_pretrained(model: Transformer, path, state_dict=None, max_shard_bytes=5 * 2**30):
-    """Write config.json + safetensors (sharded past max_shard_bytes) that transformers loads.
+def save_pretrained(model: Transformer, path, state_dict=None, max_shard_bytes=5 * 2**30,
+                    tokenizer=None):
+    """Write config.json + safetensors (sharded past max_shard_bytes) that transformers loads,
+    and the tokenizer's files when one is given.
 
     `state_dict` (our names -> full tensors) may be passed by callers that gathered a sharded
     model; by default it is the model's own. Files are written to a temporary directory and
@@ -449,6 +451,8 @@ def save_pretrained(model: Transformer, path, state_dict=None, max_shard_bytes=5
     hf["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
     replace_dir(tmp, path)
 
 

@@ -181,14 +181,11 @@ def train(cfg: SFTConfig):
             raise RuntimeError(f"non-finite loss {loss_value} at step {step}: stopping without "
                                f"an update; the last good checkpoint is in {cfg.out} (try a lower "
                                f"--lr or check the data)")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = D.clip_and_step(model, optimizer, cfg.grad_clip)
         scheduler.step()
         n_all = sum(len(r["input_ids"]) for r in rows)
         metrics.log(step + 1, {"loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                               "grad_norm": float(grad_norm), "trace_tokens": n_tokens,
+                               "grad_norm": grad_norm, "trace_tokens": n_tokens,
                                "tokens_per_s": n_all / (time.time() - t0)})
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < stop:
             D.save_state(cfg.out, step + 1, model, optimizer, {"loss": loss_value})
