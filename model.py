@@ -200,7 +200,16 @@ class Attention(nn.Module):
             layer_v[rows, :, position_ids] = v.transpose(1, 2).to(layer_v.dtype)
             if cache_slots is not None:
                 layer_k, layer_v = layer_k[cache_slots], layer_v[cache_slots]
-            k, v = layer_k.to(q.dtype), layer_v.to(q.dtype)
+            S = mask.shape[-1]  # positions past S are empty for every query (kv_len below)
+            k, v = layer_k[:, :, :S].to(q.dtype), layer_v[:, :, :S].to(q.dtype)
+            group = self.n_heads // self.n_kv_heads
+            if group > 1:
+                # Fold each KV head's query heads into its query rows: SDPA then reads the
+                # cache once per KV head, where enable_gqa would first copy it per query head.
+                q = q.reshape(B, self.n_kv_heads, group * T, self.head_dim)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, group, 1))
+                out = out.view(B, self.n_heads, T, self.head_dim)
+                return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
@@ -278,12 +287,15 @@ class Transformer(nn.Module):
         return self.lm_head.weight
 
     def hidden_states(self, input_ids, position_ids=None, attention_mask=None, kv_cache=None,
-                      cache_slots=None):
+                      cache_slots=None, kv_len=None):
         """Final hidden states (B, T, D) after the last norm, without the LM head.
 
         position_ids default to 0..T-1, or to positions counted over real tokens when an
         attention_mask is given (so left padding does not shift them). With kv_cache, the new
-        tokens are written at their positions in rows `cache_slots` (default 0..B-1).
+        tokens are written at their positions in rows `cache_slots` (default 0..B-1), and
+        attention reads only the first kv_len cache positions (default: all), which must cover
+        every query's position (unchecked: a check would cost a host sync per decode step);
+        a decode step then costs the live length, not the cache's.
         """
         B, T = input_ids.shape
         plain_causal = position_ids is None and attention_mask is None and kv_cache is None
@@ -295,7 +307,7 @@ class Transformer(nn.Module):
         if plain_causal:
             mask = None  # lets SDPA take its fastest (flash) kernel
         elif kv_cache is not None:
-            mask = build_mask(None, position_ids, kv_cache.max_seq_len)
+            mask = build_mask(None, position_ids, kv_len or kv_cache.max_seq_len)
         else:
             mask = build_mask(attention_mask, position_ids)
         x = self.embed_tokens(input_ids)
@@ -310,7 +322,7 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, kv_cache=None,
-                cache_slots=None, targets=None, temperature=1.0, hidden_only=False):
+                cache_slots=None, targets=None, temperature=1.0, hidden_only=False, kv_len=None):
         """Logits (B, T, V); or, given targets (B, T), (logprobs, entropy), each fp32 (B, T), of
         the targets under softmax(logits / temperature); or, with hidden_only, hidden states.
 
@@ -319,7 +331,7 @@ class Transformer(nn.Module):
         FSDP2 gathers the root's parameters (the LM head among them) only around forward, and
         needs the root's forward to run first (a prefill that needs no logits uses hidden_only).
         """
-        h = self.hidden_states(input_ids, position_ids, attention_mask, kv_cache, cache_slots)
+        h = self.hidden_states(input_ids, position_ids, attention_mask, kv_cache, cache_slots, kv_len)
         if hidden_only:
             return h
         if targets is None:

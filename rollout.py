@@ -9,8 +9,9 @@ How it works, in the order the code runs:
 - continuous batching: every slot holds one sequence; when it finishes, the slot takes the next
   waiting sequence, so a few long traces never leave the batch mostly idle;
 - a prompt is prefilled once; its other samples copy its cached keys/values into their slots;
-- every step decodes one token for every slot with the same fixed shapes, so on CUDA the step
-  (model forward + sampling) is recorded once as a CUDA graph and replayed (`use_cuda_graph`);
+- every step decodes one token for every slot with fixed shapes, attending over the cache up to
+  the power of two above the furthest live position; on CUDA the step (model forward +
+  sampling) is recorded as a CUDA graph once per such length and replayed (`use_cuda_graph`);
 - sampling is exact categorical sampling by the Gumbel-max trick, with noise that is a hash of
   (seed, prompt index, sample index, position, token id): a sample never depends on which other
   sequences shared its batch, so any single trace can be regenerated. Callers derive `seed` from
@@ -134,9 +135,10 @@ def sample(logits, params, prompt_index, sample_index, position):
     return next_ids, logprobs.gather(-1, next_ids[:, None])[:, 0]
 
 
-def cuda_graph(fn):
+def cuda_graph(fn, pool=None):
     """Record fn() once (it must read only static buffers) and return a function that replays it.
-    Kernel launches dominate a decode step of a small batch; a replay is one launch."""
+    Kernel launches dominate a decode step of a small batch; a replay is one launch. Graphs
+    recorded with the same `pool` share their scratch memory (they never run at once)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -144,7 +146,7 @@ def cuda_graph(fn):
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = fn()
 
     def replay():
@@ -181,16 +183,28 @@ def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda
     state = torch.zeros(4, B, dtype=torch.long, device=device)
     tokens, positions, prompt_index, sample_index = state[0:1].T, state[1:2].T, state[2], state[3]
 
-    def decode_step():
-        logits = model(tokens, positions, kv_cache=cache)[:, -1]  # (B, V)
+    def decode_step(kv_len):
+        logits = model(tokens, positions, kv_cache=cache, kv_len=kv_len)[:, -1]  # (B, V)
         return sample(logits, params, prompt_index, sample_index, positions[:, 0])
+
+    # A step attends over the first kv_len cache positions, kv_len the power of two above the
+    # furthest live position: attention costs the live length, and a CUDA graph is recorded once
+    # per length bucket (at most log2(cache length) of them), not once per step.
+    graphs, pool = {}, None
+    if use_cuda_graph and device.type == "cuda":
+        pool = torch.cuda.graph_pool_handle()
+
+    def step(kv_len):
+        if pool is None:
+            return decode_step(kv_len)
+        if kv_len not in graphs:
+            # Its warm-up runs write this step's keys/values, the same ones the replay writes.
+            graphs[kv_len] = cuda_graph(lambda: decode_step(kv_len), pool)
+        return graphs[kv_len]()
 
     was_training = model.training
     model.eval()
     try:
-        step = decode_step
-        if use_cuda_graph and device.type == "cuda":
-            step = cuda_graph(decode_step)  # its warm-up writes position 0 only: no slot is filled yet
 
         waiting = deque((p, s) for p in range(len(prompts)) for s in range(params.n))
         slot_seq = [None] * B                  # (prompt, sample) in each slot, None when idle
@@ -229,7 +243,8 @@ def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda
             seqs = [seq or (0, 0) for seq in slot_seq]
             state.copy_(torch.tensor([slot_token, slot_pos, [keys[p] for p, _ in seqs],
                                       [s for _, s in seqs]]))
-            next_ids, logprobs = step()
+            live = max(slot_pos) + 1
+            next_ids, logprobs = step(min(cache.max_seq_len, max(16, 1 << (live - 1).bit_length())))
             next_ids, logprobs = next_ids.tolist(), logprobs.tolist()
 
             for slot, seq in enumerate(slot_seq):

@@ -2,7 +2,9 @@
 
     python bench/rollout.py            # CPU section always; CUDA section when a GPU is present
 
-CPU: a ~50M-parameter Qwen2-shaped model in fp32, batch 16, 128 new tokens, greedy, EOS ignored.
+CPU: a ~50M-parameter Qwen2-shaped model in fp32, batch 16, 128 new tokens, greedy, EOS ignored;
+then the floor that the model's weight matmuls alone set at this batch, and one decode step with
+100 live positions in a cache sized for 4k-token traces (whole cache vs live-length bucket).
 CUDA: Qwen2.5-0.5B- and 7B-shaped random models in bf16, batch 1 and 64, 128 new tokens, plus
 the fraction of the memory-bandwidth roofline: (bytes of weights + bytes of the keys/values of
 the real context, read once per step) / HBM bandwidth, over the measured time per step.
@@ -17,7 +19,7 @@ import torch
 import transformers
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from model import ModelConfig, Transformer, hf_to_ours, load_pretrained, set_tensor  # noqa: E402
+from model import KVCache, ModelConfig, Transformer, hf_to_ours, load_pretrained, set_tensor  # noqa: E402
 from rollout import SamplingParams, generate  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS = 64, 128
@@ -88,7 +90,44 @@ def cpu_section():
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"CPU, {torch.get_num_threads()} threads, fp32, {n_params / 1e6:.0f}M parameters, prompt {PROMPT_LEN}, "
           f"{NEW_TOKENS} new tokens, greedy, EOS ignored")
-    report("cpu-50M", 16, *run_both(ours, hf, 16, "cpu"))
+    t_ours, t_hf, agree = run_both(ours, hf, 16, "cpu")
+    report("cpu-50M", 16, t_ours, t_hf, agree)
+    t_floor = matmul_floor(ours, 16)
+    print(f"         matmul floor {16 * NEW_TOKENS / t_floor:9.1f} tok/s: ours at {t_floor / t_ours:.0%} of it, "
+          f"transformers at {t_floor / t_hf:.0%}; no decoder with these matmuls beats transformers by "
+          f"more than {t_hf / t_floor:.2f}x here")
+    long_cache_step(ours, 16)
+
+
+def long_cache_step(model, batch, context=100, cache_len=64 + 4096, repeats=10):
+    """A GRPO-like decode step: 100 live positions in a cache sized for 4k-token traces. Attending
+    over the whole cache (the previous decoder) vs up to the bucket above the live length (now)."""
+    cache = KVCache(model.config, batch, cache_len)
+    tok, pos = torch.zeros(batch, 1, dtype=torch.long), torch.full((batch, 1), context)
+    bucket = 1 << context.bit_length()
+    with torch.no_grad():
+        times = {}
+        for kv_len in (None, bucket) * 2:  # interleaved, best of two rounds
+            model(tok, pos, kv_cache=cache, kv_len=kv_len)
+            t = timed(lambda: [model(tok, pos, kv_cache=cache, kv_len=kv_len) for _ in range(repeats)], "cpu")[0]
+            times[kv_len] = min(times.get(kv_len, t), t)
+    print(f"long cache, batch {batch}, position {context} of {cache_len}: whole cache {times[None] / repeats * 1e3:.1f} ms/step, "
+          f"first {bucket} positions {times[bucket] / repeats * 1e3:.1f} ms/step: {times[None] / times[bucket]:.2f}x")
+
+
+def matmul_floor(model, batch, repeats=3):
+    """Seconds for NEW_TOKENS decode steps that do nothing but the model's weight matmuls at this
+    batch (every Linear and the LM head): the floor for any decoder that runs the same matmuls."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w in weights}
+
+    def steps():
+        for _ in range(NEW_TOKENS):
+            for w in weights:
+                inputs[w.shape[1]] @ w.T
+    with torch.no_grad():
+        steps()
+        return min(timed(steps, "cpu")[0] for _ in range(repeats))
 
 
 def hbm_bandwidth():

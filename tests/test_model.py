@@ -161,6 +161,23 @@ def test_kv_cache_decode_matches_full_forward(tmp_path):
             assert_logits_close(torch.stack(got[b]), ref, f"row {b} cached decode")
 
 
+def test_kv_cache_attends_only_the_first_kv_len_positions(tmp_path):
+    # rollout.py decodes with kv_len = a power of two above the furthest position; the keys past
+    # it are stale entries of earlier sequences, which the full-length mask hides too
+    _, path = saved_hf(tmp_path, "qwen2")
+    model = load_pretrained(path)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 12))
+    cache = KVCache(model.config, batch_size=2, max_seq_len=64)
+    cache.k.normal_()  # stale garbage everywhere, as after earlier sequences
+    cache.v.normal_()
+    with torch.no_grad():
+        model(ids[:, :11], torch.arange(11).expand(2, 11), kv_cache=cache, kv_len=16)
+        out = model(ids[:, 11:], torch.tensor([[11], [11]]), kv_cache=cache, kv_len=16)[:, 0]
+        assert_logits_close(out, model(ids)[:, -1], "decode over the first 16 cache positions")
+        short = model(ids[:, 11:], torch.tensor([[11], [11]]), kv_cache=cache, kv_len=8)[:, 0]
+        assert (short - out).abs().max() > 1e-3, "kv_len below the position must drop keys"
+
+
 def test_kv_cache_slot_refill(tmp_path):
     # Continuous batching: refill slot 1 with a new prompt while slot 0 keeps decoding.
     _, path = saved_hf(tmp_path, "qwen2")
