@@ -190,7 +190,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             # Scatter this step's keys/values to their positions in their slots, then attend
-            # over the whole static cache; the mask hides positions after each query.
+            # over the cache's first kv_len positions; the mask hides those after each query.
             layer_k, layer_v = kv_cache.k[self.layer_idx], kv_cache.v[self.layer_idx]
             if cache_slots is None:  # every slot, in order: attend to the cache without a copy
                 rows = torch.arange(B, device=x.device)[:, None].expand(B, T)
@@ -202,15 +202,14 @@ class Attention(nn.Module):
                 layer_k, layer_v = layer_k[cache_slots], layer_v[cache_slots]
             S = mask.shape[-1]  # positions past S are empty for every query (kv_len below)
             k, v = layer_k[:, :, :S].to(q.dtype), layer_v[:, :, :S].to(q.dtype)
-            group = self.n_heads // self.n_kv_heads
-            if group > 1:
-                # Fold each KV head's query heads into its query rows: SDPA then reads the
-                # cache once per KV head, where enable_gqa would first copy it per query head.
-                q = q.reshape(B, self.n_kv_heads, group * T, self.head_dim)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, group, 1))
-                out = out.view(B, self.n_heads, T, self.head_dim)
-                return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-        if mask is None:
+        group = self.n_heads // self.n_kv_heads
+        if kv_cache is not None and group > 1:
+            # Fold each KV head's query heads into its query rows: SDPA then reads the cache
+            # once per KV head, where enable_gqa would first copy it per query head.
+            folded = q.reshape(B, self.n_kv_heads, group * T, self.head_dim)
+            out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask.repeat(1, 1, group, 1))
+            out = out.view(B, self.n_heads, T, self.head_dim)
+        elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)

@@ -135,6 +135,12 @@ def sample(logits, params, prompt_index, sample_index, position):
     return next_ids, logprobs.gather(-1, next_ids[:, None])[:, 0]
 
 
+def attend_len(max_position, cache_len):
+    """Cache positions a decode step attends over: the power of two above the furthest query
+    position (at least 16, at most the cache), so only log2(cache_len) lengths ever occur."""
+    return min(cache_len, max(16, 1 << max_position.bit_length()))
+
+
 def cuda_graph(fn, pool=None):
     """Record fn() once (it must read only static buffers) and return a function that replays it.
     Kernel launches dominate a decode step of a small batch; a replay is one launch. Graphs
@@ -187,9 +193,9 @@ def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda
         logits = model(tokens, positions, kv_cache=cache, kv_len=kv_len)[:, -1]  # (B, V)
         return sample(logits, params, prompt_index, sample_index, positions[:, 0])
 
-    # A step attends over the first kv_len cache positions, kv_len the power of two above the
-    # furthest live position: attention costs the live length, and a CUDA graph is recorded once
-    # per length bucket (at most log2(cache length) of them), not once per step.
+    # A step attends over the first attend_len(...) cache positions: attention costs the live
+    # length, and a CUDA graph is recorded once per length bucket (at most log2(cache length)
+    # of them), not once per step.
     graphs, pool = {}, None
     if use_cuda_graph and device.type == "cuda":
         pool = torch.cuda.graph_pool_handle()
@@ -205,7 +211,6 @@ def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda
     was_training = model.training
     model.eval()
     try:
-
         waiting = deque((p, s) for p in range(len(prompts)) for s in range(params.n))
         slot_seq = [None] * B                  # (prompt, sample) in each slot, None when idle
         slot_token, slot_pos = [0] * B, [0] * B
@@ -243,8 +248,7 @@ def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda
             seqs = [seq or (0, 0) for seq in slot_seq]
             state.copy_(torch.tensor([slot_token, slot_pos, [keys[p] for p, _ in seqs],
                                       [s for _, s in seqs]]))
-            live = max(slot_pos) + 1
-            next_ids, logprobs = step(min(cache.max_seq_len, max(16, 1 << (live - 1).bit_length())))
+            next_ids, logprobs = step(attend_len(max(slot_pos), cache.max_seq_len))
             next_ids, logprobs = next_ids.tolist(), logprobs.tolist()
 
             for slot, seq in enumerate(slot_seq):

@@ -20,7 +20,7 @@ import transformers
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from model import KVCache, ModelConfig, Transformer, hf_to_ours, load_pretrained, set_tensor  # noqa: E402
-from rollout import SamplingParams, generate  # noqa: E402
+from rollout import SamplingParams, attend_len, generate  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS = 64, 128
 
@@ -104,7 +104,7 @@ def long_cache_step(model, batch, context=100, cache_len=64 + 4096, repeats=10):
     over the whole cache (the previous decoder) vs up to the bucket above the live length (now)."""
     cache = KVCache(model.config, batch, cache_len)
     tok, pos = torch.zeros(batch, 1, dtype=torch.long), torch.full((batch, 1), context)
-    bucket = 1 << context.bit_length()
+    bucket = attend_len(context, cache_len)
     with torch.no_grad():
         times = {}
         for kv_len in (None, bucket) * 2:  # interleaved, best of two rounds
