@@ -221,6 +221,17 @@ def save_hf(model, tokenizer, out_dir):
 
 # ---- resumable training state ----
 
+def finish_run(run_dir, stop: int, total_steps: int, model, optimizer, tokenizer, export):
+    """End of a training run: a resumable checkpoint at `stop`, then, once all total_steps are
+    done, the Hugging Face export to `export`; a run stopped early by --max_steps says how to go on."""
+    save_state(run_dir, stop, model, optimizer, {})
+    if stop < total_steps:
+        log(f"stopped after step {stop} of {total_steps}; continue with --resume")
+        return
+    save_hf(model, tokenizer, export)
+    log(f"wrote {export}")
+
+
 def save_state(run_dir, step: int, model, optimizer, meta: dict):
     """Sharded model + optimizer (torch.distributed.checkpoint) and a JSON of step and data
     position, written under a temporary name and renamed; `latest` is switched last, so a kill

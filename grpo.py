@@ -426,12 +426,7 @@ def train(cfg: GRPOConfig):
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < stop:
             D.save_state(cfg.out, step + 1, model, optimizer, {})
     metrics.close()
-    D.save_state(cfg.out, stop, model, optimizer, {})
-    if stop < total_steps:
-        D.log(f"stopped after step {stop} of {total_steps}; continue with --resume")
-        return model
-    D.save_hf(model, tokenizer, os.path.join(cfg.out, "hf"))
-    D.log(f"wrote {os.path.join(cfg.out, 'hf')}")
+    D.finish_run(cfg.out, stop, total_steps, model, optimizer, tokenizer, os.path.join(cfg.out, "hf"))
     return model
 
 

@@ -190,13 +190,8 @@ def train(cfg: SFTConfig):
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < stop:
             D.save_state(cfg.out, step + 1, model, optimizer, {"loss": loss_value})
     metrics.close()
-    D.save_state(cfg.out, stop, model, optimizer, {})
-    if stop < total_steps:
-        D.log(f"stopped after step {stop} of {total_steps}; continue with --resume")
-        return model, tokenizer
-    export = cfg.export or os.path.join(cfg.out, "hf")
-    D.save_hf(model, tokenizer, export)
-    D.log(f"wrote {export}")
+    D.finish_run(cfg.out, stop, total_steps, model, optimizer, tokenizer,
+                 cfg.export or os.path.join(cfg.out, "hf"))
     return model, tokenizer
 
 
