@@ -8,9 +8,9 @@ teacher that writes Chain-of-Rubrics traces for it, and the tokenizer the tiny d
     tok = build_tokenizer("out/tok", texts)                 # texts: rendered prompts + traces
 
 Two kinds of pairs, half each:
-- reasoning: "What is 47 + 38?" answered by its working ("47 + 38 = 85"); the rejected answer has
-  one wrong step (off by 1 or 2, a dropped or extra carry of 10, swapped digits, one times too
-  many). Carries are the difficulty knob: the judge must redo the sum to tell 85 from 75.
+- reasoning: "What is 7 + 5 - 3?" answered by its working ("7 + 5 = 12, 12 - 3 = 9"); the
+  rejected answer has one wrong step (off by 1 or 2, a carry of 10 dropped or added, swapped
+  digits), and the steps after it continue from the wrong value. The judge must redo the sum.
 - chat: "Tell me about animals. Use exactly 4 words." with a one-rule instruction a program can
   check (upper case, lower case, exactly N words, last word, first letter); the rejected response
   breaks the rule, sometimes only barely (one word in the wrong case, one word too many).
@@ -102,33 +102,33 @@ def slip(result: int, op: str, x: int, y: int, rng: random.Random) -> int:
 
 
 def arithmetic_pair(rng: random.Random) -> tuple[str, str, str]:
-    form = rng.choice(["add", "sub", "mul", "chain"])
-    if form == "add":
-        numbers, ops = [rng.randint(10, 99), rng.randint(10, 99)], ["+"]
-    elif form == "sub":
-        a = rng.randint(20, 99)
-        numbers, ops = [a, rng.randint(10, a)], ["-"]
-    elif form == "mul":
-        numbers, ops = [rng.randint(2, 9), rng.randint(11, 39)], ["*"]
-        rng.shuffle(numbers)
-    else:
-        # redraw until every intermediate result is >= 0, so the working has no negative numbers
-        while True:
-            numbers, ops = [rng.randint(10, 59) for _ in range(3)], [rng.choice("+-"), rng.choice("+-")]
-            first = apply(numbers[0], ops[0], numbers[1])
-            if first >= 0 and apply(first, ops[1], numbers[2]) >= 0:
-                break
+    """Two steps of + or - on one-digit numbers ("What is 7 + 5 - 3?"). A held-out question is
+    then a new combination of steps that the train split teaches, which a ~1M-parameter judge
+    can learn; two-digit sums and products are beyond it at the demo's budget."""
+    # redraw until every intermediate result is >= 0, so the working has no negative numbers
+    while True:
+        numbers, ops = [rng.randint(1, 9) for _ in range(3)], [rng.choice("+-"), rng.choice("+-")]
+        first = apply(numbers[0], ops[0], numbers[1])
+        if first >= 0 and apply(first, ops[1], numbers[2]) >= 0:
+            break
     question = "What is " + " ".join(f"{op} {n}" for op, n in zip([""] + ops, numbers)).strip() + "?"
     chosen = working(numbers, ops)
-    rejected = working(numbers, ops, wrong_step=rng.randrange(len(ops)), rng=rng)
+    while True:  # a slip may not make a later step negative either
+        rejected = working(numbers, ops, wrong_step=rng.randrange(len(ops)), rng=rng)
+        if not re.search(r"= -", rejected):
+            break
     return question, chosen, rejected
 
 
 # Chat pairs: a one-rule instruction that a program can check.
 
 def rule_check(kind: str, args: dict, response: str) -> tuple[bool, str]:
-    """Whether `response` follows the rule, and what the judge observes about it, with the
-    placeholder {tag} for the quote_/summary_ tag letter (A or B)."""
+    """Whether `response` follows the rule, and what the judge writes about it, with the
+    placeholder {tag} for the quote_/summary_ tag letter (A or B).
+
+    Where the rule names a value (a count, a word, a letter), the judge writes what it observes
+    and then the rule's value right after it, so that its verdict compares two neighbouring
+    tokens; a ~1M-parameter judge does not learn to compare values far apart."""
     words = response.split()
     if kind in ("upper", "lower"):
         case = str.upper if kind == "upper" else str.lower
@@ -137,11 +137,15 @@ def rule_check(kind: str, args: dict, response: str) -> tuple[bool, str]:
             return True, f"writes <summary_{{tag}}>every word in {kind} case</summary_{{tag}}>"
         return False, f"writes <quote_{{tag}}>{off[0]}</quote_{{tag}}>, not in {kind} case"
     if kind == "count":
-        return len(words) == int(args["n"]), f"uses <summary_{{tag}}>{len(words)} words</summary_{{tag}}>"
+        return (len(words) == int(args["n"]),
+                f"uses <summary_{{tag}}>{len(words)} words</summary_{{tag}}>; the rule asks for {args['n']}")
     if kind == "end":
-        return words[-1] == args["word"], f"ends with <quote_{{tag}}>{words[-1]}</quote_{{tag}}>"
+        return (words[-1] == args["word"],
+                f'ends with <quote_{{tag}}>{words[-1]}</quote_{{tag}}>; the rule asks for "{args["word"]}"')
     if kind == "start":
-        return words[0][0].lower() == args["letter"], f"starts with <quote_{{tag}}>{words[0]}</quote_{{tag}}>"
+        return (words[0][0].lower() == args["letter"],
+                f'starts with <quote_{{tag}}>{words[0]}</quote_{{tag}}>, letter "{words[0][0].lower()}"; '
+                f'the rule asks for "{args["letter"]}"')
     raise ValueError(f"unknown rule kind {kind!r}; expected one of {sorted(RULES)}")
 
 
@@ -230,8 +234,9 @@ def teacher_trace(pair: dict, chosen_is_a: bool) -> str:
         result = solution.rsplit(" ", 1)[1]
         finals = {t: r.rsplit(" ", 1)[1] for t, r in (("A", a), ("B", b))}
         right = {t: finals[t] == result for t in "AB"}
-        lines = [f"Chatbot {t} answers <quote_{t}>{finals[t]}</quote_{t}>, which is "
-                 f"{'right' if right[t] else 'wrong'}." for t in "AB"]
+        # the result again right after the quote: the verdict compares neighbouring tokens
+        lines = [f"Chatbot {t} answers <quote_{t}>{finals[t]}</quote_{t}>; my result is {result}, so it "
+                 f"is {'right' if right[t] else 'wrong'}." for t in "AB"]
         head = f"<type>Reasoning</type>\n\n<solution>{solution}</solution>"
     elif pair["kind"] == "chat":
         topic, kind, args = rule_of(pair["question"])
@@ -249,6 +254,28 @@ def teacher_trace(pair: dict, chosen_is_a: bool) -> str:
         raise ValueError(f"pair {pair['id']}: the teacher finds A {'right' if right['A'] else 'wrong'} "
                          f"and B {'right' if right['B'] else 'wrong'}, but the chosen response is {answer}")
     return head + "\n\n<eval>\n" + "\n".join(lines) + f"\n</eval>\n\n<answer>[[{answer}]]</answer>"
+
+
+# Copying, the demo judge's stand-in for pretraining.
+
+def copy_rows(n: int, length: int, vocab_size: int, first_id: int, seed: int, step: int) -> list[dict]:
+    """`n` rows of `length` tokens, each a run of random tokens followed by the same run again,
+    again and again; the loss covers each repeat after its first token (the first cannot be
+    known). A judge must quote from its prompt, and a tiny model trained only on judge traces
+    does not learn to copy at the demo's budget; on this data its attention learns to find the
+    earlier copy of the current token and read on from there (an "induction head") within a
+    few hundred steps, as a real base model's pretraining would have taught it. Token ids are
+    drawn from [first_id, vocab_size); the rows are a pure function of (seed, step)."""
+    rng = random.Random(f"copy-{seed}-{step}")
+    rows = []
+    for _ in range(n):
+        ids, mask = [], []
+        while len(ids) < length:
+            run = [rng.randrange(first_id, vocab_size) for _ in range(rng.randint(3, 20))]
+            ids += run + run
+            mask += [0] * (len(run) + 1) + [1] * (len(run) - 1)
+        rows.append({"input_ids": ids[:length], "loss_mask": mask[:length], "position_ids": list(range(length))})
+    return rows
 
 
 # The tokenizer.
@@ -304,6 +331,9 @@ def build_tokenizer(out_dir: str, texts, vocab_size: int = 2048, phrase_share: f
     phrase_set = set(phrases)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
+        # a space is a token of its own, so " pen" in a response and "pen" in a quote are the
+        # same token: a judge that quotes a word then only has to copy it
+        pre_tokenizers.Split(" ", behavior="isolated"),
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False),
     ])

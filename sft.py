@@ -1,6 +1,6 @@
 """Stage 1 of RM-R1: distillation. Fine-tune a judge on reasoning traces, loss on the trace only.
 
-    python sft.py                                  # CPU demo: rebuilds demo/sft (~9.5 min, 2 cores)
+    python sft.py                                  # CPU demo: rebuilds demo/sft (~21 min, 2 cores)
     torchrun --nproc_per_node=8 sft.py --model Qwen2.5-7B-Instruct --data rm_r1_sft.jsonl --out runs/sft7b
 
 Data: RM-R1 distillation records ({"context_messages": [system, user], "winner": trace}), any
@@ -12,7 +12,9 @@ directory with the tokenizer; the demo exports to demo/sft) and resumable checkp
 (`--resume`, `--max_steps`).
 
 Departures from the paper: none in the objective; the demo (no --model) trains a ~1M-parameter
-Qwen2-architecture judge from scratch on synthetic traces instead of fine-tuning an LLM.
+Qwen2-architecture judge from scratch instead of fine-tuning an LLM: 500 steps of copying
+(demo.copy_rows, in place of the pretraining an LLM has had), then distillation on synthetic
+traces with its learning-rate schedule started afresh.
 """
 
 import math
@@ -55,10 +57,11 @@ class SFTConfig:
     demo_examples: int = 4000        # synthetic teacher traces to train on
     demo_layers: int = 4
     demo_hidden: int = 128
+    demo_copy_steps: int = 0         # steps on demo.copy_rows before distillation (demo default 500)
 
 
-DEMO = dict(lr=2e-3, warmup_steps=20, schedule="cosine", batch_size=32, max_len=2048, epochs=4,
-            bf16=False, activation_checkpointing=False, weight_decay=0.01, out="runs/sft-demo",
+DEMO = dict(demo_copy_steps=500, lr=2e-3, warmup_steps=20, schedule="cosine", batch_size=32,
+            max_len=2048, epochs=4, bf16=False, activation_checkpointing=False, weight_decay=0.01, out="runs/sft-demo",
             export=demo.SHIPPED)
 
 
@@ -90,10 +93,14 @@ def load_examples(cfg: SFTConfig, tokenizer):
     return examples
 
 
-def step_rows(examples, step, cfg: SFTConfig, steps_per_epoch):
+def step_rows(examples, step, cfg: SFTConfig, steps_per_epoch, vocab_size):
     """The packed rows of optimizer step `step`: a pure function of (seed, step), so a resumed
-    run sees exactly the data an uninterrupted one would."""
-    epoch, k = divmod(step, steps_per_epoch)
+    run sees exactly the data an uninterrupted one would. The demo's first `demo_copy_steps`
+    steps train on copying (demo.copy_rows); the distillation steps follow."""
+    if step < cfg.demo_copy_steps:
+        # rows as long as a demo judge example; ids above the 3 special tokens, below the added phrases
+        return demo.copy_rows(cfg.batch_size, 256, vocab_size, 3, cfg.seed, step)
+    epoch, k = divmod(step - cfg.demo_copy_steps, steps_per_epoch)
     order = np.random.default_rng([cfg.seed, epoch]).permutation(len(examples))
     batch = [examples[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
     return data.pack(batch, cfg.max_len)
@@ -125,11 +132,17 @@ def sft_loss(model, row, n_tokens, world_size, device):
 
 
 def lr_lambda(cfg: SFTConfig, total_steps):
+    """Warmup, then constant or cosine to 0 at total_steps. The demo's copying steps have a
+    warmup and a constant rate of their own, and distillation starts its schedule afresh:
+    decayed by the copying steps, the rate left for distillation teaches a judge far less."""
     def f(step):
+        if step < cfg.demo_copy_steps:
+            return min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        step -= cfg.demo_copy_steps
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         if cfg.schedule == "cosine":
-            progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+            progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.demo_copy_steps - cfg.warmup_steps)
             return 0.5 * (1 + math.cos(math.pi * progress))
         return 1.0
     return f
@@ -140,6 +153,9 @@ def train(cfg: SFTConfig):
     torch.manual_seed(cfg.seed)
     if cfg.schedule not in ("constant", "cosine"):
         raise ValueError(f"--schedule must be constant or cosine, got {cfg.schedule!r}")
+    if cfg.model and cfg.demo_copy_steps:
+        raise ValueError("--demo_copy_steps pretrains the demo judge from scratch; it cannot be "
+                         "combined with --model")
     if cfg.model:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
@@ -151,7 +167,7 @@ def train(cfg: SFTConfig):
                              activation_checkpointing=cfg.activation_checkpointing)
     examples = load_examples(cfg, tokenizer)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
+    total_steps = cfg.demo_copy_steps + steps_per_epoch * cfg.epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
@@ -169,7 +185,7 @@ def train(cfg: SFTConfig):
     stop = min(total_steps, start + cfg.max_steps) if cfg.max_steps else total_steps
     for step in range(start, stop):
         t0 = time.time()
-        rows = step_rows(examples, step, cfg, steps_per_epoch)
+        rows = step_rows(examples, step, cfg, steps_per_epoch, tokenizer.vocab_size)
         n_tokens = sum(sum(r["loss_mask"][1:]) for r in rows)
         nll_sum = torch.zeros((), device=ctx.device)
         for row in rank_rows(rows, ctx, tokenizer.pad_token_id or 0):

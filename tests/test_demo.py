@@ -215,3 +215,19 @@ def test_tokenizer_build_is_deterministic(tok_dir, tmp_path):
     demo.build_tokenizer(str(tmp_path), demo.demo_corpus(400, seed=0, build_messages=build_messages))
     ours, again = (json.loads((d / "tokenizer.json").read_text()) for d in (tok_dir, tmp_path))
     assert ours["model"] == again["model"] and ours["added_tokens"] == again["added_tokens"]
+
+
+def test_copy_rows_score_exactly_the_tokens_that_copying_predicts():
+    rows = demo.copy_rows(4, 200, vocab_size=10**6, first_id=3, seed=0, step=7)
+    assert rows == demo.copy_rows(4, 200, vocab_size=10**6, first_id=3, seed=0, step=7)
+    assert rows != demo.copy_rows(4, 200, vocab_size=10**6, first_id=3, seed=0, step=8)
+    for row in rows:
+        ids, mask = row["input_ids"], row["loss_mask"]
+        assert len(ids) == len(mask) == 200 and row["position_ids"] == list(range(200))
+        assert min(ids) >= 3
+        for t in range(1, 200):
+            # what an induction head predicts: the token after the last earlier copy of ids[t - 1]
+            earlier = [j for j in range(t - 1) if ids[j] == ids[t - 1]]
+            predicted = ids[earlier[-1] + 1] if earlier else None
+            assert mask[t] == (predicted == ids[t]), (t, ids[max(0, t - 30):t + 1], mask[t])
+        assert 0.3 < sum(mask) / 200 < 0.5

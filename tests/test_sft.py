@@ -1,6 +1,7 @@
 """sft.py: the loss, packing, 2 ranks vs 1, kill-and-resume, and the HF export."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,7 +17,8 @@ from sft import sft_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--demo_examples", "24", "--batch_size", "8", "--epochs", "1", "--max_len", "400",
-            "--demo_layers", "2", "--demo_hidden", "32", "--lr", "3e-3", "--warmup_steps", "0"]
+            "--demo_layers", "2", "--demo_hidden", "32", "--lr", "3e-3", "--warmup_steps", "0",
+            "--demo_copy_steps", "1"]  # 1 copying step, then 3 distillation steps
 
 
 def run(args, nproc=1, env=None):
@@ -70,7 +72,7 @@ def test_two_ranks_give_the_same_losses_as_one(tmp_path):
     run(TINY_RUN + ["--out", str(tmp_path / "one")])
     run(TINY_RUN + ["--out", str(tmp_path / "two")], nproc=2)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(one) == len(two) == 3
+    assert len(one) == len(two) == 4
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), atol=1e-5, rtol=1e-5,
                                msg=f"1 rank {one} vs 2 ranks {two}")
 
@@ -82,8 +84,8 @@ def test_stop_and_resume_gives_the_same_losses(tmp_path):
     assert not (tmp_path / "cut" / "hf").exists()
     run(TINY_RUN + ["--out", str(tmp_path / "cut"), "--resume"])
     full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
-    assert cut[:2] == full[:2] and len(cut) == 3
-    assert cut[2] == pytest.approx(full[2], rel=1e-6, abs=1e-7)
+    assert cut[:2] == full[:2] and len(cut) == 4
+    assert cut[2:] == pytest.approx(full[2:], rel=1e-6, abs=1e-7)
 
 
 def test_hf_export_loads_in_transformers_with_identical_logits(tmp_path):
@@ -96,3 +98,21 @@ def test_hf_export_loads_in_transformers_with_identical_logits(tmp_path):
     ids = torch.tensor([tok("<type>Reasoning</type> 12 + 7 = 19")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_copy_steps_are_for_the_demo_judge_from_scratch_only():
+    from sft import SFTConfig, train
+    with pytest.raises(ValueError, match="--demo_copy_steps"):
+        train(SFTConfig(model="some/checkpoint", demo_copy_steps=10))
+
+
+def test_lr_schedule_restarts_for_distillation_after_the_copying_steps():
+    from sft import SFTConfig, lr_lambda
+    f = lr_lambda(SFTConfig(schedule="cosine", warmup_steps=4, demo_copy_steps=10), total_steps=30)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]      # copying: warmup
+    assert [f(s) for s in range(4, 10)] == [1.0] * 6                 # then constant
+    assert [f(s) for s in range(10, 14)] == [0.25, 0.5, 0.75, 1.0]  # distillation: warmup again
+    assert f(14) == 1.0 and f(30) == pytest.approx(0.0)              # cosine over its 16 steps
+    assert f(22) == pytest.approx(0.5 * (1 + math.cos(math.pi * 8 / 16)))
+    plain = lr_lambda(SFTConfig(schedule="constant", warmup_steps=2), total_steps=5)
+    assert [plain(s) for s in range(5)] == [0.5, 1.0, 1.0, 1.0, 1.0]
