@@ -1,6 +1,6 @@
 """Stage 2 of RM-R1: GRPO with the +1/-1 verifiable reward. The project's main job.
 
-    torchrun --nproc_per_node=2 grpo.py                     # CPU demo: improves the shipped judge
+    torchrun --nproc_per_node=2 grpo.py                     # CPU demo: GRPO on the shipped judge
     torchrun --nproc_per_node=8 grpo.py --model runs/sft7b/hf --data rm_r1_rlvr.jsonl --out runs/grpo7b
 
 For each rollout batch of judge prompts: sample n traces per prompt from the current policy,
