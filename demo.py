@@ -61,7 +61,7 @@ RULE_PATTERNS = {  # the teacher reads the rule back from the question with thes
     "end": r'End with the word "(?P<word>[a-z]+)"\.',
     "start": r'Start with the letter "(?P<letter>[a-z])"\.',
 }
-ARITHMETIC = re.compile(r"What is (\d+(?: [-+*] \d+)+)\?")
+ARITHMETIC = re.compile(r"What is (\d+(?: [-+] \d+)+)\?")
 CHAT = re.compile(r".* about (?P<topic>[a-z]+)\. (?P<rule>.+)")
 
 
@@ -73,7 +73,7 @@ def split_of(question: str) -> str:
 # Reasoning pairs: arithmetic with working, evaluated left to right.
 
 def apply(x: int, op: str, y: int) -> int:
-    return x + y if op == "+" else x - y if op == "-" else x * y
+    return x + y if op == "+" else x - y
 
 
 def working(numbers: list[int], ops: list[str], wrong_step: int = -1, rng=None) -> str:
@@ -83,21 +83,19 @@ def working(numbers: list[int], ops: list[str], wrong_step: int = -1, rng=None) 
     for i, (op, y) in enumerate(zip(ops, numbers[1:])):
         result = apply(x, op, y)
         if i == wrong_step:
-            result = slip(result, op, x, y, rng)
+            result = slip(result, rng)
         steps.append(f"{x} {op} {y} = {result}")
         x = result
     return ", ".join(steps)
 
 
-def slip(result: int, op: str, x: int, y: int, rng: random.Random) -> int:
+def slip(result: int, rng: random.Random) -> int:
     """A wrong result that a careless solver would write: off by 1 or 2, a carry of 10 dropped
-    or added, the two last digits swapped, or (for a product) one times too many or too few."""
+    or added, or the two last digits swapped."""
     candidates = {result - 1, result + 1, result - 2, result + 2, result - 10, result + 10}
     if result >= 10:
         digits = str(result)
         candidates.add(int(digits[:-2] + digits[-1] + digits[-2]))
-    if op == "*":
-        candidates |= {result - max(x, y), result + max(x, y)}
     return rng.choice(sorted(c for c in candidates if c >= 0 and c != result))
 
 

@@ -61,8 +61,8 @@ class SFTConfig:
 
 
 DEMO = dict(demo_copy_steps=500, lr=2e-3, warmup_steps=20, schedule="cosine", batch_size=32,
-            max_len=2048, epochs=4, bf16=False, activation_checkpointing=False, weight_decay=0.01, out="runs/sft-demo",
-            export=demo.SHIPPED)
+            max_len=2048, epochs=4, bf16=False, activation_checkpointing=False, weight_decay=0.01,
+            out="runs/sft-demo", export=demo.SHIPPED)
 
 
 def demo_model_config(tokenizer, cfg: SFTConfig) -> ModelConfig:
@@ -132,19 +132,21 @@ def sft_loss(model, row, n_tokens, world_size, device):
 
 
 def lr_lambda(cfg: SFTConfig, total_steps):
-    """Warmup, then constant or cosine to 0 at total_steps. The demo's copying steps have a
-    warmup and a constant rate of their own, and distillation starts its schedule afresh:
-    decayed by the copying steps, the rate left for distillation teaches a judge far less."""
-    def f(step):
-        if step < cfg.demo_copy_steps:
-            return min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-        step -= cfg.demo_copy_steps
+    """Warmup, then constant or cosine to 0 at total_steps. The demo's copying steps are a phase
+    of their own (warmup, then constant), and distillation starts its schedule afresh: decayed
+    by the copying steps, the rate left for distillation teaches a judge far less."""
+    def phase(step, length, schedule):
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "cosine":
-            progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.demo_copy_steps - cfg.warmup_steps)
+        if schedule == "cosine":
+            progress = (step - cfg.warmup_steps) / max(1, length - cfg.warmup_steps)
             return 0.5 * (1 + math.cos(math.pi * progress))
         return 1.0
+
+    def f(step):
+        if step < cfg.demo_copy_steps:
+            return phase(step, cfg.demo_copy_steps, "constant")
+        return phase(step - cfg.demo_copy_steps, total_steps - cfg.demo_copy_steps, cfg.schedule)
     return f
 
 
