@@ -3,6 +3,7 @@
     messages = build_judge_messages(conversation_a, conversation_b, style="instruct")
     records = pairs_to_rlvr("pairs.jsonl", seed=0)       # [{"context_messages", "winner"}]
     comparisons = load_benchmark("rm-bench", "data/rm-bench/")
+    tokenizer = load_tokenizer("runs/sft/hf")             # what tokenizer.json says, nothing swapped
     ids = encode_prompt(tokenizer, messages, max_len=4096)   # None when too long: count it
     ids, loss_mask = encode_sft(tokenizer, messages, trace, max_len=12288)
     batch = collate(pack(examples, max_len=12288), pad_id=tokenizer.pad_token_id)
@@ -468,6 +469,20 @@ def load_benchmark(bench, path):
 
 
 # ---- tokens ----
+
+def load_tokenizer(path):
+    """The tokenizer saved in `path`, exactly as its tokenizer.json defines it.
+
+    transformers 5's AutoTokenizer swaps in a model family's own pre-tokenizer for some model
+    types: a qwen2 config gets Qwen2Tokenizer's split regex whatever tokenizer.json says. A
+    tokenizer this project saved (the demo's splits on spaces and digits) would then come back
+    encoding text differently from the way the model was trained. Checkpoints without a
+    tokenizer.json (sentencepiece only) go through AutoTokenizer."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    if Path(path, "tokenizer.json").exists():
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
 
 def chat_ids(tokenizer, messages, add_generation_prompt):
     if not getattr(tokenizer, "chat_template", None):

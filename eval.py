@@ -239,10 +239,9 @@ def load_judge(path):
     if not os.path.isdir(path):
         hint = " (train the demo judge with `python sft.py`)" if path == demo.SHIPPED else ""
         raise ValueError(f"--model {path}: no such model directory{hint}")
-    from transformers import AutoTokenizer
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return load_pretrained(path, dtype=dtype, device=device), AutoTokenizer.from_pretrained(path)
+    return load_pretrained(path, dtype=dtype, device=device), data.load_tokenizer(path)
 
 
 def evaluate(cfg: EvalConfig) -> dict:

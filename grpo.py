@@ -382,8 +382,7 @@ def check_config(cfg: GRPOConfig, world_size):
 def train(cfg: GRPOConfig):
     ctx = D.init()
     check_config(cfg, ctx.world_size)
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    tokenizer = data.load_tokenizer(cfg.model)
     records, prompts = encode_all(tokenizer, load_records(cfg.data, cfg, "train"),
                                   cfg.max_prompt_len, "train")
     eval_records, eval_prompts = [], []

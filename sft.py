@@ -159,8 +159,7 @@ def train(cfg: SFTConfig):
         raise ValueError("--demo_copy_steps pretrains the demo judge from scratch; it cannot be "
                          "combined with --model")
     if cfg.model:
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        tokenizer = data.load_tokenizer(cfg.model)
         model = D.load_model(cfg.model, ctx, bf16=cfg.bf16,
                              activation_checkpointing=cfg.activation_checkpointing)
     else:

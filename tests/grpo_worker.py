@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
 import distributed as D  # noqa: E402
 from grpo import GRPOConfig, grpo_step, rank_share  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
 
 
 def even_first_token(completions, texts, records):
@@ -26,7 +26,7 @@ def main(model_dir, out, steps, lr):
     cfg = GRPOConfig(model=model_dir, lr=lr, rollout_batch_size=8, mini_batch_size=4, n_samples=4,
                      max_response_len=6, micro_batch_tokens=40, kl_coef=0.01, bf16=False,
                      activation_checkpointing=False, rollout_slots=32, entropy_coef=0.001)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = data.load_tokenizer(model_dir)
     model = D.load_model(model_dir, ctx)
     ref = D.load_model(model_dir, ctx).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)

@@ -217,6 +217,20 @@ def test_tokenizer_build_is_deterministic(tok_dir, tmp_path):
     assert ours["model"] == again["model"] and ours["added_tokens"] == again["added_tokens"]
 
 
+def test_saved_tokenizer_next_to_a_qwen2_config_encodes_as_built(tmp_path):
+    # A model export puts a qwen2 config.json beside the tokenizer; AutoTokenizer then swaps in
+    # Qwen2's split regex ("</solution>\n\n<eval>" gains a "\n\n" token the judge never saw).
+    import data
+    built = demo.build_tokenizer(str(tmp_path), demo.demo_corpus(200, seed=0, build_messages=build_messages))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    loaded = data.load_tokenizer(str(tmp_path))
+    texts = demo.demo_corpus(40, seed=9, build_messages=build_messages)
+    assert any("</solution>\n\n<eval>" in t for t in texts)
+    for text in texts + ["  two  spaces, 2025 and\n\n\n<tags>"]:
+        assert loaded.encode(text) == built.encode(text)
+    assert (loaded.eos_token, loaded.pad_token) == (built.eos_token, built.pad_token)
+
+
 def test_copy_rows_score_exactly_the_tokens_that_copying_predicts():
     rows = demo.copy_rows(4, 200, vocab_size=10**6, first_id=3, seed=0, step=7)
     assert rows == demo.copy_rows(4, 200, vocab_size=10**6, first_id=3, seed=0, step=7)
