@@ -72,8 +72,8 @@ class GRPOConfig:
 
 DEMO = dict(model=demo.SHIPPED, lr=5e-5, rollout_batch_size=32, mini_batch_size=16, n_samples=7,
             micro_batch_tokens=1024, max_prompt_len=2048, max_response_len=160, kl_coef=1e-3,
-            bf16=False, activation_checkpointing=False, rollout_slots=112, eval_every=5,
-            eval_limit=200, out="runs/grpo-demo", epochs=1)
+            bf16=False, activation_checkpointing=False, rollout_slots=112, eval_every=10,
+            eval_limit=1000, out="runs/grpo-demo", epochs=1)
 DEMO_PAIRS = 1280  # training pairs the demo draws: 40 rollout steps of 32 prompts
 
 
