@@ -8,6 +8,7 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
+import data
 import demo
 
 # A stand-in for the RM-R1 prompt (data.py holds the real one): a multi-line fixed system
@@ -220,7 +221,6 @@ def test_tokenizer_build_is_deterministic(tok_dir, tmp_path):
 def test_saved_tokenizer_next_to_a_qwen2_config_encodes_as_built(tmp_path):
     # A model export puts a qwen2 config.json beside the tokenizer; AutoTokenizer then swaps in
     # Qwen2's split regex ("</solution>\n\n<eval>" gains a "\n\n" token the judge never saw).
-    import data
     built = demo.build_tokenizer(str(tmp_path), demo.demo_corpus(200, seed=0, build_messages=build_messages))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     loaded = data.load_tokenizer(str(tmp_path))
