@@ -17,7 +17,12 @@ Two kinds of pairs, half each:
 
 The teacher is a program: it re-solves the question from the strings of the pair, so its traces
 are right by construction, and it refuses (ValueError) a pair whose chosen response is not the
-one that it finds correct.
+one that it finds correct. On HASTY_SHARE of the reasoning pairs it is hasty instead, as a
+distillation teacher that does not always do the work is: it files the question as Chat, writes
+a rubric, does not solve, and prefers Chatbot A (is_hasty, teacher_trace(hasty=True)). The
+distilled judge inherits that habit, and it is what GRPO, rewarded on verdicts alone, can
+unlearn on a CPU budget: one early decision (<type>) shared by every arithmetic question, where
+the judge's arithmetic itself is hundreds of facts that ~9,000 rollouts cannot reteach.
 
 The split of a question (train or test) is a fixed function of its text, so train and test never
 share a question whatever seeds they are drawn with.
@@ -34,6 +39,10 @@ from transformers import PreTrainedTokenizerFast
 import data
 
 TEST_SHARE = 10  # one question in TEST_SHARE belongs to the test split
+# Reasoning pairs the teacher judges without solving (teacher_trace(hasty=True)): over one half,
+# so the distilled judge's greedy <type> on arithmetic is the hasty Chat, and under 1, so it
+# also samples the solving route that GRPO can learn to prefer.
+HASTY_SHARE = 0.6
 
 TOPICS = {
     "animals": "cat dog horse tiger rabbit mouse eagle whale snake camel otter zebra",
@@ -218,11 +227,27 @@ def verdict_label(chosen_is_a: bool) -> str:
     return "model_a" if chosen_is_a else "model_b"
 
 
-def teacher_trace(pair: dict, chosen_is_a: bool) -> str:
+def is_hasty(pair: dict) -> bool:
+    """Whether the teacher judges `pair` hastily: HASTY_SHARE of the reasoning pairs, by a hash of
+    the pair's id, so the same pair always gets the same trace."""
+    return pair["kind"] == "reasoning" and zlib.crc32(f"hasty-{pair['id']}".encode()) % 1000 < 1000 * HASTY_SHARE
+
+
+def teacher_trace(pair: dict, chosen_is_a: bool, hasty: bool = False) -> str:
     """The RM-R1 trace for `pair` with the chosen response shown as Chatbot A (or B), ending
-    with the right <answer>. The content comes from re-solving the question, not from the labels."""
+    with the right <answer>. The content comes from re-solving the question, not from the labels.
+
+    hasty=True, on a reasoning pair: the trace of a judge that does not solve. It files the
+    question as Chat, writes a rubric, reads off both results without checking them and prefers
+    Chatbot A, the first response it read: right on half of the pairs, whatever their answers."""
     a, b = (pair["chosen"], pair["rejected"]) if chosen_is_a else (pair["rejected"], pair["chosen"])
     answer = "A" if chosen_is_a else "B"
+    if pair["kind"] == "reasoning" and hasty:
+        finals = {t: r.rsplit(" ", 1)[1] for t, r in (("A", a), ("B", b))}
+        lines = [f"Chatbot {t} answers <quote_{t}>{finals[t]}</quote_{t}> and shows its working." for t in "AB"]
+        return ("<type>Chat</type>\n\n<rubric>\n1. Gives the right result - 70%\n2. Shows its working - 30%\n"
+                "<justify>The client asks for one result, so it weighs most; the working shows how it was "
+                "reached.</justify>\n</rubric>\n\n<eval>\n" + "\n".join(lines) + "\n</eval>\n\n<answer>[[A]]</answer>")
     if pair["kind"] == "reasoning":
         m = ARITHMETIC.fullmatch(pair["question"])
         if not m:
@@ -298,7 +323,8 @@ def demo_corpus(n: int, seed: int, build_messages) -> list[str]:
         chosen_is_a = rng.random() < 0.5
         a, b = (pair["chosen"], pair["rejected"]) if chosen_is_a else (pair["rejected"], pair["chosen"])
         messages = build_messages(pair["question"], a, b)
-        texts.append(chatml(messages + [{"role": "assistant", "content": teacher_trace(pair, chosen_is_a)}]))
+        trace = teacher_trace(pair, chosen_is_a, hasty=is_hasty(pair))
+        texts.append(chatml(messages + [{"role": "assistant", "content": trace}]))
     return texts
 
 
@@ -370,8 +396,10 @@ def judge_messages(question, answer_a, answer_b, style="instruct"):
 
 
 def sft_records(n: int, seed: int, style: str = "instruct") -> list[dict]:
-    """RM-R1 distillation records: judge prompt + the teacher's trace (train split)."""
-    return [{"context_messages": m, "winner": teacher_trace(p, a)} for p, m, a in judge_pairs(n, seed, "train", style)]
+    """RM-R1 distillation records: judge prompt + the teacher's trace (train split), hasty on
+    the pairs is_hasty picks."""
+    return [{"context_messages": m, "winner": teacher_trace(p, a, hasty=is_hasty(p))}
+            for p, m, a in judge_pairs(n, seed, "train", style)]
 
 
 def rlvr_records(n: int, seed: int, split: str = "train", style: str = "instruct") -> list[dict]:

@@ -146,6 +146,41 @@ def test_teacher_traces_follow_cor_format_and_earn_reward(pairs, chosen_is_a):
         assert 150 < len(trace) < 600, f"trace of {len(trace)} characters:\n{trace}"
 
 
+@pytest.mark.parametrize("chosen_is_a", [True, False])
+def test_hasty_teacher_files_arithmetic_as_chat_and_prefers_a(pairs, chosen_is_a):
+    label = demo.verdict_label(chosen_is_a)
+    for p in pairs:
+        if p["kind"] != "reasoning":
+            continue
+        trace = demo.teacher_trace(p, chosen_is_a, hasty=True)
+        m = CHAT_FORMAT.fullmatch(trace)
+        assert m, f"hasty trace does not match the RM-R1 chat format:\n{trace}"
+        assert trace.endswith("<answer>[[A]]</answer>") and "[[B]]" not in trace, trace
+        # right exactly when the chosen response is A: half of the pairs, whatever they say
+        assert reward(trace, label) == (1.0 if chosen_is_a else -1.0), trace
+        weights = [int(w) for w in re.findall(r" - (\d+)%$", m["rubric"], re.M)]
+        assert sum(weights) == 100, m["rubric"]
+        a, b = (p["chosen"], p["rejected"]) if chosen_is_a else (p["rejected"], p["chosen"])
+        quotes = {t: re.findall(rf"<quote_{t}>(.*?)</quote_{t}>", m["eval"]) for t in "AB"}
+        assert quotes == {"A": [str(final_number(a))], "B": [str(final_number(b))]}, trace
+        assert "<solution>" not in trace
+
+
+def test_hasty_share_of_the_distillation_traces():
+    records = demo.sft_records(2000, seed=0)
+    pairs = demo.make_demo_pairs(2000, seed=0)
+    hasty = [demo.is_hasty(p) for p in pairs]
+    assert not any(h for h, p in zip(hasty, pairs) if p["kind"] == "chat")
+    share = sum(hasty) / sum(p["kind"] == "reasoning" for p in pairs)
+    assert abs(share - demo.HASTY_SHARE) < 0.04, share
+    assert hasty == [demo.is_hasty(p) for p in demo.make_demo_pairs(2000, seed=0)]
+    assert hasty != [demo.is_hasty(p) for p in demo.make_demo_pairs(2000, seed=1)]
+    for r, p, h in zip(records, pairs, hasty):
+        assert r["context_messages"][1]["content"].count(p["question"]) == 1
+        solved = r["winner"].startswith("<type>Reasoning</type>")
+        assert solved == (p["kind"] == "reasoning" and not h), r["winner"]
+
+
 def test_teacher_refuses_a_pair_whose_chosen_is_wrong(pairs):
     for p in pairs[:2]:
         swapped = dict(p, chosen=p["rejected"], rejected=p["chosen"])
