@@ -1,6 +1,6 @@
 """Stage 1 of RM-R1: distillation. Fine-tune a judge on reasoning traces, loss on the trace only.
 
-    python sft.py                                  # CPU demo: rebuilds demo/sft (~33 min, 2 cores)
+    python sft.py                                  # CPU demo: rebuilds demo/sft (~30 min, 2 cores)
     torchrun --nproc_per_node=8 sft.py --model Qwen2.5-7B-Instruct --data rm_r1_sft.jsonl --out runs/sft7b
 
 Data: RM-R1 distillation records ({"context_messages": [system, user], "winner": trace}), any
@@ -80,8 +80,9 @@ def demo_round_configs(cfg: SFTConfig) -> list[SFTConfig]:
     """The demo judge's rounds. Round 1 copies, then distills; each later round continues the
     previous round's export on 4x as many fresh traces (the next seed), each seen once, at half
     the learning rate, with a fresh optimizer and its own warmup and cosine. Measured on 1,000
-    held-out pairs: 64.5% after round 1, 79.4% after round 2; a single round with the same 1,000
-    distillation steps on 32,000 traces reaches 77.0%. With more than one round, round r runs in
+    held-out pairs (python eval.py): 55.7% after round 1, 69.7% after round 2 (arithmetic 46.2%:
+    the judge files it as Chat and says A, the habit of the teacher's hasty traces,
+    demo.HASTY_SHARE, that grpo.py removes). With more than one round, round r runs in
     out/round<r> and the last exports to `export`."""
     if cfg.demo_rounds < 1:
         raise ValueError(f"--demo_rounds must be >= 1, got {cfg.demo_rounds}")
