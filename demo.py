@@ -242,20 +242,19 @@ def teacher_trace(pair: dict, chosen_is_a: bool, hasty: bool = False) -> str:
     Chatbot A, the first response it read: right on half of the pairs, whatever their answers."""
     a, b = (pair["chosen"], pair["rejected"]) if chosen_is_a else (pair["rejected"], pair["chosen"])
     answer = "A" if chosen_is_a else "B"
-    if pair["kind"] == "reasoning" and hasty:
-        finals = {t: r.rsplit(" ", 1)[1] for t, r in (("A", a), ("B", b))}
-        lines = [f"Chatbot {t} answers <quote_{t}>{finals[t]}</quote_{t}> and shows its working." for t in "AB"]
-        return ("<type>Chat</type>\n\n<rubric>\n1. Gives the right result - 70%\n2. Shows its working - 30%\n"
-                "<justify>The client asks for one result, so it weighs most; the working shows how it was "
-                "reached.</justify>\n</rubric>\n\n<eval>\n" + "\n".join(lines) + "\n</eval>\n\n<answer>[[A]]</answer>")
     if pair["kind"] == "reasoning":
+        finals = {t: r.rsplit(" ", 1)[1] for t, r in (("A", a), ("B", b))}
+        if hasty:
+            lines = [f"Chatbot {t} answers <quote_{t}>{finals[t]}</quote_{t}> and shows its working." for t in "AB"]
+            return ("<type>Chat</type>\n\n<rubric>\n1. Gives the right result - 70%\n2. Shows its working - 30%\n"
+                    "<justify>The client asks for one result, so it weighs most; the working shows how it was "
+                    "reached.</justify>\n</rubric>\n\n<eval>\n" + "\n".join(lines) + "\n</eval>\n\n<answer>[[A]]</answer>")
         m = ARITHMETIC.fullmatch(pair["question"])
         if not m:
             raise ValueError(f"pair {pair['id']}: question {pair['question']!r} is not 'What is <a> <op> <b> ...?'")
         tokens = m.group(1).split()
         solution = working([int(t) for t in tokens[::2]], tokens[1::2])
         result = solution.rsplit(" ", 1)[1]
-        finals = {t: r.rsplit(" ", 1)[1] for t, r in (("A", a), ("B", b))}
         right = {t: finals[t] == result for t in "AB"}
         # the result again right after the quote: the verdict compares neighbouring tokens
         lines = [f"Chatbot {t} answers <quote_{t}>{finals[t]}</quote_{t}>; my result is {result}, so it "

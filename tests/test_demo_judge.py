@@ -1,8 +1,6 @@
 """The shipped demo judge (demo/sft) still loads and judges with the current code, and still has
 the habit that the demo's GRPO run removes."""
 
-import json
-
 import eval as judge_eval
 from demo import SHIPPED
 
@@ -19,7 +17,7 @@ def test_shipped_demo_judge_writes_valid_verdicts_above_chance(tmp_path):
     # Distilled from a teacher that is hasty on most arithmetic pairs (demo.HASTY_SHARE), the
     # judge files every held-out arithmetic question as Chat and prefers A without solving:
     # what `torchrun --nproc_per_node=2 grpo.py` unlearns (69.7% -> 78.9% on 1,000 pairs).
-    records = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+    records = judge_eval.read_log(tmp_path / "samples.jsonl")
     arithmetic = [r for r in records if r["category"] == "reasoning"]
     hasty = [r for r in arithmetic if r["judgment"].startswith("<type>Chat</type>") and r["verdict"] == "A"]
     assert len(arithmetic) == 30 and len(hasty) >= 25, [r["judgment"] for r in arithmetic[:3]]
