@@ -2,13 +2,14 @@
 
     ctx = init()                                   # torchrun env -> NCCL (CUDA) or gloo (CPU)
     model = load_model(path, ctx, ...)             # meta build, fully_shard, each rank reads its rows
-    with full_weights(model): generate(...)        # gather once for a whole rollout
+    with full_weights(model) as plain: generate(plain, ...)  # gather once for a whole rollout
     save_hf(model, tokenizer, out_dir)             # HF safetensors straight from the run
     save_state(dir, step, model, optimizer, meta)  # resumable (DCP), atomic rename
 A single process without torchrun works too: no process group, no sharding.
 """
 
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -22,9 +23,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_state_dict, set_state_dict)
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
 
-from model import ModelConfig, Transformer, iter_checkpoint, load_config, save_pretrained
+from model import (ModelConfig, Transformer, iter_checkpoint, load_config, save_pretrained,
+                   set_tensor, varlen_attn)
 
 
 @dataclass
@@ -32,6 +37,8 @@ class Context:
     rank: int
     world_size: int
     device: torch.device
+    gpu: bool = False  # a CUDA run, or the memory plan's simulation of one (bf16 reference, varlen)
+    mesh: DeviceMesh | None = None  # the ranks FSDP2 shards over; None: a world of one, unsharded
 
     @property
     def is_main(self):
@@ -40,26 +47,36 @@ class Context:
     @property
     def distributed(self):
         """True when a process group exists (torchrun, or any CUDA run): the model is sharded."""
-        return dist.is_initialized()
+        return self.mesh is not None
 
 
-def init() -> Context:
-    """Join the process group that torchrun describes; a plain `python x.py` is a world of one."""
+def init(timeout_min: float = 60.0) -> Context:
+    """Join the process group that torchrun describes; a plain `python x.py` is a world of one.
+
+    timeout_min bounds how long a rank waits at a collective. NCCL's default (10 minutes) is
+    shorter than the gap between ranks whose rollouts end minutes apart, so it is a setting.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    # Rollout KV caches and training activations take turns in the same memory: expandable
+    # segments keep the caching allocator from fragmenting between them (must precede CUDA init).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
+    timeout = datetime.timedelta(minutes=timeout_min)
     if not dist.is_initialized():
         if world > 1:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
         elif device.type == "cuda":
             # One GPU without torchrun: a world of one, so FSDP2's bf16 policy applies all the same.
-            dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
-    return Context(rank, world, device)
+            dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
+    mesh = init_device_mesh(device.type, (world,)) if dist.is_initialized() else None
+    return Context(rank, world, device, gpu=device.type == "cuda", mesh=mesh)
 
 
 def shutdown():
@@ -69,26 +86,45 @@ def shutdown():
 
 def log(*args, **kw):
     """Print on rank 0 only."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if _main():
         print(*args, **kw, flush=True)
 
 
+def comm_device() -> torch.device:
+    """The device the default process group's backend serves: NCCL only CUDA tensors, gloo CPU ones."""
+    config = str(dist.get_backend_config())  # e.g. "cuda:nccl", "cpu:gloo,cuda:gloo", "cuda:fake"
+    return torch.device("cpu") if "cpu:" in config or ":" not in config else torch.device("cuda")
+
+
+def _all_reduce(x: torch.Tensor, op) -> torch.Tensor:
+    """x reduced over ranks, as a new tensor on x's device; the collective itself runs on the
+    backend's device, so callers may pass host tensors under NCCL."""
+    if not dist.is_initialized():
+        return x.clone()
+    y = x.detach().to(comm_device(), copy=True)
+    dist.all_reduce(y, op=op)
+    return y.to(x.device)
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
+    return _all_reduce(x, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return x
+    return _all_reduce(x, dist.ReduceOp.MAX)
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(x) / (dist.get_world_size() if dist.is_initialized() else 1)
+
+
+def max_over_ranks(n: int) -> int:
+    """The largest of every rank's host integer. Host values are real even under the memory
+    plan's fake tensors, so this runs outside them."""
+    if not dist.is_initialized():
+        return n
+    with unset_fake_temporarily():
+        return int(all_reduce_max(torch.tensor([n])))
 
 
 def barrier():
@@ -98,11 +134,13 @@ def barrier():
 
 # ---- FSDP2 ----
 
-def shard(model: Transformer, ctx: Context, bf16: bool, activation_checkpointing: bool):
+def shard(model: Transformer, ctx: Context, bf16: bool, activation_checkpointing: bool,
+          frozen: bool = False):
     """fully_shard each block, then the root (which holds embeddings, final norm and LM head).
 
-    On CUDA with bf16, parameters are gathered in bf16 and gradients reduced in fp32; the
-    sharded master weights and the optimizer state stay fp32.
+    With bf16, parameters are gathered in bf16 and gradients reduced in fp32; a trained model's
+    sharded master weights and optimizer state stay fp32. A frozen model (the reference) only
+    runs forward, so its root is resharded after forward too.
     """
     model.gradient_checkpointing = activation_checkpointing
     if not ctx.distributed:
@@ -110,34 +148,42 @@ def shard(model: Transformer, ctx: Context, bf16: bool, activation_checkpointing
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
     for block in model.layers:
-        fully_shard(block, mp_policy=mp)
-    # The root's parameters are used again right at the start of backward: keep them gathered.
-    fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+        fully_shard(block, mesh=ctx.mesh, mp_policy=mp)
+    # A trained root's parameters are used again right at the start of backward: keep them gathered.
+    fully_shard(model, mesh=ctx.mesh, mp_policy=mp, reshard_after_forward=frozen)
     return model
 
 
 def load_model(path, ctx: Context, bf16=False, activation_checkpointing=False,
-               config: ModelConfig | None = None, seed=0):
+               config: ModelConfig | None = None, seed=0, frozen=False, fill=True):
     """Build on the meta device, shard, then fill each rank's rows straight from safetensors.
 
     With `path` None a fresh model is initialized from `config` (the demo), identically on every
-    rank. No rank ever holds more than its shard plus the rows being read. Weights stay fp32
-    (the optimizer's master copy); bf16 compute comes from FSDP2's mixed-precision policy (every
-    CUDA run is wrapped, one GPU included).
+    rank. No rank ever holds more than its shard plus the rows being read. A trained model's
+    weights stay fp32 (the optimizer's master copy); bf16 compute comes from FSDP2's
+    mixed-precision policy (every CUDA run is wrapped, one GPU included). A frozen model (the
+    reference: eval mode, no gradients) is stored in bf16 on GPU runs, since it never trains.
+    fill=False leaves the weights unset: the memory plan's fake tensors have no values to read.
     """
     config = config or load_config(path)
-    with torch.device("meta"):
+    with unset_fake_temporarily(), torch.device("meta"):  # meta tensors: shapes only, fake or not
         model = Transformer(config)
-    shard(model, ctx, bf16, activation_checkpointing)
+        if frozen and bf16 and ctx.gpu:
+            model.to(torch.bfloat16)
+    if ctx.gpu and varlen_attn is not None:
+        model.attention = "varlen"  # what "auto" picks on CUDA; the memory plan's fake CPU tensors too
+    shard(model, ctx, bf16, activation_checkpointing, frozen)
     model.to_empty(device=ctx.device)
     if config.tie_word_embeddings and model.lm_head.weight is not model.embed_tokens.weight:
         # to_empty() of plain tensors creates one new parameter per module; FSDP2 keeps the tie.
         model.lm_head.weight = model.embed_tokens.weight
     model.materialize_buffers(ctx.device)
-    if path is None:
+    if fill and path is None:
         init_weights(model, seed)
-    else:
+    elif fill:
         load_shards(model, path)
+    if frozen:
+        model.eval().requires_grad_(False)
     return model
 
 
@@ -177,30 +223,57 @@ def load_shards(model: Transformer, path):
 
 @contextlib.contextmanager
 def full_weights(model):
-    """Gather full parameters once for many forwards (a rollout), then shard them again.
+    """Gather every FSDP2 shard once for many forwards (a rollout) and yield a plain module that
+    shares the gathered tensors; shard again on exit.
 
-    Without this, FSDP2 would all-gather every block on every decoded token.
+    Without the gather, FSDP2 would all-gather every block on every decoded token. The yielded
+    module has none of FSDP2's hooks, which fork side streams that nothing rejoins inside a
+    CUDA-graph capture, so the rollout decodes through it with graphs on. A model that is not
+    sharded is yielded as it is.
     """
     fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in fsdp:
-        m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
-    try:
+    if not fsdp:
         yield model
+        return
+    for m in fsdp:
+        m.unshard()  # sets the gathered (bf16 under the mixed-precision policy) tensors on the modules
+    try:
+        with unset_fake_temporarily(), torch.device("meta"):
+            plain = Transformer(model.config)
+        for name, p in model.named_parameters():
+            set_tensor(plain, name, p.detach())
+        plain.inv_freq = model.inv_freq
+        plain.attention = model.attention
+        yield plain
     finally:
         for m in fsdp:
             m.reshard()
-            m.set_reshard_after_forward(m is not model, recurse=False)
 
 
-def clip_and_step(model, optimizer, max_norm) -> float:
-    """Clip the global gradient norm, take the optimizer step, clear gradients; returns the
-    norm before clipping. With FSDP2 the norm is a DTensor over all shards: made a plain number."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+def adamw(model, ctx: Context, **kw):
+    """AdamW over the model's (sharded) parameters. GPU runs use the multi-tensor (foreach)
+    update, torch's CUDA default, named here so that the memory plan's CPU tensors measure it too."""
+    return torch.optim.AdamW(model.parameters(), foreach=True if ctx.gpu else None, **kw)
+
+
+def clip_and_step(model, optimizer, max_norm) -> torch.Tensor:
+    """Clip the global gradient norm, take the optimizer step, clear gradients; returns the norm
+    before clipping as a 0-d tensor (read it when logging: no host sync here).
+
+    The norm is summed from each rank's own shards and all-reduced once, the same number as
+    torch's clip_grad_norm_ without its DTensor reductions, which the memory plan showed
+    gathering whole gradients.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    squares = torch.stack(torch._foreach_norm(local, 2)).float().pow(2).sum()
+    if any(isinstance(g, DTensor) for g in grads):
+        squares = all_reduce_sum(squares)
+    norm = squares.sqrt()
+    torch._foreach_mul_(local, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(local[0].dtype))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm
 
 
 def full_state_dict(model) -> dict:

@@ -18,8 +18,10 @@ paper: none in the objective (KL is verl's low_var_kl, clamped to [-10, 10], a l
 the reward); sequences are packed into rows for the trainer's forward passes rather than padded.
 """
 
+import contextlib
 import math
 import os
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -30,9 +32,10 @@ import torch
 import data
 import demo
 import distributed as D
+import plan
 import reward
 from cli import parse_config, with_defaults
-from rollout import SamplingParams, generate
+from rollout import SamplingParams, cache_slots, decode, generate, kv_budget, new_cache, prefill
 
 
 @dataclass
@@ -64,7 +67,8 @@ class GRPOConfig:
     epochs: int = 1                    # passes over the prompts
     bf16: bool = True                  # CUDA: bf16 compute, fp32 master weights and reductions
     activation_checkpointing: bool = True
-    rollout_slots: int = 256           # sequences decoded at once per rank
+    rollout_slots: int = 256           # most sequences decoded at once per rank (the KV budget may allow fewer)
+    kv_budget_gib: float = 0.0         # rollout KV-cache memory per rank; 0: what is free then, less 5%
     eval_every: int = 0                # rollout steps between held-out evaluations; 0: start and end only
     eval_limit: int = 512              # held-out pairs per evaluation
     save_every: int = 0                # rollout steps between resumable checkpoints; 0: end only
@@ -72,6 +76,11 @@ class GRPOConfig:
     max_steps: int = 0                 # stop (with a checkpoint) after this many steps of this run
     seed: int = 0
     wandb_project: str = ""
+    dist_timeout_min: float = 60.0     # how long a rank waits at a collective for ranks still sampling
+    check_memory: bool = True          # CUDA: walk the memory plan before step 1; refuse what cannot fit
+    plan: bool = False                 # only print the memory plan (needs --model DIR/config.json alone)
+    plan_world_size: int = 8           # ranks the plan simulates
+    plan_gpu_gib: float = 80.0         # memory of each simulated GPU
 
 
 DEMO = dict(model=demo.SHIPPED, lr=5e-5, rollout_batch_size=32, mini_batch_size=16, n_samples=7,
@@ -155,10 +164,15 @@ def rollout(model, tokenizer, prompts, step, cfg: GRPOConfig, prompt_keys):
                             max_new_tokens=cfg.max_response_len, n=cfg.n_samples,
                             stop_token_ids=(tokenizer.eos_token_id,),
                             seed=(cfg.seed * 1_000_003 + step) % 2**32)
-    with D.full_weights(model), torch.no_grad():
-        completions = generate(model, prompts, params, max_batch_size=cfg.rollout_slots,
-                               prompt_keys=prompt_keys)
+    with D.full_weights(model) as plain, torch.no_grad():
+        completions = generate(plain, prompts, params, max_batch_size=cfg.rollout_slots,
+                               prompt_keys=prompt_keys, kv_budget_bytes=kv_budget_bytes(cfg))
     return completions, [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+
+
+def kv_budget_bytes(cfg: GRPOConfig):
+    """--kv_budget_gib in bytes; None lets the sampler take what the device has free."""
+    return int(cfg.kv_budget_gib * 2**30) if cfg.kv_budget_gib else None
 
 
 def judge_metrics(completions, labels, rewards, verdicts, n):
@@ -203,8 +217,9 @@ def pack_rows(seqs, max_tokens):
         n = len(ids) - 1  # inputs ids[:-1] predict targets ids[1:]
         if row is None or len(row["ids"]) + n > max_tokens:
             row = {"ids": [], "targets": [], "pos": [], "mask": [], "adv": [], "seq": [],
-                   "sampler": []}
+                   "sampler": [], "docs": []}
             rows.append(row)
+        row["docs"].append(n)
         row["ids"] += ids[:-1]
         row["targets"] += ids[1:]
         row["pos"] += range(n)
@@ -216,8 +231,10 @@ def pack_rows(seqs, max_tokens):
 
 
 def row_tensors(row, device):
-    """Lists -> tensors on device; tensors already there (old/ref log-probs) pass through."""
-    t = {k: v if torch.is_tensor(v) else torch.tensor(v, device=device) for k, v in row.items()}
+    """Lists -> tensors on device; tensors already there (old/ref log-probs) and the document
+    lengths (host ints for the attention) pass through."""
+    t = {k: v if torch.is_tensor(v) or k == "docs" else torch.tensor(v, device=device)
+         for k, v in row.items()}
     for k in ("adv", "sampler", "old", "ref"):
         if k in t:
             t[k] = t[k].float()
@@ -226,39 +243,47 @@ def row_tensors(row, device):
 
 def forward_logprobs(model, row, temperature):
     """Per-token log-probs and entropy (T,) of a packed row under `model`."""
-    logprobs, entropy = model(row["ids"][None], position_ids=row["pos"][None],
+    logprobs, entropy = model(row["ids"][None], position_ids=row["pos"][None], doc_lens=row["docs"],
                               targets=row["targets"][None], temperature=temperature)
     return logprobs[0], entropy[0]
 
 
 def equalize(rows, ctx):
     """FSDP needs every rank to run the same number of forwards: pad with a 2-token empty row."""
-    n = int(D.all_reduce_max(torch.tensor(len(rows))))
+    n = D.max_over_ranks(len(rows))
     empty = {"ids": [0, 0], "targets": [0, 0], "pos": [0, 1], "mask": [0, 0], "adv": [0.0, 0.0],
-             "seq": [0, 0], "sampler": [0.0, 0.0], "old": [0.0, 0.0], "ref": [0.0, 0.0]}
+             "seq": [0, 0], "sampler": [0.0, 0.0], "old": [0.0, 0.0], "ref": [0.0, 0.0], "docs": [2]}
     return rows + [dict(empty) for _ in range(n - len(rows))]
 
 
-def update(model, optimizer, rows, cfg: GRPOConfig, ctx):
-    """One optimizer step on one mini-batch of packed rows (this rank's share)."""
-    n_tokens = D.all_reduce_sum(torch.tensor(float(sum(sum(r["mask"]) for r in rows))))
-    n_seqs = D.all_reduce_sum(torch.tensor(float(len({s for r in rows for s in r["seq"]}))))
-    totals = Counter()
+def backward_rows(model, rows, cfg: GRPOConfig, ctx):
+    """Forward and backward of one mini-batch of packed rows (this rank's share), gradients
+    accumulated for one optimizer step. Returns the global response-token count and this rank's
+    metric sums (clip_frac, ppo_kl, kl, entropy, loss) as tensors: no host sync per row."""
+    n_tokens = D.all_reduce_sum(torch.tensor(float(sum(sum(r["mask"]) for r in rows)))).to(ctx.device)
+    n_seqs = D.all_reduce_sum(torch.tensor(float(len({s for r in rows for s in r["seq"]})))).to(ctx.device)
+    totals = torch.zeros(len(UPDATE_METRICS), device=ctx.device)
     for row in equalize(rows, ctx):
         t = row_tensors(row, ctx.device)
         logprobs, entropy = forward_logprobs(model, t, cfg.temperature)
         loss, sums = policy_loss(logprobs, t["old"], t["ref"], t["adv"], t["mask"], entropy,
-                                 t["seq"], cfg, n_tokens.to(ctx.device), n_seqs.to(ctx.device))
+                                 t["seq"], cfg, n_tokens, n_seqs)
         (loss * ctx.world_size).backward()  # FSDP averages gradients over ranks; we want the sum
-        totals.update({k: float(v) for k, v in sums.items()})
-        totals["loss"] += loss.item()
+        totals += torch.stack([*(sums[k] for k in UPDATE_METRICS[:4]), loss.detach()])
+    return n_tokens, totals
+
+
+UPDATE_METRICS = ("clip_frac", "ppo_kl", "kl", "entropy", "loss")
+
+
+def update(model, optimizer, rows, cfg: GRPOConfig, ctx):
+    """One optimizer step on one mini-batch of packed rows (this rank's share). Returns its
+    metrics as 0-d tensors: read them once per rollout step, not once per micro-batch."""
+    n_tokens, totals = backward_rows(model, rows, cfg, ctx)
     grad_norm = D.clip_and_step(model, optimizer, cfg.grad_clip)
-    global_sums = D.all_reduce_sum(torch.tensor([totals[k] for k in
-                                                 ("clip_frac", "ppo_kl", "kl", "entropy", "loss")]))
-    out = {k: float(v) / float(n_tokens) for k, v in
-           zip(("clip_frac", "ppo_kl", "kl", "entropy"), global_sums[:4])}
-    out["loss"] = float(global_sums[4])
-    out["grad_norm"] = grad_norm
+    totals = D.all_reduce_sum(totals)
+    out = dict(zip(UPDATE_METRICS[:4], totals[:4] / n_tokens))
+    out.update(loss=totals[4], grad_norm=grad_norm)
     return out
 
 
@@ -271,13 +296,11 @@ def old_and_ref_logprobs(model, ref_model, rows, cfg: GRPOConfig, ctx):
         for row in equalize(rows, ctx):
             t = row_tensors(row, ctx.device)
             old, _ = forward_logprobs(model, t, cfg.temperature)
-            mask = t["mask"].bool()
-            if mask.any():
-                gap = torch.maximum(gap, (old - t["sampler"])[mask].abs().max())
+            gap = torch.maximum(gap, ((old - t["sampler"]) * t["mask"]).abs().max())
             row["old"] = old if cfg.recompute_old_logprobs else t["sampler"]
             row["ref"] = forward_logprobs(ref_model, t, cfg.temperature)[0] if ref_model is not None \
                 else old
-    return float(D.all_reduce_max(gap))
+    return D.all_reduce_max(gap)
 
 
 def rlvr_rewards(completions, texts, records):
@@ -321,9 +344,9 @@ def grpo_step(model, ref_model, optimizer, tokenizer, records, prompts, step, pr
     verdicts = [reward.parse_verdict(t) for t in texts]
     m = {k: float(v) for k, v in judge_metrics(completions, labels, rewards, verdicts, n).items()}
     m = dict(zip(m, D.all_reduce_mean(torch.tensor(list(m.values()))).tolist()))
-    m.update({k: float(np.mean([u[k] for u in updates])) for k in updates[0]})
+    m.update({k: float(torch.stack([u[k] for u in updates]).mean()) for k in updates[0]})
     n_tokens = D.all_reduce_sum(torch.tensor(float(sum(len(s["input_ids"]) for s in seqs))))
-    m.update(rollout_logprob_gap=gap, lr=optimizer.param_groups[0]["lr"],
+    m.update(rollout_logprob_gap=float(gap), lr=optimizer.param_groups[0]["lr"],
              time_generate=t_gen - t0, time_logprobs=t_logprobs - t_gen,
              time_update=t_update - t_logprobs, tokens_per_s=float(n_tokens) / (t_update - t0))
     return m
@@ -334,9 +357,9 @@ def evaluate(model, tokenizer, records, prompts, cfg: GRPOConfig, ctx):
     mine = list(range(ctx.rank, len(prompts), ctx.world_size))
     params = SamplingParams(temperature=0.0, max_new_tokens=cfg.max_response_len,
                             stop_token_ids=(tokenizer.eos_token_id,))
-    with D.full_weights(model), torch.no_grad():
-        completions = generate(model, [prompts[i] for i in mine], params,
-                               max_batch_size=cfg.rollout_slots) if mine else []
+    with D.full_weights(model) as plain, torch.no_grad():
+        completions = generate(plain, [prompts[i] for i in mine], params, max_batch_size=cfg.rollout_slots,
+                               kv_budget_bytes=kv_budget_bytes(cfg)) if mine else []
     gold = {"model_a": "A", "model_b": "B"}
     right = sum(reward.parse_verdict(tokenizer.decode(c.token_ids, skip_special_tokens=True))
                 == gold[records[mine[c.prompt_index]]["winner"]] for c in completions)
@@ -383,9 +406,81 @@ def check_config(cfg: GRPOConfig, world_size):
         raise ValueError(f"loss_agg must be token-mean or seq-mean-token-mean, got {cfg.loss_agg!r}")
 
 
+def build_policy(cfg: GRPOConfig, ctx, fill=True):
+    """The policy (fp32 master weights, sharded) and its AdamW, as train() and the plan build them."""
+    model = D.load_model(cfg.model, ctx, bf16=cfg.bf16,
+                         activation_checkpointing=cfg.activation_checkpointing, fill=fill)
+    return model, D.adamw(model, ctx, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_reference(cfg: GRPOConfig, ctx, fill=True):
+    """The frozen reference policy of the KL term (bf16 on GPUs); None when kl_coef is 0."""
+    return D.load_model(cfg.model, ctx, bf16=cfg.bf16, frozen=True, fill=fill) if cfg.kl_coef else None
+
+
+def plan_walk(cfg: GRPOConfig, ctx, plan):
+    """One GRPO step in train()'s order on fake tensors (plan.py): the rollout at the longest
+    prompt and response, the trainer's passes over one packed row of the longest sequences."""
+    model, optimizer = build_policy(cfg, ctx, fill=False)
+    plan.track(model, optimizer)
+    config, W = model.config, ctx.world_size
+    prompts_per_rank = cfg.rollout_batch_size // W
+    seq_len = cfg.max_prompt_len + cfg.max_response_len
+    seqs = [{"input_ids": [0] * seq_len, "prompt_len": cfg.max_prompt_len, "advantage": 1.0,
+             "sampler_logprobs": [0.0] * cfg.max_response_len}] * (cfg.mini_batch_size // W * cfg.n_samples)
+    rows = pack_rows(seqs, cfg.micro_batch_tokens)
+    plan.notes += [f"rollout: {prompts_per_rank} prompts x {cfg.n_samples} samples per rank, at "
+                   f"{cfg.max_prompt_len:,} + {cfg.max_response_len:,} tokens",
+                   f"trainer: {len(rows)} packed rows of {len(rows[0]['ids']):,} tokens per mini-batch "
+                   f"per rank (one measured: each is alike)"]
+    with plan.phase("load: policy shards, bf16 reference, AdamW state",
+                    plan.MORE_RANKS + ", or a smaller model"):
+        ref_model = build_reference(cfg, ctx, fill=False)
+        plan.make_optimizer_state(model, optimizer)
+
+    with contextlib.ExitStack() as rollout_weights:
+        with plan.phase("rollout: gather full weights", plan.MORE_RANKS + "; the full weights are gathered "
+                        "on every rank (a tensor-parallel rollout would split them)"):
+            plain = rollout_weights.enter_context(D.full_weights(model))
+        with plan.phase("rollout: KV cache", "") as phase:
+            dtype = plain.embed_tokens.weight.dtype
+            budget = kv_budget_bytes(cfg) or kv_budget(plan.free(), plan.total)
+            try:
+                slots = cache_slots(config, seq_len, dtype, budget,
+                                    min(cfg.rollout_slots, prompts_per_rank * cfg.n_samples))
+            except ValueError as e:
+                phase.error = str(e)
+                return
+            cache = new_cache(plain, slots, seq_len)
+            phase.name += f" ({slots} slots x {seq_len:,} positions)"
+        advice = "lower --rollout_slots, or --kv_budget_gib below the default"
+        with plan.phase(f"rollout: prefill (a {cfg.max_prompt_len:,}-token prompt)", advice):
+            prefill(plain, cache, [0] * cfg.max_prompt_len, slot=0)
+        with plan.phase(f"rollout: decode step ({slots} sequences), then release", advice):
+            params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.n_samples)
+            state = torch.zeros(4, slots, dtype=torch.long, device=ctx.device)
+            decode(plain, cache, state, params, cache.max_seq_len)
+            del plain, cache
+            rollout_weights.close()  # reshard inside the phase, where the tracker sees it
+    advice = f"lower --micro_batch_tokens (now {cfg.micro_batch_tokens:,})"
+    with plan.phase("old + reference log-probs (one row)", advice):
+        old_and_ref_logprobs(model, ref_model, rows[:1], cfg, ctx)
+    model.train()
+    with plan.phase("update: forward + backward (one row)", advice):
+        backward_rows(model, rows[:1], cfg, ctx)
+    with plan.phase("update: clip + AdamW step", plan.MORE_RANKS):
+        D.clip_and_step(model, optimizer, cfg.grad_clip)
+
+
 def train(cfg: GRPOConfig):
-    ctx = D.init()
+    if cfg.plan:
+        check_config(cfg, cfg.plan_world_size)
+        return plan.run(plan_walk, cfg, cfg.plan_world_size, cfg.plan_gpu_gib,
+                        f"memory plan of grpo.py --model {cfg.model}, per rank")
+    ctx = D.init(cfg.dist_timeout_min)
     check_config(cfg, ctx.world_size)
+    if ctx.gpu and cfg.check_memory:
+        plan.check_before_training()
     tokenizer = data.load_tokenizer(cfg.model)
     records, prompts = encode_all(tokenizer, load_records(cfg.data, cfg, "train"),
                                   cfg.max_prompt_len, "train")
@@ -399,12 +494,8 @@ def train(cfg: GRPOConfig):
         raise ValueError(f"{len(records)} prompts < rollout_batch_size={cfg.rollout_batch_size}")
     total_steps = steps_per_epoch * cfg.epochs
 
-    model = D.load_model(cfg.model, ctx, bf16=cfg.bf16,
-                         activation_checkpointing=cfg.activation_checkpointing)
-    ref_model = None
-    if cfg.kl_coef:
-        ref_model = D.load_model(cfg.model, ctx, bf16=cfg.bf16).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, optimizer = build_policy(cfg, ctx)
+    ref_model = build_reference(cfg, ctx)
     start = 0
     if cfg.resume and (state := D.load_state(cfg.out, model, optimizer)) is not None:
         start = state["step"]
@@ -437,8 +528,10 @@ def main(argv=None):
     cfg, given = parse_config(GRPOConfig, argv, __doc__)
     if not cfg.model:
         cfg = with_defaults(cfg, DEMO, given)
-    train(cfg)
+    result = train(cfg)
     D.shutdown()
+    if cfg.plan:
+        sys.exit(0 if result.fits else 1)
 
 
 if __name__ == "__main__":

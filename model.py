@@ -9,14 +9,22 @@ with Llama 3 and Qwen3 through config fields, and Hugging Face safetensors load/
 Module names equal the Hugging Face names without the leading "model.", so a checkpoint maps
 onto this module with `hf_to_ours` / `ours_to_hf`, two one-line functions.
 
-Attention masks come from three inputs, any of which may be absent:
-- `attention_mask` (B, T) with 0 for padding (left-padded prompts, right-padded responses);
+Which keys a query sees comes from four inputs, any of which may be absent:
 - `position_ids` (B, T); a position of 0 after the start of a row starts a new document, which is
-  how packed rows (several documents per row) are expressed: documents never see each other;
-- a `KVCache`, where the cache index of a token is its position id, and a query at position p
-  sees cached keys 0..p of its own row.
+  how packed rows (several documents per row) are expressed: documents never see each other.
+  Their attention never builds a (T, T) mask: FlashAttention over variable-length sequences on
+  CUDA (`varlen_attn`), one causal SDPA per document elsewhere. `doc_lens`, the documents'
+  lengths, saves the host sync that reading them off position_ids costs (trainers know them);
+- `attention_mask` (B, T) with 0 for padding (left-padded prompts, right-padded responses): a
+  dense (B, 1, T, T) mask, for short padded batches only;
+- a `KVCache`, where the cache index of a token is its position id. A call of several tokens per
+  row is a prefill (rows start at position 0 and attend among themselves, then their keys and
+  values are written to the cache); a call of one token per row decodes, seeing cached keys
+  0..p of its own row.
 """
 
+import inspect
+import itertools
 import json
 import math
 import os
@@ -30,6 +38,11 @@ from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 from kernels import linear_logprobs_and_entropy
+
+try:  # torch >= 2.10: FlashAttention over packed variable-length sequences (CUDA only)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
 
 
 @dataclass
@@ -126,7 +139,7 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 def apply_rope(x, cos, sin):
-    # x: (B, H, T, Dh); cos/sin: (B, 1, T, Dh); rotate-half convention, as in the HF checkpoints.
+    # x: (B, T, H, Dh); cos/sin: (B, T, 1, Dh); rotate-half convention, as in the HF checkpoints.
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -159,9 +172,82 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
+    @staticmethod
+    def bytes_per_slot(config: ModelConfig, max_seq_len, dtype) -> int:
+        """Bytes one slot of max_seq_len positions holds (keys and values of every layer)."""
+        return (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+                * max_seq_len * torch.empty((), dtype=dtype).element_size())
+
     @property
     def max_seq_len(self):
         return self.k.shape[3]
+
+    def write(self, layer, slots, positions, k, v):
+        """Store keys/values (B, T, H_kv, Dh) at positions (B, T) of rows `slots` (B,) (None:
+        rows 0..B-1)."""
+        B, T = positions.shape
+        rows = torch.arange(B, device=positions.device) if slots is None else slots
+        rows = rows[:, None].expand(B, T)
+        self.k[layer][rows, :, positions] = k.to(self.k.dtype)
+        self.v[layer][rows, :, positions] = v.to(self.v.dtype)
+
+    def read(self, layer, slots, length):
+        """Keys and values (B, H_kv, length, Dh) of the first `length` positions of `slots`
+        (None: every slot, in order, without a copy)."""
+        k, v = self.k[layer], self.v[layer]
+        if slots is not None:
+            k, v = k[slots], v[slots]
+        return k[:, :, :length], v[:, :, :length]
+
+
+def attend(q, k, v, mask=None, is_causal=False):
+    """SDPA over (B, H, T, Dh) queries and (B, H_kv, S, Dh) keys/values -> (B, H, T, Dh).
+
+    The one place the model calls SDPA. On CUDA its output is a transpose of (B, T, H, Dh)
+    memory (the fused kernels' layout), so callers reshape, never view.
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+# varlen_attn takes GQA keys/values as they are; newer torch asks for the flag that says so.
+VARLEN_GQA = ({"enable_gqa": True} if varlen_attn is not None
+              and "enable_gqa" in inspect.signature(varlen_attn).parameters else {})
+
+
+def packed_attention(q, k, v, doc_lens, impl):
+    """Causal attention within each document of N packed tokens: q (N, H, Dh), k/v (N, H_kv, Dh)
+    -> (N, H, Dh), where doc_lens (summing to N) are the documents in order.
+
+    "varlen" is FlashAttention over variable-length sequences (CUDA, 16-bit: an fp32 run takes
+    "sdpa"); "sdpa" runs one causal SDPA per document (exact anywhere). Neither builds a (N, N) mask.
+    """
+    if impl == "varlen" and q.dtype in (torch.bfloat16, torch.float16):
+        starts = torch.tensor([0, *itertools.accumulate(doc_lens)], dtype=torch.int32, device=q.device)
+        longest = max(doc_lens)
+        return varlen_attn(q, k, v, starts, starts, longest, longest, window_size=(-1, 0), **VARLEN_GQA)
+    out, start = [], 0
+    for n in doc_lens:
+        doc = slice(start, start + n)
+        out.append(attend(*(t[doc].transpose(0, 1)[None] for t in (q, k, v)), is_causal=True)[0])
+        start += n
+    return torch.cat(out, dim=1).transpose(0, 1)
+
+
+@dataclass
+class Layout:
+    """Which keys each query of one forward sees, worked out once per forward (see the module
+    docstring): exactly one of causal / doc_lens / mask describes attention among the call's
+    tokens; kv_cache with slots and positions says where they are stored (prefill) or what they
+    read (decode: mask over the cache's first kv_len positions)."""
+    causal: bool = False                 # plain causal over each row (no padding, one document)
+    doc_lens: list[int] | None = None    # packed documents over the flattened B * T tokens
+    mask: torch.Tensor | None = None     # dense (B, 1, T, S) boolean; True = may attend
+    impl: str = "sdpa"                   # packed attention: "varlen" (CUDA) or "sdpa"
+    kv_cache: KVCache | None = None
+    slots: torch.Tensor | None = None    # (B,) cache row of each row; None: rows 0..B-1
+    positions: torch.Tensor | None = None  # (B, T) cache position of every token
+    decode: bool = False                 # one token per row, attending over the cache
 
 
 class Attention(nn.Module):
@@ -179,41 +265,40 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, cache_slots=None, position_ids=None):
+    def forward(self, x, cos, sin, layout: Layout):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, Dh)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:
-            # Scatter this step's keys/values to their positions in their slots, then attend
-            # over the cache's first kv_len positions; the mask hides those after each query.
-            layer_k, layer_v = kv_cache.k[self.layer_idx], kv_cache.v[self.layer_idx]
-            if cache_slots is None:  # every slot, in order: attend to the cache without a copy
-                rows = torch.arange(B, device=x.device)[:, None].expand(B, T)
-            else:
-                rows = cache_slots[:, None].expand(B, T)
-            layer_k[rows, :, position_ids] = k.transpose(1, 2).to(layer_k.dtype)
-            layer_v[rows, :, position_ids] = v.transpose(1, 2).to(layer_v.dtype)
-            if cache_slots is not None:
-                layer_k, layer_v = layer_k[cache_slots], layer_v[cache_slots]
-            S = mask.shape[-1]  # positions past S are empty for every query (kv_len below)
-            k, v = layer_k[:, :, :S].to(q.dtype), layer_v[:, :, :S].to(q.dtype)
-        group = self.n_heads // self.n_kv_heads
-        if kv_cache is not None and group > 1:
-            # Fold each KV head's query heads into its query rows: SDPA then reads the cache
-            # once per KV head, where enable_gqa would first copy it per query head.
-            folded = q.reshape(B, self.n_kv_heads, group * T, self.head_dim)
-            out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask.repeat(1, 1, group, 1))
-            out = out.view(B, self.n_heads, T, self.head_dim)
-        elif mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, T, H, Dh)
+        cache = layout.kv_cache
+        if cache is not None:
+            cache.write(self.layer_idx, layout.slots, layout.positions, k, v)
+        if layout.decode:
+            out = self.decode(q, cache.read(self.layer_idx, layout.slots, layout.mask.shape[-1]),
+                              layout.mask)
+        elif layout.doc_lens is not None:
+            out = packed_attention(q.reshape(B * T, self.n_heads, self.head_dim),
+                                   k.reshape(B * T, self.n_kv_heads, self.head_dim),
+                                   v.reshape(B * T, self.n_kv_heads, self.head_dim),
+                                   layout.doc_lens, layout.impl)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+            out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask=layout.mask,
+                         is_causal=layout.causal).transpose(1, 2)
+        return self.o_proj(out.reshape(B, T, -1))
+
+    def decode(self, q, kv, mask):
+        """One new token per row (q: (B, 1, H, Dh)) against the cache's first S positions ->
+        (B, 1, H, Dh). Each KV head's query heads are folded into its query rows, so SDPA reads
+        the cache once per KV head, where enable_gqa would first copy it per query head."""
+        k, v = (t.to(q.dtype) for t in kv)
+        B, _, H, Dh = q.shape
+        group = H // self.n_kv_heads
+        folded = q.reshape(B, self.n_kv_heads, group, Dh)
+        out = attend(folded, k, v, mask=mask.expand(B, 1, group, mask.shape[-1]))
+        return out.reshape(B, 1, H, Dh)
 
 
 class MLP(nn.Module):
@@ -235,9 +320,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, cache_slots=None, position_ids=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_slots,
-                               position_ids)
+    def forward(self, x, cos, sin, layout: Layout):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -263,6 +347,23 @@ def build_mask(attention_mask, position_ids, kv_len=None):
     return mask[:, None]
 
 
+def document_lengths(position_ids) -> list[int]:
+    """Lengths of the documents of (B, T) position ids (a tensor or nested lists), in the order
+    of the flattened B * T tokens: a document starts at every row start and at every position 0.
+
+    >>> document_lengths([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]])
+    [3, 2, 5]
+    """
+    rows = position_ids.tolist() if torch.is_tensor(position_ids) else position_ids
+    lengths = []
+    for row in rows:
+        for j, p in enumerate(row):
+            if j == 0 or p == 0:
+                lengths.append(0)
+            lengths[-1] += 1
+    return lengths
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -275,6 +376,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.gradient_checkpointing = False  # recompute each block in backward to save memory
+        self.attention = "auto"  # packed documents: "auto" (by device), "varlen" or "sdpa"
 
     def materialize_buffers(self, device=None):
         """Recompute non-persistent buffers (RoPE frequencies) after a meta-device build."""
@@ -286,42 +388,66 @@ class Transformer(nn.Module):
         return self.lm_head.weight
 
     def hidden_states(self, input_ids, position_ids=None, attention_mask=None, kv_cache=None,
-                      cache_slots=None, kv_len=None):
+                      cache_slots=None, kv_len=None, doc_lens=None):
         """Final hidden states (B, T, D) after the last norm, without the LM head.
 
         position_ids default to 0..T-1, or to positions counted over real tokens when an
-        attention_mask is given (so left padding does not shift them). With kv_cache, the new
-        tokens are written at their positions in rows `cache_slots` (default 0..B-1), and
-        attention reads only the first kv_len cache positions (default: all), which must cover
-        every query's position (unchecked: a check would cost a host sync per decode step);
-        a decode step then costs the live length, not the cache's.
+        attention_mask is given (so left padding does not shift them). doc_lens (documents of
+        the flattened B * T tokens, in order) defaults to what position_ids say.
+
+        With kv_cache, the tokens are written at their positions in rows `cache_slots` (default
+        0..B-1). A call of one token per row decodes: attention reads the cache's first kv_len
+        positions (default: all), which must cover every query's position (unchecked: a check
+        would cost a host sync per step), so a step costs the live length, not the cache's.
+        A call of several tokens per row is a prefill from position 0 (see the module docstring).
         """
         B, T = input_ids.shape
-        plain_causal = position_ids is None and attention_mask is None and kv_cache is None
+        device = input_ids.device
+        given_positions = position_ids is not None
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             else:
-                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        if plain_causal:
-            mask = None  # lets SDPA take its fastest (flash) kernel
-        elif kv_cache is not None:
-            mask = build_mask(None, position_ids, kv_len or kv_cache.max_seq_len)
+                position_ids = torch.arange(T, device=device).expand(B, T)
+        layout = Layout(impl=self.attention_impl(device), kv_cache=kv_cache, slots=cache_slots,
+                        positions=position_ids, decode=kv_cache is not None and T == 1)
+        if layout.decode:
+            layout.mask = build_mask(None, position_ids, kv_len or kv_cache.max_seq_len)
+        elif attention_mask is not None:
+            layout.mask = build_mask(attention_mask, position_ids)
+        elif doc_lens is not None or (given_positions and kv_cache is None):
+            layout.doc_lens = list(doc_lens) if doc_lens is not None else document_lengths(position_ids)
+            if len(layout.doc_lens) == B:
+                layout.doc_lens, layout.causal = None, True  # one document per row: plain causal
         else:
-            mask = build_mask(attention_mask, position_ids)
+            layout.causal = True  # no mask lets SDPA take its fastest (flash) kernel
         x = self.embed_tokens(input_ids)
-        angles = position_ids[:, None, :, None].float() * self.inv_freq  # (B, 1, T, Dh/2)
+        angles = position_ids[:, :, None, None].float() * self.inv_freq  # (B, T, 1, Dh/2)
         angles = torch.cat((angles, angles), dim=-1)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and kv_cache is None:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, layout, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, kv_cache, cache_slots, position_ids)
+                x = layer(x, cos, sin, layout)
         return self.norm(x)
 
+    def attention_impl(self, device) -> str:
+        """How packed documents attend: FlashAttention's varlen kernel on CUDA where this torch
+        has it, else one SDPA per document. `self.attention` ("auto", "varlen", "sdpa") overrides
+        it; the memory plan sets "varlen" to measure the CUDA path on fake CPU tensors."""
+        if self.attention == "auto":
+            return "varlen" if device.type == "cuda" and varlen_attn is not None else "sdpa"
+        if self.attention not in ("varlen", "sdpa"):
+            raise ValueError(f"attention must be auto, varlen or sdpa, got {self.attention!r}")
+        if self.attention == "varlen" and varlen_attn is None:
+            raise RuntimeError(f"attention='varlen' needs torch.nn.attention.varlen (torch >= 2.10); "
+                               f"this is torch {torch.__version__}")
+        return self.attention
+
     def forward(self, input_ids, position_ids=None, attention_mask=None, kv_cache=None,
-                cache_slots=None, targets=None, temperature=1.0, hidden_only=False, kv_len=None):
+                cache_slots=None, targets=None, temperature=1.0, hidden_only=False, kv_len=None,
+                doc_lens=None):
         """Logits (B, T, V); or, given targets (B, T), (logprobs, entropy), each fp32 (B, T), of
         the targets under softmax(logits / temperature); or, with hidden_only, hidden states.
 
@@ -330,7 +456,8 @@ class Transformer(nn.Module):
         FSDP2 gathers the root's parameters (the LM head among them) only around forward, and
         needs the root's forward to run first (a prefill that needs no logits uses hidden_only).
         """
-        h = self.hidden_states(input_ids, position_ids, attention_mask, kv_cache, cache_slots, kv_len)
+        h = self.hidden_states(input_ids, position_ids, attention_mask, kv_cache, cache_slots, kv_len,
+                               doc_lens)
         if hidden_only:
             return h
         if targets is None:

@@ -5,7 +5,9 @@
     completions[0].token_ids, completions[0].logprobs, completions[0].finish_reason
 
 How it works, in the order the code runs:
-- one static KVCache of (max_batch_size slots, longest prompt + max_new_tokens positions);
+- one static KVCache of (slots, longest prompt + max_new_tokens positions), with as many slots
+  as fit the KV memory budget (kv_budget_bytes; by default what the device has free, less
+  KV_RESERVE of it), at most max_batch_size;
 - continuous batching: every slot holds one sequence; when it finishes, the slot takes the next
   waiting sequence, so a few long traces never leave the batch mostly idle;
 - a prompt is prefilled once; its other samples copy its cached keys/values into their slots;
@@ -22,7 +24,8 @@ fp32 (T = 1 when greedy), not renormalized after top-k / top-p: the quantity the
 with a full forward pass at the same temperature, so the PPO ratio starts at 1.
 
 FSDP2: generate() only calls model forward. The caller gathers the full weights once around the
-whole call (distributed.py) and passes use_cuda_graph=False if FSDP hooks remain on the module.
+whole call and decodes through the plain module that distributed.full_weights yields: FSDP2's
+hooks would break a CUDA-graph capture.
 """
 
 from collections import deque
@@ -135,6 +138,65 @@ def sample(logits, params, prompt_index, sample_index, position):
     return next_ids, logprobs.gather(-1, next_ids[:, None])[:, 0]
 
 
+# Share of device memory a default budget leaves free for everything a decode step allocates
+# besides the cache (logits, sampling noise, attention scores) and for the allocator's slack.
+KV_RESERVE = 0.05
+
+
+def kv_budget(free_bytes, total_bytes) -> int:
+    """The default KV-cache budget: what is free once everything else is resident, less KV_RESERVE."""
+    return max(0, int(free_bytes - KV_RESERVE * total_bytes))
+
+
+def device_kv_budget(device) -> int | None:
+    """kv_budget of a CUDA device now (memory the caching allocator holds unused counts as free);
+    None (no limit) elsewhere."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return kv_budget(free, total)
+
+
+def cache_slots(config, seq_len, dtype, budget_bytes, max_slots) -> int:
+    """How many sequences of seq_len positions the KV cache holds: max_slots, or fewer when the
+    budget (bytes; None = no limit) says so. A budget below one sequence is an error."""
+    per_slot = KVCache.bytes_per_slot(config, seq_len, dtype)
+    if budget_bytes is None:
+        return max_slots
+    if budget_bytes < per_slot:
+        raise ValueError(f"the KV cache needs {per_slot / 2**30:.2f} GiB for one sequence of {seq_len} "
+                         f"positions, but its budget is {budget_bytes / 2**30:.2f} GiB: raise the budget "
+                         f"(kv_budget_gib), free device memory, or shorten prompts / max_new_tokens")
+    return min(max_slots, budget_bytes // per_slot)
+
+
+def new_cache(model, n_slots, seq_len) -> KVCache:
+    """A KV cache of n_slots x seq_len positions in the model's dtype and device."""
+    weight = model.embed_tokens.weight
+    return KVCache(model.config, n_slots, seq_len, weight.dtype, weight.device)
+
+
+@torch.no_grad()
+def prefill(model, cache, prompt, slot):
+    """Cache the keys/values of prompt[:-1] (a list of ids) in `slot`. The last prompt token is the
+    first decode input, so the first sampled token comes out of a decode step like every other."""
+    device = cache.k.device
+    if len(prompt) > 1:
+        ids = torch.tensor(prompt[:-1], device=device)[None]
+        model(ids, torch.arange(ids.shape[1], device=device)[None], kv_cache=cache,
+              cache_slots=torch.tensor([slot], device=device), hidden_only=True)
+
+
+@torch.no_grad()
+def decode(model, cache, state, params, kv_len):
+    """One decode step for every slot: next tokens (B,) and their log-probs (B,). state (4, B)
+    holds each slot's input token, its position, and the (prompt key, sample) of its noise."""
+    tokens, positions = state[0][:, None], state[1][:, None]
+    logits = model(tokens, positions, kv_cache=cache, kv_len=kv_len)[:, -1]  # (B, V)
+    return sample(logits, params, state[2], state[3], state[1])
+
+
 def attend_len(max_position, cache_len):
     """Cache positions a decode step attends over: the power of two above the furthest query
     position (at least 16, at most the cache), so only log2(cache_len) lengths ever occur."""
@@ -163,13 +225,14 @@ def cuda_graph(fn, pool=None):
 
 @torch.no_grad()
 def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda_graph=True,
-             prompt_keys=None):
+             prompt_keys=None, kv_budget_bytes=None):
     """Sample params.n completions for each prompt (a list of token ids); returns
     len(prompts) * n Completions, prompt-major (prompt 0 samples 0..n-1, then prompt 1, ...).
 
-    max_batch_size is the number of cache slots (sequences decoded together): the KV cache holds
-    max_batch_size * (longest prompt + max_new_tokens) positions. use_cuda_graph replays the
-    decode step as a CUDA graph on a CUDA model; pass False to debug or profile it eagerly.
+    max_batch_size caps the cache slots (sequences decoded together); kv_budget_bytes caps the
+    KV cache's memory (default: device_kv_budget, no limit on CPU), and the cache holds as many
+    slots of (longest prompt + max_new_tokens) positions as both allow. use_cuda_graph replays
+    the decode step as a CUDA graph on a CUDA model; pass False to debug or profile it eagerly.
     The sampling noise of prompts[i] is keyed by prompt_keys[i] (default i): a data-parallel
     caller that passes each prompt's global index draws the same traces whatever the number of
     ranks (Completion.prompt_index stays the local i).
@@ -180,18 +243,18 @@ def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda
     weight = model.embed_tokens.weight
     device, dtype = weight.device, weight.dtype
     n_seqs = len(prompts) * params.n
-    B = min(max_batch_size, n_seqs)
-    cache = KVCache(config, B, max(map(len, prompts)) + params.max_new_tokens, dtype, device)
+    seq_len = max(map(len, prompts)) + params.max_new_tokens
+    budget = device_kv_budget(device) if kv_budget_bytes is None else kv_budget_bytes
+    B = cache_slots(config, seq_len, dtype, budget, min(max_batch_size, n_seqs))
+    cache = new_cache(model, B, seq_len)
     stop = set(params.stop_token_ids)
 
     # The decode step's inputs, one column per slot: the token to feed, its position, and
     # which (prompt, sample) the slot holds, for the sampling noise. Fixed address and shape.
     state = torch.zeros(4, B, dtype=torch.long, device=device)
-    tokens, positions, prompt_index, sample_index = state[0:1].T, state[1:2].T, state[2], state[3]
 
     def decode_step(kv_len):
-        logits = model(tokens, positions, kv_cache=cache, kv_len=kv_len)[:, -1]  # (B, V)
-        return sample(logits, params, prompt_index, sample_index, positions[:, 0])
+        return decode(model, cache, state, params, kv_len)
 
     # A step attends over the first attend_len(...) cache positions: attention costs the live
     # length, and a CUDA graph is recorded once per length bucket (at most log2(cache length)
@@ -224,8 +287,6 @@ def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda
                     continue
                 p, s = waiting.popleft()
                 prompt = prompts[p]
-                # Cache positions 0..L-2 here; the last prompt token is the first decode input,
-                # so the first sampled token comes out of the decode step like every other one.
                 if last_admitted is not None and last_admitted[0] == p:
                     # The prompt's keys/values sit untouched in the slot of its previous sample
                     # (decoding writes from position L-1 on), so copy instead of prefilling.
@@ -233,10 +294,8 @@ def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda
                     if src != slot and len(prompt) > 1:
                         cache.k[:, slot, :, :len(prompt) - 1] = cache.k[:, src, :, :len(prompt) - 1]
                         cache.v[:, slot, :, :len(prompt) - 1] = cache.v[:, src, :, :len(prompt) - 1]
-                elif len(prompt) > 1:
-                    prefix = torch.tensor(prompt[:-1], device=device)[None]
-                    model(prefix, torch.arange(len(prompt) - 1, device=device)[None], kv_cache=cache,
-                          cache_slots=torch.tensor([slot], device=device), hidden_only=True)
+                else:
+                    prefill(model, cache, prompt, slot)
                 last_admitted = (p, slot)
                 slot_seq[slot] = (p, s)
                 slot_token[slot], slot_pos[slot] = prompt[-1], len(prompt) - 1

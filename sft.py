@@ -20,6 +20,7 @@ fresh traces (demo_round_configs).
 
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -30,7 +31,8 @@ import data
 import demo
 import distributed as D
 from cli import parse_config, with_defaults
-from model import ModelConfig
+import plan
+from model import ModelConfig, document_lengths
 
 
 @dataclass
@@ -54,6 +56,11 @@ class SFTConfig:
     max_steps: int = 0               # stop (with a checkpoint) after this many steps of this run (demo: of this round); 0: no limit
     seed: int = 0
     wandb_project: str = ""          # log to wandb too (pip install wandb)
+    dist_timeout_min: float = 60.0   # how long a rank waits at a collective
+    check_memory: bool = True        # CUDA: walk the memory plan before step 1, refuse a run that cannot fit
+    plan: bool = False               # only print the memory plan (needs --model DIR/config.json alone)
+    plan_world_size: int = 8         # ranks the plan simulates
+    plan_gpu_gib: float = 80.0       # memory of each simulated GPU
     # The demo only:
     demo_examples: int = 4000        # synthetic teacher traces to train on
     demo_layers: int = 4
@@ -153,7 +160,7 @@ def sft_loss(model, row, n_tokens, world_size, device):
     ids = batch["input_ids"].to(device)
     mask = batch["loss_mask"][:, 1:].to(device).float()  # position t predicts token t + 1
     logprobs, _ = model(ids[:, :-1], position_ids=batch["position_ids"][:, :-1].to(device),
-                        targets=ids[:, 1:])
+                        doc_lens=document_lengths([row["position_ids"][:-1]]), targets=ids[:, 1:])
     nll = -(logprobs * mask).sum()
     return nll * world_size / n_tokens, nll.detach()
 
@@ -177,28 +184,61 @@ def lr_lambda(cfg: SFTConfig, total_steps):
     return f
 
 
+def build(cfg: SFTConfig, ctx, tokenizer=None, fill=True):
+    """The model and its AdamW, as train() and the memory plan build them (the demo judge from
+    scratch without --model: it needs the tokenizer for its vocabulary)."""
+    if cfg.model:
+        model = D.load_model(cfg.model, ctx, bf16=cfg.bf16,
+                             activation_checkpointing=cfg.activation_checkpointing, fill=fill)
+    else:
+        model = D.load_model(None, ctx, config=demo_model_config(tokenizer, cfg), seed=cfg.seed,
+                             activation_checkpointing=cfg.activation_checkpointing, fill=fill)
+    return model, D.adamw(model, ctx, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+
+
+def plan_walk(cfg: SFTConfig, ctx, plan):
+    """One SFT step in train()'s order on fake tensors (plan.py): one packed row of max_len
+    tokens, forward and backward, then the optimizer step."""
+    model, optimizer = build(cfg, ctx, fill=False)
+    plan.track(model, optimizer)
+    W = ctx.world_size
+    row = data.pack([([0] * cfg.max_len, [1] * cfg.max_len)], cfg.max_len)[0]
+    plan.notes += [f"a step: {cfg.batch_size} sequences, at most {math.ceil(cfg.batch_size / W)} packed "
+                   f"rows of <= {cfg.max_len:,} tokens per rank (one measured: each is alike)"]
+    with plan.phase("load: shards, AdamW state", plan.MORE_RANKS + ", or a smaller model"):
+        plan.make_optimizer_state(model, optimizer)
+    model.train()
+    with plan.phase(f"forward + backward (one row of {cfg.max_len:,} tokens)", "lower --max_len"):
+        loss, _ = sft_loss(model, row, cfg.max_len, W, ctx.device)
+        loss.backward()
+    with plan.phase("clip + AdamW step", plan.MORE_RANKS):
+        D.clip_and_step(model, optimizer, cfg.grad_clip)
+
+
 def train(cfg: SFTConfig) -> bool:
     """One run; True when it did all its steps (False: stopped by --max_steps)."""
-    ctx = D.init()
+    if cfg.plan:
+        if not cfg.model:
+            raise ValueError("--plan needs --model DIR (its config.json is all it reads)")
+        return plan.run(plan_walk, cfg, cfg.plan_world_size, cfg.plan_gpu_gib,
+                        f"memory plan of sft.py --model {cfg.model}, per rank")
+    ctx = D.init(cfg.dist_timeout_min)
     torch.manual_seed(cfg.seed)
     if cfg.schedule not in ("constant", "cosine"):
         raise ValueError(f"--schedule must be constant or cosine, got {cfg.schedule!r}")
     if cfg.model and cfg.demo_copy_steps:
         raise ValueError("--demo_copy_steps pretrains the demo judge from scratch; it cannot be "
                          "combined with --model")
+    if ctx.gpu and cfg.check_memory and cfg.model:
+        plan.check_before_training()
     if cfg.model:
         tokenizer = data.load_tokenizer(cfg.model)
-        model = D.load_model(cfg.model, ctx, bf16=cfg.bf16,
-                             activation_checkpointing=cfg.activation_checkpointing)
     else:
         tokenizer = demo.build_demo_tokenizer(os.path.join(cfg.out, "tokenizer"))
-        model = D.load_model(None, ctx, config=demo_model_config(tokenizer, cfg), seed=cfg.seed,
-                             activation_checkpointing=cfg.activation_checkpointing)
+    model, optimizer = build(cfg, ctx, tokenizer)
     examples = load_examples(cfg, tokenizer)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total_steps = cfg.demo_copy_steps + steps_per_epoch * cfg.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     start = 0
     if cfg.resume:
@@ -242,6 +282,8 @@ def train(cfg: SFTConfig) -> bool:
 
 def main(argv=None):
     cfg, given = parse_config(SFTConfig, argv, __doc__)
+    if cfg.plan:
+        sys.exit(0 if train(cfg).fits else 1)
     if cfg.model:
         train(cfg)
     else:

@@ -23,6 +23,7 @@ import math
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from kernels import torch_logprobs
 
@@ -62,8 +63,9 @@ def _check_inputs(name, x, targets, temperature, vocab_size):
                          f"{targets.dtype} of shape {tuple(targets.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    # Checked here (one host sync) because the Triton kernel would silently read another row.
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab_size):
+    # Checked here (one host sync) because the Triton kernel would silently read another row;
+    # fake tensors (the memory plan's) have no values to check.
+    if targets.numel() and not is_fake(targets) and (int(targets.min()) < 0 or int(targets.max()) >= vocab_size):
         bad = int(((targets < 0) | (targets >= vocab_size)).nonzero()[0])
         raise ValueError(f"targets[{bad}] = {int(targets[bad])} is outside [0, {vocab_size}): replace ignored "
                          f"positions (e.g. -100) by any valid id and drop them with the loss mask")
