@@ -1,6 +1,7 @@
 """Memory and time of kernels/ against eager log_softmax + gather + entropy, measured in one run.
 
     python bench/kernels.py            # CPU section always; CUDA section when a GPU is visible
+    python bench/kernels.py --cuda     # the CUDA section alone
 
 CPU: forward + backward of the fused LM head (linear_logprobs_and_entropy, torch fallback) vs
 eager `hidden @ W.T` -> log_softmax -> gather + entropy, at N=4096, V=32768, D=512, fp32. Each
@@ -165,7 +166,8 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--cpu-child"]:
         cpu_child(sys.argv[2])
     else:
-        cpu_section()
+        if "--cuda" not in sys.argv:  # --cuda: the CUDA section alone (bench/gpu_check.py)
+            cpu_section()
         if torch.cuda.is_available():
             cuda_section()
         else:

@@ -1,6 +1,7 @@
 """Decode throughput of rollout.generate vs transformers' generate, on the same random weights.
 
     python bench/rollout.py            # CPU section always; CUDA section when a GPU is present
+    python bench/rollout.py --cuda     # the CUDA section alone
 
 CPU: a ~50M-parameter Qwen2-shaped model in fp32, batch 16, 128 new tokens, greedy, EOS ignored;
 then the floor that the model's weight matmuls alone set at this batch, and one decode step with
@@ -171,7 +172,8 @@ def cuda_section():
 
 
 if __name__ == "__main__":
-    cpu_section()
+    if "--cuda" not in sys.argv:  # --cuda: the CUDA section alone (bench/gpu_check.py)
+        cpu_section()
     if torch.cuda.is_available():
         cuda_section()
     else:

@@ -1,0 +1,264 @@
+"""Every GPU-only path, checked at once on the first GPU at hand (one H100/H200, under 8 minutes).
+
+    python bench/gpu_check.py --out runs/gpu_check.json
+
+Sections, most important first; each runs even when an earlier one failed, has a time limit,
+and lands in one JSON of results (pass/fail, numbers, the error). Exit status 1 if any failed.
+1. pytest on the GPU: the Triton kernels on CUDA against torch (V = 151,936 / 152,064, bf16,
+   T != 1), the CUDA-graph decode test, and the CPU-form tests of the CUDA paths that need a
+   CUDA build of torch (fake CUDA tensors with the fused kernels' strides, NCCL's device map).
+2. packed-row attention: FlashAttention's varlen kernel against one fp32 SDPA per document,
+   forward and backward.
+3. a Qwen2.5-0.5B-shaped random model in bf16: prefill + decode through the fused kernels against
+   a full forward, packed documents against separate forwards, CUDA-graph generate against eager.
+4. one FSDP2 GRPO step on one GPU (NCCL, a world of one) on that model, graphs on, with its time
+   split and peak memory, against the memory plan of the same run (grpo.py --plan).
+5. the CUDA sections of bench/kernels.py and bench/rollout.py, their output kept.
+
+    python bench/gpu_check.py --smoke      # sections 3 and 4 on the CPU, tiny shape (tests/test_gpu_check.py)
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import distributed as D  # noqa: E402
+import grpo  # noqa: E402
+from model import ModelConfig, Transformer, packed_attention, save_pretrained  # noqa: E402
+from rollout import SamplingParams, generate, new_cache  # noqa: E402
+
+QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
+                  rope_theta=1e6, max_position_embeddings=32768)
+TINY = dict(QWEN25_05B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2)
+# What the sections run on: the GPU in bf16 at the 0.5B shape, or (--smoke) the CPU in fp32 at a tiny one.
+TARGET = dict(device="cuda", dtype=torch.bfloat16, shape=QWEN25_05B)
+
+
+def rel_err(ours, ref):
+    """max |ours - ref| / max |ref|, in fp32."""
+    ours, ref = ours.float(), ref.float()
+    return float((ours - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+
+
+def sync():
+    if TARGET["device"] == "cuda":
+        torch.cuda.synchronize()
+
+
+def check(cond, what):
+    if not cond:
+        raise AssertionError(what)
+
+
+def child(cmd, limit_s):
+    """Run a command from the repo root; its exit status and the tail of its output."""
+    start = time.time()
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit_s)
+    out = (res.stdout + res.stderr)[-6000:]
+    return {"returncode": res.returncode, "seconds": round(time.time() - start, 1), "output": out}
+
+
+def pytest_on_gpu():
+    res = child([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
+                 "tests/test_gpu_paths.py", "tests/test_rollout.py::test_cuda_graph_decode_equals_eager"],
+                300)
+    summary = re.findall(r"\d+ (?:passed|failed|skipped|error)", res["output"])
+    res["summary"] = ", ".join(summary)
+    check(res["returncode"] == 0, f"pytest failed: {res['summary']}")
+    return res
+
+
+def varlen_attention():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    docs = [3000, 1, 5000, 191]
+    N, H, H_kv, Dh = sum(docs), 28, 4, 128  # Qwen2.5-7B's heads
+    q, k, v = (torch.randn(N, h, Dh, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+               for h in (H, H_kv, H_kv))
+    grad_out = torch.randn(N, H, Dh, device="cuda", generator=g, dtype=torch.bfloat16)
+    out = packed_attention(q, k, v, docs, "varlen")
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref_inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = packed_attention(*ref_inputs, docs, "sdpa")  # fp32, one SDPA per document
+    ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out.float())
+    errs = {"out": rel_err(out, ref)}
+    errs.update({f"grad_{n}": rel_err(a, b) for n, a, b in zip("qkv", grads, ref_grads)})
+    check(all(e < 2e-2 for e in errs.values()), f"varlen vs per-document fp32 SDPA: {errs}")
+    return {"docs": docs, "relative_error": errs}
+
+
+def random_model(config):
+    torch.manual_seed(0)
+    with torch.device(TARGET["device"]):
+        model = Transformer(config)
+    D.init_weights(model, seed=0)
+    return model.to(TARGET["dtype"]).eval()
+
+
+def model_paths():
+    config = ModelConfig(**TARGET["shape"])
+    model = random_model(config)
+    dev = TARGET["device"]
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    with torch.no_grad():
+        ids = torch.randint(0, config.vocab_size, (1, 300), generator=g).to(dev)
+        full = model(ids)[0]
+        # prefill 299 tokens into slot 1 of a 3-slot cache, then decode the last one
+        cache = new_cache(model, 3, 512)
+        model(ids[:, :299], torch.arange(299, device=dev)[None], kv_cache=cache,
+              cache_slots=torch.tensor([1], device=dev), hidden_only=True)
+        step = model(ids[:, 299:].expand(3, 1), torch.full((3, 1), 299, device=dev), kv_cache=cache,
+                     cache_slots=torch.tensor([0, 1, 2], device=dev), kv_len=512)[1, 0]
+        out["decode_vs_full_forward"] = rel_err(step, full[-1])
+        docs = [120, 1, 179]
+        packed_ids = torch.randint(0, config.vocab_size, (1, sum(docs)), generator=g).to(dev)
+        positions = torch.cat([torch.arange(n) for n in docs])[None].to(dev)
+        packed = model(packed_ids, position_ids=positions, doc_lens=docs)[0]
+        start, errs = 0, []
+        for n in docs:
+            errs.append(rel_err(packed[start:start + n], model(packed_ids[:, start:start + n])[0]))
+            start += n
+        out["packed_vs_separate"] = max(errs)
+    check(out["decode_vs_full_forward"] < 3e-2 and out["packed_vs_separate"] < 3e-2, f"bf16 paths: {out}")
+    prompts = torch.randint(0, config.vocab_size, (6, 40), generator=g).tolist()
+    params = SamplingParams(temperature=1.0, max_new_tokens=48, n=2, seed=7)
+    times = {}
+    for graphs in (True, False):
+        sync()
+        start = time.time()
+        times[graphs] = (generate(model, prompts, params, max_batch_size=8, use_cuda_graph=graphs),
+                         time.time() - start)
+    same = [a.token_ids == b.token_ids for a, b in zip(times[True][0], times[False][0])]
+    out.update(cuda_graph_equals_eager=sum(same) / len(same), seconds_graph=round(times[True][1], 2),
+               seconds_eager=round(times[False][1], 2))
+    # bf16 ties can flip a sampled token between two kernel orders; graphs replay the same kernels.
+    check(out["cuda_graph_equals_eager"] == 1.0, f"CUDA-graph sampling differs from eager on {same}")
+    return out
+
+
+class NoTokenizer:
+    """What grpo_step asks of a tokenizer, for random token ids: an EOS a random model almost
+    never samples, empty text."""
+    @property
+    def eos_token_id(self):
+        return TARGET["shape"]["vocab_size"] - 1
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
+def first_token_even(completions, texts, records):
+    return torch.tensor([1.0 if c.token_ids[0] % 2 == 0 else -1.0 for c in completions])
+
+
+def grpo_step_one_gpu(tmp):
+    model_dir = Path(tmp) / "model"
+    save_pretrained(random_model(ModelConfig(**TARGET["shape"])), model_dir)
+    on_gpu = TARGET["device"] == "cuda"
+    if on_gpu:
+        torch.cuda.empty_cache()
+    ctx = D.init()
+    check(ctx.distributed == ctx.gpu == on_gpu, "a CUDA run is a world of one over NCCL")
+    flags = dict(model=str(model_dir), rollout_batch_size=16, mini_batch_size=8, n_samples=7,
+                 max_prompt_len=512, max_response_len=256 if on_gpu else 16, micro_batch_tokens=8192,
+                 lr=1e-6, bf16=on_gpu)
+    cfg = grpo.GRPOConfig(**flags)
+    model, optimizer = grpo.build_policy(cfg, ctx)
+    ref_model = grpo.build_reference(cfg, ctx)
+    vocab = TARGET["shape"]["vocab_size"]
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, vocab, (cfg.max_prompt_len,), generator=g).tolist() for _ in range(16)]
+    steps = []
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(2):  # step 1 makes AdamW's state; step 2 is the steady state the plan walks
+        # Without EOS, traces run to max_response_len: the plan's worst case.
+        m = grpo.grpo_step(model, ref_model, optimizer, NoTokenizer(), [{"winner": "model_a"}] * 16,
+                           prompts, step, list(range(16)), cfg, ctx, score=first_token_even)
+        steps.append({k: m[k] for k in ("time_generate", "time_logprobs", "time_update", "tokens_per_s",
+                                        "rollout_logprob_gap", "loss", "grad_norm", "kl")})
+    check(all(abs(s["loss"]) < 1e3 and s["grad_norm"] == s["grad_norm"] for s in steps), f"losses {steps}")
+    D.shutdown()
+    out = {"steps": steps}
+    if on_gpu:
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        argv = [x for k, v in flags.items() if k != "bf16" for x in (f"--{k}", str(v))]
+        gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+        planned = child([sys.executable, "grpo.py", "--plan", "--plan_world_size", "1",
+                         "--plan_gpu_gib", f"{gpu_gib:.1f}", *argv], 300)
+        peaks = re.findall(r"^\S.*?\s{2,}([\d.]+)\s+[\d.]+", planned["output"], re.M)
+        check(peaks, f"the plan of this run printed no table: {planned['output'][-1500:]}")
+        plan_peak = max(map(float, peaks))
+        out.update(peak_allocated_gib=round(peak, 2), plan_peak_gib=plan_peak,
+                   measured_over_plan=round(peak / plan_peak, 3), plan_fits=planned["returncode"] == 0,
+                   plan=planned["output"][-2500:])
+    return out
+
+
+def bench(script):
+    res = child([sys.executable, script, "--cuda"], 420)
+    check(res["returncode"] == 0, f"{script} exited {res['returncode']}")
+    return res
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/gpu_check.json")
+    parser.add_argument("--only", default="", help="comma-separated section names")
+    parser.add_argument("--smoke", action="store_true", help="sections 3-4 on the CPU, tiny shape")
+    args = parser.parse_args()
+    if args.smoke:
+        TARGET.update(device="cpu", dtype=torch.float32, shape=TINY)
+        args.only = args.only or "model_paths,grpo_step_one_gpu"
+    elif not torch.cuda.is_available():
+        sys.exit("no GPU visible: this check is for a machine with one (--smoke runs part of it on the CPU)")
+    sections = {"pytest_on_gpu": pytest_on_gpu, "varlen_attention": varlen_attention,
+                "model_paths": model_paths, "grpo_step_one_gpu": None,
+                "bench_kernels": lambda: bench("bench/kernels.py"),
+                "bench_rollout": lambda: bench("bench/rollout.py")}
+    results = {"device": "cpu" if args.smoke else torch.cuda.get_device_name(), "torch": torch.__version__,
+               "triton": __import__("triton").__version__, "sections": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        sections["grpo_step_one_gpu"] = lambda: grpo_step_one_gpu(tmp)
+        for name, fn in sections.items():
+            if args.only and name not in args.only.split(","):
+                continue
+            start = time.time()
+            print(f"== {name}", flush=True)
+            try:
+                entry = {"ok": True, **fn()}
+            except Exception as e:  # a failed section is recorded and the next one runs
+                entry = {"ok": False, "error": f"{type(e).__name__}: {e}",
+                         "traceback": traceback.format_exc()[-4000:]}
+            entry["seconds"] = round(time.time() - start, 1)
+            results["sections"][name] = entry
+            print(json.dumps({k: v for k, v in entry.items() if k not in ("output", "plan", "traceback")}),
+                  flush=True)
+            if not entry["ok"]:
+                print(entry["traceback"], flush=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    failed = [n for n, e in results["sections"].items() if not e["ok"]]
+    print(f"wrote {args.out}; " + (f"FAILED: {failed}" if failed else "all sections passed"))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
