@@ -10,7 +10,9 @@ def parse_config(cls, argv=None, doc=None):
     Booleans take --flag / --no-flag. The set of given names lets an entry point fill the
     remaining fields with other defaults (the CPU demo's rather than the paper's).
     """
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # No abbreviations: --n_sample must not quietly mean --n_samples.
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = "--" + f.name
@@ -24,6 +26,17 @@ def parse_config(cls, argv=None, doc=None):
     args = vars(parser.parse_args(argv))
     given = {k for k, v in args.items() if v is not None}
     return cls(**{k: args[k] for k in given}), given
+
+
+def check_fields(config, rules):
+    """rules: (field, ok, what it must be); a ValueError naming the flag of the first broken one.
+
+    >>> check_fields(Config(lr=-1.0), [("lr", False, "must be > 0")])
+    ValueError: --lr -1.0: must be > 0
+    """
+    for name, ok, rule in rules:
+        if not ok:
+            raise ValueError(f"--{name} {getattr(config, name)!r}: {rule}")
 
 
 def with_defaults(config, overrides: dict, given: set):

@@ -1,7 +1,7 @@
 """Preference data -> RM-R1 judge prompts -> token batches.
 
     messages = build_judge_messages(conversation_a, conversation_b, style="instruct")
-    records = pairs_to_rlvr("pairs.jsonl", seed=0)       # [{"context_messages", "winner"}]
+    records, identical = pairs_to_rlvr("pairs.jsonl", seed=0)  # [{"context_messages", "winner"}], dropped
     comparisons = load_benchmark("rm-bench", "data/rm-bench/")
     tokenizer = load_tokenizer("runs/sft/hf")             # what tokenizer.json says, nothing swapped
     ids = encode_prompt(tokenizer, messages, max_len=4096)   # None when too long: count it
@@ -200,13 +200,22 @@ def read_file(path):
                              f"or convert the file to JSONL") from None
         rows = [(f"{path}[{i}]", r) for i, r in enumerate(pyarrow.parquet.read_table(path).to_pylist())]
     else:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise ValueError(f"{path}:{line}: not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 4]!r}); "
+                             f"save the file as UTF-8") from None
         # Many ".json" files (Hugging Face exports among them) are really JSON Lines.
-        if path.suffix == ".json" and text.lstrip().startswith("["):
+        if path.suffix == ".json" and text.lstrip().startswith(("[", "{")) and not is_jsonl(text):
             try:
                 records = json.loads(text)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(records, list):
+                raise ValueError(f"{path}: holds one JSON {type(records).__name__}; a .json file must hold a "
+                                 f"list of records, or one record per line (JSON Lines)")
             rows = [(f"{path}[{i}]", r) for i, r in enumerate(records)]
         else:
             rows = []
@@ -222,9 +231,22 @@ def read_file(path):
     return rows
 
 
+def is_jsonl(text):
+    """True when the first non-blank line is a whole JSON object (so the text is JSON Lines)."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        return isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 def read_records(path):
-    """[(where, record)] from a JSON list, JSONL or Parquet file, or a folder of them."""
-    return [row for file in data_files(path) for row in read_file(file)]
+    """[(where, record)] from a JSON list, JSONL or Parquet file, or a folder of them; no records
+    at all is an error."""
+    rows = [row for file in data_files(path) for row in read_file(file)]
+    if not rows:
+        raise ValueError(f"{path}: holds no records")
+    return rows
 
 
 def get_field(record, where, name, kind):
@@ -324,23 +346,28 @@ def pair_conversations(record, where, chosen="chosen", rejected="rejected"):
 
 
 def pairs_to_rlvr(pairs, seed, style="instruct"):
-    """Raw preference pairs (a path, or a list of records) -> RLVR records.
+    """Raw preference pairs (a path, or a list of records) -> (RLVR records, pairs dropped).
 
-    The chosen answer goes to position A for exactly half of the pairs (one more when odd),
-    which half drawn by a seeded shuffle, so labels are balanced and reproducible.
+    A pair whose chosen and rejected answers are the same text has no right verdict: it is
+    dropped and counted. Of the rest, the chosen answer goes to position A for exactly half (one
+    more when odd), which half drawn by a seeded shuffle, so labels are balanced and reproducible.
     """
     rows = read_records(pairs) if isinstance(pairs, (str, Path)) else [(f"pairs[{i}]", r) for i, r in enumerate(pairs)]
-    chosen_is_a = [k % 2 == 0 for k in range(len(rows))]
-    random.Random(seed).shuffle(chosen_is_a)
-    records = []
-    for (where, r), a_first in zip(rows, chosen_is_a):
+    conversations = []
+    for where, r in rows:
         if not isinstance(r, dict):
             raise ValueError(f"{where}: a record must be a dict, got {type(r).__name__}")
         chosen, rejected = pair_conversations(r, where)
+        if chosen[-1]["content"].strip() != rejected[-1]["content"].strip():
+            conversations.append((chosen, rejected))
+    chosen_is_a = [k % 2 == 0 for k in range(len(conversations))]
+    random.Random(seed).shuffle(chosen_is_a)
+    records = []
+    for (chosen, rejected), a_first in zip(conversations, chosen_is_a):
         a, b = (chosen, rejected) if a_first else (rejected, chosen)
         records.append({"context_messages": build_judge_messages(a, b, style),
                         "winner": "model_a" if a_first else "model_b"})
-    return records
+    return records, len(rows) - len(conversations)
 
 
 # ---- benchmarks ----
@@ -479,6 +506,8 @@ def load_tokenizer(path):
     encoding text differently from the way the model was trained. Checkpoints without a
     tokenizer.json (sentencepiece only) go through AutoTokenizer."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    if not Path(path).is_dir():  # AutoTokenizer would take it for a hub name and wait for the network
+        raise ValueError(f"{path}: no such model directory")
     if Path(path, "tokenizer.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(path)
     return AutoTokenizer.from_pretrained(path)

@@ -10,9 +10,11 @@ A single process without torchrun works too: no process group, no sharding.
 
 import contextlib
 import datetime
+import errno
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -23,7 +25,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_state_dict, set_state_dict)
-from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
@@ -125,6 +127,14 @@ def max_over_ranks(n: int) -> int:
         return n
     with unset_fake_temporarily():
         return int(all_reduce_max(torch.tensor([n])))
+
+
+def sum_over_ranks(n: int) -> int:
+    """The sum of every rank's host integer (real even under the memory plan's fake tensors)."""
+    if not dist.is_initialized():
+        return n
+    with unset_fake_temporarily():
+        return int(all_reduce_sum(torch.tensor([n])))
 
 
 def barrier():
@@ -256,13 +266,15 @@ def adamw(model, ctx: Context, **kw):
     return torch.optim.AdamW(model.parameters(), foreach=True if ctx.gpu else None, **kw)
 
 
-def clip_and_step(model, optimizer, max_norm) -> torch.Tensor:
+def clip_and_step(model, optimizer, max_norm, loss=None) -> torch.Tensor:
     """Clip the global gradient norm, take the optimizer step, clear gradients; returns the norm
-    before clipping as a 0-d tensor (read it when logging: no host sync here).
+    before clipping as a 0-d tensor.
 
     The norm is summed from each rank's own shards and all-reduced once, the same number as
     torch's clip_grad_norm_ without its DTensor reductions, which the memory plan showed
-    gathering whole gradients.
+    gathering whole gradients. A non-finite norm, or a non-finite `loss` (the step's, summed
+    over ranks), raises FloatingPointError before the step, so the weights never take it (the
+    one host sync of the step).
     """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
@@ -270,6 +282,11 @@ def clip_and_step(model, optimizer, max_norm) -> torch.Tensor:
     if any(isinstance(g, DTensor) for g in grads):
         squares = all_reduce_sum(squares)
     norm = squares.sqrt()
+    checked = norm if loss is None else torch.stack([norm, loss.detach().float().reshape(())])
+    if not is_fake(checked) and not bool(torch.isfinite(checked).all()):
+        optimizer.zero_grad(set_to_none=True)
+        what = "gradient norm" if loss is None or torch.isfinite(loss) else "loss"
+        raise FloatingPointError(f"non-finite {what} ({float(norm if what[0] == 'g' else loss):g})")
     torch._foreach_mul_(local, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(local[0].dtype))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -286,18 +303,65 @@ def full_state_dict(model) -> dict:
 
 def save_hf(model, tokenizer, out_dir):
     """Export a Hugging Face directory (config.json + safetensors + tokenizer), atomically."""
+    check_finite(model, out_dir)
     sd = full_state_dict(model)
     if _main():
-        save_pretrained(model, out_dir, state_dict=sd, tokenizer=tokenizer)
+        with disk_errors(str(out_dir).rstrip("/") + ".tmp"):
+            save_pretrained(model, out_dir, state_dict=sd, tokenizer=tokenizer)
+    barrier()
+
+
+# ---- the run directory ----
+
+# Settings a resumed run may change: they do not change what a step computes.
+SAFE_TO_CHANGE = {"resume", "max_steps", "save_every", "eval_every", "wandb_project", "dist_timeout_min",
+                  "check_memory", "plan", "plan_world_size", "plan_gpu_gib", "keep_last", "export_every",
+                  "log_traces_every"}
+
+
+def start_run(run_dir, config: dict, resume: bool, preset: str = ""):
+    """Before any model is loaded. A fresh run needs an unused run_dir; --resume needs a
+    checkpoint there and the settings the run started with, but for SAFE_TO_CHANGE (logged).
+    Writes the resolved config (and the preset it took, if any) to run_dir/config.json and
+    removes what a killed save left (*.tmp, *.old)."""
+    path = os.path.join(run_dir, "config.json")
+    saved = None
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+    current = {**config, "preset": preset}
+    if not resume and (saved is not None or latest_checkpoint(run_dir)):
+        raise ValueError(f"--out {run_dir} holds a run already: pass --resume to continue it, or another "
+                         f"--out (or delete {run_dir})")
+    if resume and latest_checkpoint(run_dir) is None:
+        raise ValueError(f"--resume: {run_dir} has no checkpoint to continue from (no {run_dir}/latest); "
+                         f"check --out, or start without --resume")
+    if resume and saved is not None:
+        changed = {k for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
+        if changed - SAFE_TO_CHANGE:
+            diff = ", ".join(f"--{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(changed - SAFE_TO_CHANGE))
+            raise ValueError(f"--resume: {run_dir} was started with other settings ({diff}); resume with "
+                             f"the same ones, or start a new --out")
+        for k in sorted(changed):
+            log(f"resume: --{k} {saved.get(k)!r} -> {current.get(k)!r}")
+    barrier()  # every rank has read the directory before rank 0 writes to it
+    if _main():
+        os.makedirs(run_dir, exist_ok=True)
+        for name in os.listdir(run_dir):
+            if name.endswith((".tmp", ".old")):
+                stale = os.path.join(run_dir, name)
+                shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
+        if saved is None:
+            write_atomic(path, json.dumps(current, indent=2) + "\n")
     barrier()
 
 
 # ---- resumable training state ----
 
-def finish_run(run_dir, stop: int, total_steps: int, model, optimizer, tokenizer, export):
+def finish_run(run_dir, stop: int, total_steps: int, model, optimizer, tokenizer, export, keep_last=0):
     """End of a training run: a resumable checkpoint at `stop`, then, once all total_steps are
     done, the Hugging Face export to `export`; a run stopped early by --max_steps says how to go on."""
-    save_state(run_dir, stop, model, optimizer, {})
+    save_state(run_dir, stop, model, optimizer, {}, keep_last)
     if stop < total_steps:
         log(f"stopped after step {stop} of {total_steps}; continue with --resume")
         return
@@ -305,34 +369,88 @@ def finish_run(run_dir, stop: int, total_steps: int, model, optimizer, tokenizer
     log(f"wrote {export}")
 
 
-def save_state(run_dir, step: int, model, optimizer, meta: dict):
-    """Sharded model + optimizer (torch.distributed.checkpoint) and a JSON of step and data
-    position, written under a temporary name and renamed; `latest` is switched last, so a kill
-    at any moment leaves the previous checkpoint intact and pointed to."""
+def check_finite(model, what):
+    """Refuse to write weights that hold NaN or inf (every rank checks its shards)."""
+    bad = torch.zeros((), device=next(model.parameters()).device)
+    for p in model.parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        bad = torch.maximum(bad, (~torch.isfinite(local)).any().float())
+    if all_reduce_max(bad):
+        raise FloatingPointError(f"the weights hold non-finite values: {what} not written")
+
+
+def non_finite_exit(step, error, run_dir) -> SystemExit:
+    """How a trainer stops on a non-finite loss or gradient: the step was not taken, and the
+    newest checkpoint is good (no checkpoint or export is ever written from non-finite weights)."""
+    latest = latest_checkpoint(run_dir)
+    return SystemExit(f"step {step}: {error}; stopped before the optimizer step. The last good checkpoint: "
+                      f"{latest or 'none (none was saved yet)'}. Resume from it with a lower --lr, or check "
+                      f"the data")
+
+
+def latest_checkpoint(run_dir) -> str | None:
+    pointer = os.path.join(run_dir, "latest")
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as f:
+        return os.path.join(run_dir, f.read().strip())
+
+
+def save_state(run_dir, step: int, model, optimizer, meta: dict, keep_last=0):
+    """Sharded model + optimizer (torch.distributed.checkpoint), a JSON of the step, and the
+    model's config.json (so export.py can make a HF directory of it), written under a temporary
+    name and renamed; `latest` is switched last, so a kill at any moment leaves the previous
+    checkpoint intact and pointed to. A step's checkpoint is written once: a run resumed after
+    its last step (which then trains nothing) keeps it. keep_last > 0 then removes all but the
+    newest keep_last step_N directories."""
     final = os.path.join(run_dir, f"step_{step:08d}")
+    if os.path.isdir(final):
+        return
+    check_finite(model, final)
     tmp = final + ".tmp"
     if _main():
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
     msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
-    if _main():
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"step": step, **meta}, f)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        write_atomic(os.path.join(run_dir, "latest"), os.path.basename(final))
+    with disk_errors(tmp):
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
+        if _main():
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump({"step": step, **meta}, f)
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(model.config.to_hf(), f, indent=2)
+            os.replace(tmp, final)
+            write_atomic(os.path.join(run_dir, "latest"), os.path.basename(final))
+    if _main() and keep_last:
+        old = sorted(d for d in os.listdir(run_dir) if re.fullmatch(r"step_\d{8}", d))[:-keep_last]
+        for d in old:
+            # renamed first, so a kill mid-delete leaves a *.old that the next start removes
+            os.replace(os.path.join(run_dir, d), os.path.join(run_dir, d + ".old"))
+            shutil.rmtree(os.path.join(run_dir, d + ".old"))
     barrier()
+
+
+@contextlib.contextmanager
+def disk_errors(partial):
+    """A write that fails for want of space says so (torch's writer says "enforce fail ...
+    unexpected pos"), and the partial output at `partial` is removed."""
+    try:
+        yield
+    except Exception as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(partial))).free
+        if getattr(e, "errno", None) == errno.ENOSPC or free < 2**30:
+            raise OSError(errno.ENOSPC, f"no space left to write {partial} ({free / 2**30:.2f} GiB free "
+                                        f"on its disk): free some, or point --out elsewhere") from e
+        raise
 
 
 def load_state(run_dir, model, optimizer) -> dict | None:
     """Restore the checkpoint `latest` points to; None when the run has none yet."""
-    pointer = os.path.join(run_dir, "latest")
-    if not os.path.exists(pointer):
+    path = latest_checkpoint(run_dir)
+    if path is None:
         return None
-    with open(pointer) as f:
-        path = os.path.join(run_dir, f.read().strip())
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=path)
@@ -351,6 +469,13 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
+def _logged_step(line) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
 def _main():
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -358,7 +483,9 @@ def _main():
 # ---- metrics ----
 
 class MetricsLogger:
-    """Rank 0: a JSON line per step in run_dir/metrics.jsonl, a tqdm bar, and wandb if asked."""
+    """Rank 0: a JSON line per step in run_dir/metrics.jsonl, a tqdm bar, and wandb if asked.
+    A run resumed at step `start` first drops the lines past it (written after that checkpoint
+    by the run that was killed), so every step has one line."""
 
     def __init__(self, run_dir, total_steps, config: dict, wandb_project: str = "", start=0):
         self.main = _main()
@@ -367,7 +494,14 @@ class MetricsLogger:
             return
         from tqdm import tqdm
         os.makedirs(run_dir, exist_ok=True)
-        self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        path = os.path.join(run_dir, "metrics.jsonl")
+        if os.path.exists(path):
+            with open(path) as f:
+                lines = f.read().splitlines()
+            # a torn last line (a kill mid-write) does not parse: it is past the checkpoint too
+            kept = [line for line in lines if line.strip() and _logged_step(line) <= start]
+            write_atomic(path, "".join(line + "\n" for line in kept))
+        self.file = open(path, "a")
         self.bar = tqdm(total=total_steps, initial=start, file=sys.stderr, dynamic_ncols=True)
         if wandb_project:
             import wandb  # optional extra: pip install wandb

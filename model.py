@@ -28,6 +28,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -517,7 +518,11 @@ def iter_checkpoint(path, expected: set, tie_word_embeddings: bool):
 
 
 def load_config(path) -> ModelConfig:
-    with open(os.path.join(path, "config.json")) as f:
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise ValueError(f"{path}: no such model directory" if not os.path.isdir(path) else
+                         f"{path}: no config.json (a Hugging Face model directory holds one)")
+    with open(file) as f:
         return ModelConfig.from_hf(json.load(f))
 
 
@@ -564,7 +569,8 @@ def save_pretrained(model: Transformer, path, state_dict=None, max_shard_bytes=5
             continue
         tensors[ours_to_hf(name)] = t.detach().to("cpu").contiguous()
     tmp = str(path).rstrip("/") + ".tmp"
-    os.makedirs(tmp, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # what a killed export left
+    os.makedirs(tmp)
     shards, current, size = [], {}, 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
@@ -598,15 +604,16 @@ def replace_dir(tmp, path):
     """Move directory `tmp` to `path`, keeping any files already in `path` that tmp lacks
     (tokenizer files written beside the weights) and never leaving `path` half-written."""
     path = str(path).rstrip("/")
+    old = path + ".old"
+    if os.path.isdir(old) and not os.path.exists(path):
+        os.replace(old, path)  # a kill between the two renames below: the previous export is back
+    shutil.rmtree(old, ignore_errors=True)
     if os.path.isdir(path):
         for name in os.listdir(path):
             if not os.path.exists(os.path.join(tmp, name)):
                 os.replace(os.path.join(path, name), os.path.join(tmp, name))
-        old = path + ".old"
         os.replace(path, old)
         os.replace(tmp, path)
-        for name in os.listdir(old):
-            os.remove(os.path.join(old, name))
-        os.rmdir(old)
+        shutil.rmtree(old)
     else:
         os.replace(tmp, path)

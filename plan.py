@@ -45,6 +45,7 @@ class Phase:
     after: int             # bytes resident when it ends
     advice: str            # what to change when this phase does not fit
     error: str = ""        # the phase could not even start (e.g. no room for one KV slot)
+    counted: bool = True   # False: only frees memory; its peak is where it started
 
 
 class Tracker(FSDPMemTracker):
@@ -111,10 +112,10 @@ class Plan:
         return self.usable - self.current()
 
     @contextlib.contextmanager
-    def phase(self, name, advice):
+    def phase(self, name, advice="", counted=True):
         """Measure one phase: the tracker's peak is reset on entry (it restarts from the
         current total whenever it is entered)."""
-        phase = Phase(name, 0, 0, advice)
+        phase = Phase(name, 0, 0, advice, counted=counted)
         self.phases.append(phase)
         self.tracker.reset_mod_stats()  # per-module stats are per forward; phases repeat forwards
         try:
@@ -133,19 +134,22 @@ class Plan:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def over(self, phase) -> bool:
+        return bool(phase.error) or phase.counted and phase.peak > self.usable
+
     @property
     def fits(self) -> bool:
-        return all(not p.error and p.peak <= self.usable for p in self.phases)
+        return not any(self.over(p) for p in self.phases)
 
     def table(self, title) -> str:
         width = max(len(p.name) for p in self.phases)
         lines = [title, *self.notes, "",
                  f"{'phase':<{width}}  {'peak GiB':>8}  {'after GiB':>9}",]
         for p in self.phases:
-            peak = "-" if p.error else f"{p.peak / GiB:.1f}"
-            over = "  <- over" if p.error or p.peak > self.usable else ""
+            peak = "-" if p.error or not p.counted else f"{p.peak / GiB:.1f}"
+            over = "  <- over" if self.over(p) else ""
             lines.append(f"{p.name:<{width}}  {peak:>8}  {p.after / GiB:>9.1f}{over}")
-        worst = max(self.phases, key=lambda p: p.peak)
+        worst = max((p for p in self.phases if p.counted), key=lambda p: p.peak)
         usable = f"{self.usable / GiB:.1f} GiB usable of {self.gpu_gib:g} GiB per GPU ({CONTEXT_GIB:g} GiB " \
                  f"set aside for the CUDA context and NCCL)"
         lines.append("")
@@ -154,7 +158,7 @@ class Plan:
         for p in self.phases:
             if p.error:
                 lines.append(f"does not fit: {p.name}: {p.error}")
-            elif p.peak > self.usable:
+            elif self.over(p):
                 lines.append(f"does not fit: {p.name} peaks at {p.peak / GiB:.1f} GiB, {usable}; {p.advice}")
         return "\n".join(lines)
 

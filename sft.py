@@ -1,6 +1,6 @@
 """Stage 1 of RM-R1: distillation. Fine-tune a judge on reasoning traces, loss on the trace only.
 
-    python sft.py                                  # CPU demo: rebuilds demo/sft (~30 min, 2 cores)
+    python sft.py                                  # CPU demo: rebuilds demo/sft (~21 min, 2 cores)
     torchrun --nproc_per_node=8 sft.py --model Qwen2.5-7B-Instruct --data rm_r1_sft.jsonl --out runs/sft7b
 
 Data: RM-R1 distillation records ({"context_messages": [system, user], "winner": trace}), any
@@ -30,9 +30,10 @@ import torch
 import data
 import demo
 import distributed as D
-from cli import parse_config, with_defaults
 import plan
-from model import ModelConfig, document_lengths
+from cli import check_fields, parse_config, with_defaults
+from model import ModelConfig, document_lengths, load_config
+from plan import MORE_RANKS
 
 
 @dataclass
@@ -86,13 +87,11 @@ def demo_model_config(tokenizer, cfg: SFTConfig) -> ModelConfig:
 def demo_round_configs(cfg: SFTConfig) -> list[SFTConfig]:
     """The demo judge's rounds. Round 1 copies, then distills; each later round continues the
     previous round's export on 4x as many fresh traces (the next seed), each seen once, at half
-    the learning rate, with a fresh optimizer and its own warmup and cosine. Measured on 1,000
-    held-out pairs (python eval.py): 55.7% after round 1, 69.7% after round 2 (arithmetic 46.2%:
-    the judge files it as Chat and says A, the habit of the teacher's hasty traces,
-    demo.HASTY_SHARE, that grpo.py removes). With more than one round, round r runs in
-    out/round<r> and the last exports to `export`."""
-    if cfg.demo_rounds < 1:
-        raise ValueError(f"--demo_rounds must be >= 1, got {cfg.demo_rounds}")
+    the learning rate, with a fresh optimizer and its own warmup and cosine. After round 2 the
+    judge files held-out arithmetic as Chat and says A, the habit of the teacher's hasty traces
+    (demo.HASTY_SHARE) that grpo.py removes; the README has the figures. With more than one
+    round, round r runs in out/round<r> and the last exports to `export`."""
+    check_config(cfg)
     if cfg.demo_rounds == 1:
         return [cfg]
     rounds = []
@@ -205,18 +204,45 @@ def plan_walk(cfg: SFTConfig, ctx, plan):
     row = data.pack([([0] * cfg.max_len, [1] * cfg.max_len)], cfg.max_len)[0]
     plan.notes += [f"a step: {cfg.batch_size} sequences, at most {math.ceil(cfg.batch_size / W)} packed "
                    f"rows of <= {cfg.max_len:,} tokens per rank (one measured: each is alike)"]
-    with plan.phase("load: shards, AdamW state", plan.MORE_RANKS + ", or a smaller model"):
+    with plan.phase("load: shards, AdamW state", MORE_RANKS + ", or a smaller model"):
         plan.make_optimizer_state(model, optimizer)
     model.train()
     with plan.phase(f"forward + backward (one row of {cfg.max_len:,} tokens)", "lower --max_len"):
         loss, _ = sft_loss(model, row, cfg.max_len, W, ctx.device)
         loss.backward()
-    with plan.phase("clip + AdamW step", plan.MORE_RANKS):
+    with plan.phase("clip + AdamW step", MORE_RANKS):
         D.clip_and_step(model, optimizer, cfg.grad_clip)
 
 
-def train(cfg: SFTConfig) -> bool:
+def check_config(cfg: SFTConfig):
+    """Every setting, before any data or model is read; an error names the flag."""
+    check_fields(cfg, [
+        ("schedule", cfg.schedule in ("constant", "cosine"), "must be constant or cosine"),
+        ("lr", cfg.lr > 0, "must be > 0"),
+        ("warmup_steps", cfg.warmup_steps >= 0, "must be >= 0"),
+        ("weight_decay", cfg.weight_decay >= 0, "must be >= 0"),
+        ("batch_size", cfg.batch_size >= 1, "must be >= 1"),
+        ("max_len", cfg.max_len >= 2, "must be >= 2"),
+        ("epochs", cfg.epochs >= 1, "must be >= 1"),
+        ("grad_clip", cfg.grad_clip > 0, "must be > 0"),
+        ("save_every", cfg.save_every >= 0, "must be >= 0 (0: at the end only)"),
+        ("max_steps", cfg.max_steps >= 0, "must be >= 0 (0: no limit)"),
+        ("dist_timeout_min", cfg.dist_timeout_min > 0, "must be > 0"),
+        ("plan_world_size", cfg.plan_world_size >= 1, "must be >= 1"),
+        ("plan_gpu_gib", cfg.plan_gpu_gib > plan.CONTEXT_GIB, f"must be > {plan.CONTEXT_GIB} GiB"),
+        ("demo_examples", cfg.demo_examples >= 1, "must be >= 1"),
+        ("demo_layers", cfg.demo_layers >= 1, "must be >= 1"),
+        ("demo_hidden", cfg.demo_hidden >= 4 and cfg.demo_hidden % 4 == 0, "must be a multiple of its 4 heads"),
+        ("demo_copy_steps", cfg.demo_copy_steps >= 0, "must be >= 0"),
+        ("demo_copy_steps", not (cfg.model and cfg.demo_copy_steps),
+         "pretrains the demo judge from scratch; it cannot be combined with --model"),
+        ("demo_rounds", cfg.demo_rounds >= 1, "must be >= 1"),
+    ])
+
+
+def train(cfg: SFTConfig, preset="") -> bool:
     """One run; True when it did all its steps (False: stopped by --max_steps)."""
+    check_config(cfg)
     if cfg.plan:
         if not cfg.model:
             raise ValueError("--plan needs --model DIR (its config.json is all it reads)")
@@ -224,21 +250,19 @@ def train(cfg: SFTConfig) -> bool:
                         f"memory plan of sft.py --model {cfg.model}, per rank")
     ctx = D.init(cfg.dist_timeout_min)
     torch.manual_seed(cfg.seed)
-    if cfg.schedule not in ("constant", "cosine"):
-        raise ValueError(f"--schedule must be constant or cosine, got {cfg.schedule!r}")
-    if cfg.model and cfg.demo_copy_steps:
-        raise ValueError("--demo_copy_steps pretrains the demo judge from scratch; it cannot be "
-                         "combined with --model")
-    if ctx.gpu and cfg.check_memory and cfg.model:
-        plan.check_before_training()
+    # Settings, data and the run directory are checked before any model is loaded.
     if cfg.model:
+        load_config(cfg.model)
         tokenizer = data.load_tokenizer(cfg.model)
     else:
         tokenizer = demo.build_demo_tokenizer(os.path.join(cfg.out, "tokenizer"))
-    model, optimizer = build(cfg, ctx, tokenizer)
     examples = load_examples(cfg, tokenizer)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total_steps = cfg.demo_copy_steps + steps_per_epoch * cfg.epochs
+    D.start_run(cfg.out, asdict(cfg), cfg.resume, preset)
+    if ctx.gpu and cfg.check_memory and cfg.model:
+        plan.check_before_training()
+    model, optimizer = build(cfg, ctx, tokenizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     start = 0
     if cfg.resume:
@@ -261,12 +285,12 @@ def train(cfg: SFTConfig) -> bool:
             loss, nll = sft_loss(model, row, n_tokens, ctx.world_size, ctx.device)
             loss.backward()
             nll_sum += nll
-        loss_value = float(D.all_reduce_sum(nll_sum)) / n_tokens
-        if not math.isfinite(loss_value):
-            raise RuntimeError(f"non-finite loss {loss_value} at step {step}: stopping without "
-                               f"an update; the last good checkpoint is in {cfg.out} (try a lower "
-                               f"--lr or check the data)")
-        grad_norm = D.clip_and_step(model, optimizer, cfg.grad_clip)
+        nll_total = D.all_reduce_sum(nll_sum)
+        try:
+            grad_norm = float(D.clip_and_step(model, optimizer, cfg.grad_clip, loss=nll_total))
+        except FloatingPointError as e:
+            raise D.non_finite_exit(step + 1, e, cfg.out) from None
+        loss_value = float(nll_total) / n_tokens
         scheduler.step()
         n_all = sum(len(r["input_ids"]) for r in rows)
         metrics.log(step + 1, {"loss": loss_value, "lr": scheduler.get_last_lr()[0],
@@ -287,8 +311,10 @@ def main(argv=None):
     if cfg.model:
         train(cfg)
     else:
+        D.log(f"no --model: the CPU demo's settings (sft.DEMO) apply where no flag is given: "
+              f"{ {k: v for k, v in DEMO.items() if k not in given} }")
         for round_cfg in demo_round_configs(with_defaults(cfg, DEMO, given)):
-            if not train(round_cfg):
+            if not train(round_cfg, preset="demo"):
                 break  # stopped by --max_steps: --resume goes on from here
     D.shutdown()
 

@@ -1,10 +1,13 @@
 """Runs grpo_step under torchrun or plain python for tests/test_grpo_run.py; not a test itself.
 
-    python tests/grpo_worker.py MODEL_DIR OUT.json STEPS LR
+    python tests/grpo_worker.py MODEL_DIR OUT.json STEPS LR [CONFIG_JSON]
+
+CONFIG_JSON overrides GRPOConfig fields (filter_equal_groups, oversample, ...).
 """
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -12,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import distributed as D  # noqa: E402
-from grpo import GRPOConfig, grpo_step, rank_share  # noqa: E402
+from grpo import GRPOConfig, grpo_step, oversampler, rank_share  # noqa: E402
 
 
 def even_first_token(completions, texts, records):
@@ -21,25 +24,28 @@ def even_first_token(completions, texts, records):
     return torch.tensor([1.0 if c.token_ids[0] % 2 == 0 else -1.0 for c in completions])
 
 
-def main(model_dir, out, steps, lr):
+def main(model_dir, out, steps, lr, overrides=None):
     ctx = D.init()
     cfg = GRPOConfig(model=model_dir, lr=lr, rollout_batch_size=8, mini_batch_size=4, n_samples=4,
                      max_response_len=6, micro_batch_tokens=40, kl_coef=0.01, bf16=False,
                      activation_checkpointing=False, rollout_slots=32, entropy_coef=0.001)
+    cfg = replace(cfg, **json.loads(overrides or "{}"))
     tokenizer = data.load_tokenizer(model_dir)
     model = D.load_model(model_dir, ctx)
-    ref = D.load_model(model_dir, ctx).eval().requires_grad_(False)
+    ref = D.load_model(model_dir, ctx, frozen=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
     # Short prompts where rank 0 of two samples, long ones where rank 1 does: the ranks pack
     # different numbers of rows and must still run the same number of FSDP forwards.
     prompts = [torch.randint(3, 300, (3 if i % 4 < 2 else 20,), generator=gen).tolist()
-               for i in range(cfg.rollout_batch_size)]
+               for i in range(2 * cfg.rollout_batch_size)]
+    records = [{"winner": "model_a"}] * len(prompts)
     share = rank_share(cfg, ctx)
     history = []
     for step in range(steps):
-        m = grpo_step(model, ref, optimizer, tokenizer, [{"winner": "model_a"}] * len(share),
-                      [prompts[i] for i in share], step, share, cfg, ctx, score=even_first_token)
+        m = grpo_step(model, ref, optimizer, tokenizer, [records[i] for i in share],
+                      [prompts[i] for i in share], step, share, cfg, ctx, score=even_first_token,
+                      draw=oversampler(records, prompts, step, cfg, share))
         history.append(m)
     checksum = float(sum(p.double().sum() for p in D.full_state_dict(model).values()))
     if ctx.is_main:
@@ -48,4 +54,4 @@ def main(model_dir, out, steps, lr):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), *sys.argv[5:6])

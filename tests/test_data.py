@@ -157,15 +157,15 @@ def test_malformed_rlvr_record_error_names_file_line_and_field(tmp_path, record,
 
 def test_pairs_to_rlvr_balances_labels_and_puts_chosen_where_the_label_says():
     pairs = [{"prompt": f"q{i}", "chosen": f"good{i}", "rejected": f"bad{i}"} for i in range(11)]
-    records = data.pairs_to_rlvr(pairs, seed=3)
+    records, _ = data.pairs_to_rlvr(pairs, seed=3)
     winners = [r["winner"] for r in records]
     assert winners.count("model_a") == 6 and winners.count("model_b") == 5
     for i, r in enumerate(records):
         text = r["context_messages"][1]["content"]
         slot = "A" if r["winner"] == "model_a" else "B"
         assert f"[The Start of Chatbot {slot}'s Response]\ngood{i}\n" in text
-    assert data.pairs_to_rlvr(pairs, seed=3) == records
-    assert [r["winner"] for r in data.pairs_to_rlvr(pairs, seed=4)] != winners
+    assert data.pairs_to_rlvr(pairs, seed=3)[0] == records
+    assert [r["winner"] for r in data.pairs_to_rlvr(pairs, seed=4)[0]] != winners
 
 
 def test_pairs_in_message_list_forms_give_the_same_judge_prompt():
@@ -173,7 +173,7 @@ def test_pairs_in_message_list_forms_give_the_same_judge_prompt():
     skywork = {"chosen": [user("q"), bot("good")], "rejected": [user("q"), bot("bad")]}
     split = {"prompt": [user("q")], "chosen": [bot("good")], "rejected": [bot("bad")]}
     full = {"prompt": "q", "chosen": [user("q"), bot("good")], "rejected": [user("q"), bot("bad")]}
-    outs = [data.pairs_to_rlvr([p], seed=0, style="reasoning") for p in (strings, skywork, split, full)]
+    outs = [data.pairs_to_rlvr([p], seed=0, style="reasoning")[0] for p in (strings, skywork, split, full)]
     assert all(o == outs[0] for o in outs)
 
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from grpo import GRPOConfig, group_advantages, kl_penalty, pack_rows, policy_loss
+from grpo import GRPOConfig, pack_rows
+from objective import group_advantages, kl_penalty, policy_loss
 
 
 def test_group_advantages_by_hand():

@@ -7,27 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
-import demo
-from distributed import init_weights
-from model import ModelConfig, Transformer, save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "grpo_worker.py")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("policy")
-    tokenizer = demo.build_demo_tokenizer(str(path), n=400)
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                    eos_token_id=tokenizer.eos_token_id))
-    init_weights(model, seed=0)  # small logits: a near-uniform policy with room to learn
-    save_pretrained(model, path)
-    return str(path)
+def model_dir(tiny_policy):
+    return tiny_policy[0]
 
 
 def run_worker(model_dir, out, steps, lr, nproc=1):

@@ -1,0 +1,95 @@
+"""GRPO's objective as pure functions on tensors: group advantages, the KL estimators, the
+clipped surrogate (with dual clip), and DAPO's overlong penalty and all-equal-group filter.
+grpo.py calls them; tests check them against values worked out by hand.
+
+    advantages = group_advantages(rewards, group_size=7)            # (G * n,)
+    loss, sums = policy_loss(logprobs, old, ref, advantages, mask, entropy, seq_ids, cfg, n_tokens, n_seqs)
+"""
+
+import torch
+
+
+def group_advantages(rewards, group_size, norm_by_std=True, eps=1e-6):
+    """rewards (G * n,) -> advantages (G * n,): r_i - mean of its group, divided by the group's
+    std unless Dr. GRPO. A group whose rewards are all equal gets zero advantages.
+
+    >>> group_advantages(torch.tensor([1., -1., -1., -1.]), 2)
+    tensor([ 1.0000, -1.0000,  0.0000,  0.0000])
+    """
+    r = rewards.view(-1, group_size)
+    adv = r - r.mean(-1, keepdim=True)
+    if norm_by_std:
+        adv = adv / (r.std(-1, keepdim=True) + eps)  # unbiased std, as the GRPO reference does
+    return adv.flatten()
+
+
+def overlong_penalty(lengths, max_len, buffer):
+    """DAPO's soft overlong punishment, added to the reward: 0 up to max_len - buffer tokens, then
+    falling linearly to -1 at max_len (where the sampler cuts a trace).
+
+    >>> overlong_penalty(torch.tensor([10., 12., 16.]), max_len=16, buffer=8)
+    tensor([ 0.0000, -0.5000, -1.0000])
+    """
+    return ((max_len - buffer - lengths) / buffer).clamp(-1.0, 0.0)
+
+
+def equal_groups(rewards, group_size):
+    """(G,) True where a group's rewards are all equal: its advantages are all 0, it teaches
+    nothing, and its tokens would only dilute the token mean."""
+    r = rewards.view(-1, group_size)
+    return (r == r[:, :1]).all(-1)
+
+
+def kl_penalty(logprobs, ref_logprobs, estimator):
+    """Per-token KL(policy || ref) estimate from sampled tokens.
+
+    k1 = log p - log r; k2 ("mse") = (log p - log r)^2 / 2; k3 ("low_var_kl") = r/p - log(r/p) - 1,
+    clamped to [-10, 10]. k3 is unbiased and always >= 0, so it is safe as a loss term.
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "mse":
+        return 0.5 * log_ratio ** 2
+    if estimator == "low_var_kl":
+        return (torch.exp(-log_ratio) + log_ratio - 1).clamp(-10, 10)
+    raise ValueError(f"kl_estimator must be k1, mse or low_var_kl, got {estimator!r}")
+
+
+def policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, response_mask, entropy, seq_ids,
+                cfg, n_tokens, n_seqs):
+    """PPO clipped objective + kl_coef * KL - entropy_coef * entropy, as a sum that callers add
+    over micro-batches and ranks: n_tokens / n_seqs are the mini-batch's global counts, so the
+    total is one token mean (or one mean over sequences of per-sequence token means) however
+    the mini-batch was split. All tensors (N,) over packed tokens; seq_ids (N,) says which
+    sequence a token belongs to (for seq-mean-token-mean); cfg is a grpo.GRPOConfig (its clip
+    ratios, kl_coef, kl_estimator, entropy_coef and loss_agg). Returns (loss, metric sums).
+    """
+    mask = response_mask.float()
+    # Clamped as verl does: exp() overflows past ~88 in fp32, and 0 * inf (a zero advantage) is NaN.
+    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - cfg.clip_ratio_low, 1 + cfg.clip_ratio_high)
+    per_token = torch.maximum(unclipped, clipped)
+    dual = torch.zeros_like(per_token, dtype=torch.bool)
+    if cfg.clip_ratio_c:
+        # Dual clip (Ye et al. 2020): with A < 0 a huge ratio would make an unbounded loss.
+        dual = (advantages < 0) & (per_token > -advantages * cfg.clip_ratio_c)
+        per_token = torch.where(dual, -advantages * cfg.clip_ratio_c, per_token)
+    kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator) if cfg.kl_coef else torch.zeros_like(logprobs)
+    per_token = per_token + cfg.kl_coef * kl - cfg.entropy_coef * entropy
+    if cfg.loss_agg == "token-mean":
+        loss = (per_token * mask).sum() / n_tokens
+    elif cfg.loss_agg == "seq-mean-token-mean":
+        n_seq_local = int(seq_ids.max()) + 1 if seq_ids.numel() else 0
+        seq_sum = torch.zeros(n_seq_local, device=mask.device).index_add(0, seq_ids, per_token * mask)
+        seq_len = torch.zeros(n_seq_local, device=mask.device).index_add(0, seq_ids, mask)
+        loss = (seq_sum / seq_len.clamp(min=1)).sum() / n_seqs
+    else:
+        raise ValueError(f"loss_agg must be token-mean or seq-mean-token-mean, got {cfg.loss_agg!r}")
+    with torch.no_grad():
+        sums = {"clip_frac": ((clipped > unclipped).float() * mask).sum(),
+                "ppo_kl": (-log_ratio * mask).sum(), "kl": (kl * mask).sum(),
+                "entropy": (entropy * mask).sum(), "dual_clip_frac": (dual.float() * mask).sum()}
+    return loss, sums

@@ -1,0 +1,23 @@
+"""Fixtures shared by the test modules."""
+
+import pytest
+import torch
+
+import demo
+from distributed import init_weights
+from model import ModelConfig, Transformer, save_pretrained
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory):
+    """(model directory, tokenizer) of a 2-layer Qwen2 over the demo tokenizer (400 traces' worth),
+    with small normal weights: a near-uniform policy with room to learn."""
+    path = tmp_path_factory.mktemp("policy")
+    tokenizer = demo.build_demo_tokenizer(str(path), n=400)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    eos_token_id=tokenizer.eos_token_id))
+    init_weights(model, seed=0)
+    save_pretrained(model, path, tokenizer=tokenizer)
+    return str(path), tokenizer

@@ -1,0 +1,260 @@
+"""What a run does when something goes wrong: non-finite losses, resumes with other settings,
+kills during a save, a full disk, bad input, prompts that would be dropped silently."""
+
+import errno
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import data
+import demo
+import distributed as D
+import grpo
+import sft
+from cli import parse_config
+from grpo import GRPOConfig, step_prompts
+from objective import policy_loss
+from model import ModelConfig, Transformer, save_pretrained
+from sft import SFTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                   num_attention_heads=2, num_key_value_heads=1)
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return Transformer(TINY)
+
+
+# ---- non-finite values never reach the weights, a checkpoint or an export ----
+
+def test_a_non_finite_gradient_stops_before_the_optimizer_step():
+    model = tiny()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randint(0, 64, (1, 5))).sum().backward()
+    model.lm_head.weight.grad[0, 0] = float("nan")  # a finite loss, a NaN gradient
+    with pytest.raises(FloatingPointError, match="non-finite gradient norm"):
+        D.clip_and_step(model, optimizer, max_norm=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "weights changed"
+    assert all(p.grad is None for p in model.parameters())
+    model(torch.randint(0, 64, (1, 5))).sum().backward()
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        D.clip_and_step(model, optimizer, max_norm=1.0, loss=torch.tensor(float("inf")))
+
+
+def test_non_finite_weights_are_never_saved_or_exported(tmp_path):
+    model = tiny()
+    optimizer = torch.optim.AdamW(model.parameters())
+    with torch.no_grad():
+        model.norm.weight[0] = float("inf")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        D.save_state(str(tmp_path), 3, model, optimizer, {})
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        D.save_hf(model, None, str(tmp_path / "hf"))
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_the_stop_message_names_the_last_good_checkpoint(tmp_path):
+    assert "none (none was saved yet)" in str(D.non_finite_exit(1, "non-finite loss (nan)", str(tmp_path)))
+    (tmp_path / "latest").write_text("step_00000004")
+    message = str(D.non_finite_exit(5, "non-finite loss (nan)", str(tmp_path)))
+    assert "step 5: non-finite loss (nan)" in message and str(tmp_path / "step_00000004") in message
+
+
+def test_policy_loss_is_finite_for_any_log_ratio():
+    cfg = GRPOConfig()
+    logp = torch.tensor([100.0, -100.0, 100.0])  # log-ratios of +-100: exp() overflows in fp32
+    zeros, ones = torch.zeros(3), torch.ones(3)
+    adv = torch.tensor([0.0, 1.0, -1.0])  # 0 * inf was NaN
+    loss, _ = policy_loss(logp, zeros, logp, adv, ones, zeros, torch.zeros(3, dtype=torch.long), cfg, 3, 3)
+    assert math.isfinite(float(loss))
+    # clamped at +-20: token 2 (A = -1, ratio e^20) costs e^20, token 1 (A = 1, ratio e^-20) -(1 - 0.2)
+    assert float(loss) == pytest.approx((0 - 0.8 + math.exp(20)) / 3, rel=1e-5)
+
+
+# ---- every setting is checked, before any model or data is read, naming its flag ----
+
+@pytest.mark.parametrize("argv, match", [
+    (["--n_samples", "1"], "--n_samples 1: must be >= 2"),
+    (["--n_samples", "0"], "--n_samples 0: must be >= 2"),
+    (["--mini_batch_size", "0"], "--mini_batch_size 0: must be >= 1"),
+    (["--rollout_batch_size", "0"], "--rollout_batch_size 0: must be >= 1"),
+    (["--temperature", "0"], "--temperature 0.0: must be > 0"),
+    (["--epochs", "0"], "--epochs 0: must be >= 1"),
+    (["--max_steps", "-1"], "--max_steps -1: must be >= 0"),
+    (["--clip_ratio_low", "1.5"], r"--clip_ratio_low 1.5: must be in \[0, 1\)"),
+    (["--kl_coef", "-1"], "--kl_coef -1.0: must be >= 0"),
+    (["--clip_ratio_c", "0.5"], "--clip_ratio_c 0.5: must be > 1"),
+    (["--oversample", "2"], "--oversample 2: needs --filter_equal_groups"),
+    (["--overlong", "cut"], "--overlong 'cut': must be keep, mask or penalty"),
+])
+def test_grpo_settings_are_checked_by_flag(argv, match):
+    cfg, _ = parse_config(GRPOConfig, argv)
+    with pytest.raises(ValueError, match=match):
+        grpo.check_config(cfg, world_size=1)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--batch_size", "0"], "--batch_size 0: must be >= 1"),
+    (["--epochs", "0"], "--epochs 0: must be >= 1"),
+    (["--max_steps", "-1"], "--max_steps -1: must be >= 0"),
+    (["--schedule", "linear"], "--schedule 'linear': must be constant or cosine"),
+])
+def test_sft_settings_are_checked_by_flag(argv, match):
+    cfg, _ = parse_config(SFTConfig, argv)
+    with pytest.raises(ValueError, match=match):
+        sft.check_config(cfg)
+
+
+def test_flags_are_never_abbreviated(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(GRPOConfig, ["--n_sample", "3"])
+    assert "unrecognized arguments: --n_sample" in capsys.readouterr().err
+
+
+def test_a_missing_model_directory_fails_at_once(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "grpo.py", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and f"{tmp_path / 'nope'}: no such model directory" in res.stderr
+    assert not (tmp_path / "o").exists(), "the run directory was made before the settings were checked"
+
+
+# ---- bad input speaks at once, naming the file ----
+
+def test_bad_files_name_the_file_and_the_fix(tmp_path):
+    cases = {"empty.jsonl": (b"", "holds no records"),
+             "latin1.jsonl": ('{"a": "caf\u00e9"}\n'.encode("latin-1"), r"latin1.jsonl:1: not valid UTF-8"),
+             "one.json": (b'{\n  "a": 1\n}\n', "holds one JSON dict; a .json file must hold a list")}
+    for name, (content, match) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=match):
+            data.read_records(tmp_path / name)
+
+
+def test_a_data_file_holds_one_kind_of_record(tmp_path):
+    rlvr = {"context_messages": [{"role": "user", "content": "judge"}], "winner": "model_a"}
+    pair = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps(rlvr) + "\n" + json.dumps(pair) + "\n")
+    with pytest.raises(ValueError, match=r"mixed.jsonl:2: a raw preference pairs record in a file that starts "
+                                         r"with RLVR records"):
+        grpo.load_records(str(path), GRPOConfig(), "train")
+
+
+def test_pairs_with_identical_answers_are_dropped_and_counted():
+    pairs = [{"prompt": "q", "chosen": "same", "rejected": " same "},
+             {"prompt": "q", "chosen": "good", "rejected": "bad"}]
+    records, identical = data.pairs_to_rlvr(pairs, seed=0)
+    assert identical == 1 and len(records) == 1
+
+
+# ---- no prompt dropped silently ----
+
+def test_each_epochs_leftovers_open_the_next_epoch():
+    cfg = GRPOConfig(rollout_batch_size=4, seed=3)
+    steps = [step_prompts(10, step, cfg) for step in range(5)]  # 10 prompts x 2 epochs = 5 steps of 4
+    assert sorted(steps[0] + steps[1] + steps[2][:2]) == list(range(10)), "epoch 1 uses every prompt once"
+    assert sorted(steps[2][2:] + steps[3] + steps[4]) == list(range(10)), "so does epoch 2"
+    assert steps == [step_prompts(10, step, cfg) for step in range(5)], "a pure function of (seed, step)"
+
+
+# ---- the run directory: settings compared on resume, nothing mixed, nothing half-written ----
+
+def run_config(**changes):
+    return asdict(GRPOConfig(**changes))
+
+
+def test_a_fresh_run_into_a_used_directory_is_refused(tmp_path):
+    D.start_run(str(tmp_path), run_config(), resume=False)
+    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 1e-6
+    with pytest.raises(ValueError, match="holds a run already: pass --resume"):
+        D.start_run(str(tmp_path), run_config(), resume=False)
+
+
+def test_resume_needs_a_checkpoint_and_the_same_settings(tmp_path, capsys):
+    with pytest.raises(ValueError, match="--resume: .* has no checkpoint to continue from"):
+        D.start_run(str(tmp_path / "typo"), run_config(), resume=True)
+    D.start_run(str(tmp_path), run_config(), resume=False)
+    (tmp_path / "latest").write_text("step_00000002")
+    for change in ({"lr": 1e-2}, {"n_samples": 3}, {"data": "other.jsonl"}, {"seed": 1}, {"epochs": 3}):
+        with pytest.raises(ValueError, match=f"--{next(iter(change))}: "):
+            D.start_run(str(tmp_path), run_config(**change), resume=True)
+    D.start_run(str(tmp_path), run_config(max_steps=5, save_every=2, eval_every=1), resume=True)
+    out = capsys.readouterr().out
+    assert "resume: --max_steps 0 -> 5" in out and "resume: --save_every 0 -> 2" in out
+
+
+def test_start_removes_what_a_killed_save_left(tmp_path):
+    (tmp_path / "step_00000004.tmp").mkdir()
+    (tmp_path / "hf.old").mkdir()
+    (tmp_path / "latest.tmp").write_text("x")
+    (tmp_path / "latest").write_text("step_00000002")
+    D.start_run(str(tmp_path), run_config(), resume=True)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "latest"]
+
+
+def test_a_resumed_finished_run_keeps_its_checkpoint(tmp_path):
+    model = tiny()
+    optimizer = torch.optim.AdamW(model.parameters())
+    D.save_state(str(tmp_path), 4, model, optimizer, {})
+    first = (tmp_path / "step_00000004" / ".metadata").stat().st_mtime_ns
+    D.save_state(str(tmp_path), 4, model, optimizer, {})  # was: delete, then rename the new one in
+    assert (tmp_path / "step_00000004" / ".metadata").stat().st_mtime_ns == first
+    assert (tmp_path / "latest").read_text() == "step_00000004"
+
+
+def test_an_export_left_half_renamed_by_a_kill_comes_back(tmp_path):
+    model = tiny()
+    save_pretrained(model, tmp_path / "hf")
+    os.replace(tmp_path / "hf", tmp_path / "hf.old")  # killed between replace_dir's two renames
+    save_pretrained(model, tmp_path / "hf")  # was: "Directory not empty" on every later export
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_a_full_disk_says_so_and_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise RuntimeError("enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(D.dcp, "save", full)
+    monkeypatch.setattr(D.shutil, "disk_usage", lambda path: SimpleNamespace(free=5 * 2**20))
+    model = tiny()
+    with pytest.raises(OSError, match="no space left to write .*step_00000001.tmp") as e:
+        D.save_state(str(tmp_path), 1, model, torch.optim.AdamW(model.parameters()), {})
+    assert e.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_resumed_run_drops_the_metrics_past_its_checkpoint(tmp_path):
+    lines = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3)] + ['{"step": 4, "lo']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    logger = D.MetricsLogger(str(tmp_path), total_steps=5, config={}, start=2)
+    logger.log(3, {"loss": 0.5})
+    logger.close()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_a_run_gone_nan_exits_non_zero_and_exports_nothing(tiny_policy, tmp_path):
+    records = tmp_path / "rlvr.jsonl"
+    records.write_text("".join(json.dumps(r) + "\n" for r in demo.rlvr_records(24, seed=0)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "grpo.py", "--model", tiny_policy[0], "--data", str(records),
+                          "--out", str(tmp_path / "out"), "--rollout_batch_size", "8", "--mini_batch_size", "4",
+                          "--n_samples", "2", "--max_response_len", "8", "--micro_batch_tokens", "512",
+                          "--no-bf16", "--no-activation_checkpointing", "--rollout_slots", "16",
+                          "--lr", "1e6", "--save_every", "1"],  # was: NaN from step 1, exported, exit 0
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "step 1: non-finite gradient norm (nan); stopped before the optimizer step" in res.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "metrics.jsonl"]
