@@ -55,7 +55,8 @@ from cli import check_fields, parse_config, with_defaults
 from model import load_config
 from plan import MORE_RANKS
 from objective import equal_groups, group_advantages, overlong_penalty, policy_loss
-from rollout import SamplingParams, cache_slots, decode, generate, kv_budget, new_cache, prefill
+from rollout import (PAGE_SIZE, PREFILL_TOKENS, SamplingParams, cache_pages, decode, generate, kv_budget,
+                     new_cache, prefill)
 
 
 @dataclass
@@ -123,15 +124,17 @@ DEMO_PAIRS = 1280  # training pairs the demo draws: 40 rollout steps of 32 promp
 def rollout(model, tokenizer, prompts, step, cfg: GRPOConfig, prompt_keys, resample=0):
     """Sample n traces per prompt with the current policy, full weights gathered once. Seeds
     derive from (seed, step, oversampling round, global prompt index, sample index), so a
-    resumed run draws the same traces and the number of ranks does not change them."""
+    resumed run draws the same traces and the number of ranks does not change them. Returns
+    the completions, their texts and the sampler's RolloutStats."""
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
                             max_new_tokens=cfg.max_response_len, n=cfg.n_samples,
                             stop_token_ids=(tokenizer.eos_token_id,),
                             seed=(cfg.seed * 1_000_003 + step + resample * 1_000_000_007) % 2**32)
     with D.full_weights(model) as plain, torch.no_grad():
-        completions = generate(plain, prompts, params, max_batch_size=cfg.rollout_slots,
-                               prompt_keys=prompt_keys, kv_budget_bytes=kv_budget_bytes(cfg))
-    return completions, [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+        completions, stats = generate(plain, prompts, params, max_batch_size=cfg.rollout_slots,
+                                      prompt_keys=prompt_keys, kv_budget_bytes=kv_budget_bytes(cfg),
+                                      return_stats=True)
+    return completions, [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions], stats
 
 
 def kv_budget_bytes(cfg: GRPOConfig):
@@ -295,17 +298,20 @@ def grpo_step(model, ref_model, optimizer, tokenizer, records, prompts, step, pr
     n, R, share = cfg.n_samples, cfg.rollout_batch_size, rank_share(cfg, ctx)
     t0 = time.time()
     model.eval()
-    groups, kept = [], []  # per resample: this rank's groups; the (resample, position)s kept
+    # Per resample: this rank's groups and the sampler's stats; then the (resample, position)s kept.
+    groups, engine, kept = [], [], []
     for resample in range(1 + (cfg.oversample if cfg.filter_equal_groups else 0)):
         if resample:
             records, prompts = draw(resample)
-        completions, texts = rollout(model, tokenizer, prompts, step, cfg, prompt_keys, resample)
+        completions, texts, rollout_stats = rollout(model, tokenizer, prompts, step, cfg, prompt_keys,
+                                                    resample)
         rewards = score(completions, texts, records)
         train_rewards = rewards
         if cfg.overlong == "penalty":
             lengths = torch.tensor([float(len(c.token_ids)) for c in completions])
             train_rewards = rewards + overlong_penalty(lengths, cfg.max_response_len, cfg.overlong_buffer)
         groups.append((records, prompts, completions, texts, rewards, train_rewards))
+        engine.append(rollout_stats)
         keep = torch.zeros(R)
         if cfg.filter_equal_groups:
             keep[share] = (~equal_groups(train_rewards, n)).float()
@@ -351,10 +357,17 @@ def grpo_step(model, ref_model, optimizer, tokenizer, records, prompts, step, pr
         m.update({k: float(torch.stack([u[k] for u in updates]).mean()) for k in updates[0]})
     tokens = sum(len(prompts_r[c.prompt_index]) + len(c.token_ids) for _, prompts_r, cs, *_ in groups for c in cs)
     n_tokens = D.all_reduce_sum(torch.tensor(float(tokens)))
+    generated = sum(len(c.token_ids) for _, _, cs, *_ in groups for c in cs)
+    generated = D.all_reduce_sum(torch.tensor(float(generated)))
+    sampler = D.all_reduce_max(torch.tensor([float(max(getattr(s, k) for s in engine)) for k in
+                                             ("peak_sequences", "peak_kv_bytes", "preemptions", "pool_pages")]))
     m.update(rollout_logprob_gap=float(gap), lr=optimizer.param_groups[0]["lr"], updates=len(updates),
              kept_groups=len(kept) / R, rollout_rounds=len(groups),
              time_generate=t_gen - t0, time_logprobs=t_logprobs - t_gen,
-             time_update=t_update - t_logprobs, tokens_per_s=float(n_tokens) / (t_update - t0))
+             time_update=t_update - t_logprobs, tokens_per_s=float(n_tokens) / (t_update - t0),
+             rollout_tokens_per_s=float(generated) / (t_gen - t0), rollout_peak_sequences=float(sampler[0]),
+             rollout_peak_kv_gib=float(sampler[1]) / 2**30, rollout_preemptions=float(sampler[2]),
+             rollout_pool_pages=float(sampler[3]))
     return m
 
 
@@ -509,29 +522,33 @@ def plan_walk(cfg: GRPOConfig, ctx, plan):
         with plan.phase("rollout: gather full weights", MORE_RANKS + "; the full weights are gathered "
                         "on every rank (a tensor-parallel rollout would split them)"):
             plain = rollout_weights.enter_context(D.full_weights(model))
-        slots = 0
-        with plan.phase("rollout: KV cache", "") as phase:
+        slots, cache = min(cfg.rollout_slots, prompts_per_rank * cfg.n_samples), None
+        params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.n_samples,
+                                max_new_tokens=cfg.max_response_len)
+        with plan.phase("rollout: KV pool", "") as phase:
             dtype = plain.embed_tokens.weight.dtype
             budget = kv_budget_bytes(cfg) or kv_budget(plan.free(), plan.total)
             try:
-                slots = cache_slots(config, seq_len, dtype, budget,
-                                    min(cfg.rollout_slots, prompts_per_rank * cfg.n_samples))
-                cache = new_cache(plain, slots, seq_len)
-                phase.name += f" ({slots} slots x {seq_len:,} positions)"
+                n_pages = cache_pages(config, [[0] * cfg.max_prompt_len] * prompts_per_rank, params, dtype,
+                                      budget, slots)
+                cache = new_cache(plain, slots, seq_len, PAGE_SIZE, n_pages)
+                phase.name += (f" ({n_pages:,} pages of {PAGE_SIZE}: {n_pages * PAGE_SIZE // seq_len} "
+                               f"sequences at full length, more as most end early)")
             except ValueError as e:
                 phase.error = str(e)  # the trainer's phases below are still measured
         advice = "lower --rollout_slots, or --kv_budget_gib below the default"
-        if slots:
-            with plan.phase(f"rollout: prefill (a {cfg.max_prompt_len:,}-token prompt)", advice):
-                prefill(plain, cache, [0] * cfg.max_prompt_len, slot=0)
-        with plan.phase(f"rollout: decode step ({slots} sequences), then release" if slots else
-                        "rollout: release the gathered weights", advice, counted=bool(slots)):
-            if slots:
-                params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.n_samples)
+        if cache is not None:
+            n = max(1, min(PREFILL_TOKENS // cfg.max_prompt_len, prompts_per_rank))
+            with plan.phase(f"rollout: prefill ({n} prompts of {cfg.max_prompt_len:,} tokens)", advice):
+                prompt_pages = cache.pages_for(cfg.max_prompt_len - 1)
+                prefill(plain, cache, [([0] * (cfg.max_prompt_len - 1), cache.take(prompt_pages))
+                                       for _ in range(n)])
+        with plan.phase(f"rollout: decode step ({slots} sequences), then release" if cache is not None else
+                        "rollout: release the gathered weights", advice, counted=cache is not None):
+            if cache is not None:
                 state = torch.zeros(4, slots, dtype=torch.long, device=ctx.device)
-                decode(plain, cache, state, params, cache.max_seq_len)
-                del cache
-            del plain
+                decode(plain, cache, state, params, seq_len)  # every slot at the longest length
+            del plain, cache
             rollout_weights.close()  # reshard inside the phase, where the tracker sees it
     advice = f"lower --micro_batch_tokens (now {cfg.micro_batch_tokens:,})"
     with plan.phase("old + reference log-probs (one row)", advice):

@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-from kernels import linear_logprobs_and_entropy
+from kernels import linear_logprobs_and_entropy, triton_runs
 
 try:  # torch >= 2.10: FlashAttention over packed variable-length sequences (CUDA only)
     from torch.nn.attention.varlen import varlen_attn
@@ -158,49 +158,6 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-class KVCache(nn.Module):
-    """Static, preallocated keys and values: (layers, B, H_kv, max_seq_len, Dh) each.
-
-    A token's cache index is its position id, so a batch slot can be refilled with a new
-    sequence (continuous batching) by writing positions from 0 again; stale entries beyond a
-    query's position are never attended to. Fixed shapes let the decode step be a CUDA graph.
-    """
-
-    def __init__(self, config: ModelConfig, batch_size, max_seq_len, dtype=None, device=None):
-        super().__init__()
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_seq_len,
-                 config.head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    @staticmethod
-    def bytes_per_slot(config: ModelConfig, max_seq_len, dtype) -> int:
-        """Bytes one slot of max_seq_len positions holds (keys and values of every layer)."""
-        return (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
-                * max_seq_len * torch.empty((), dtype=dtype).element_size())
-
-    @property
-    def max_seq_len(self):
-        return self.k.shape[3]
-
-    def write(self, layer, slots, positions, k, v):
-        """Store keys/values (B, T, H_kv, Dh) at positions (B, T) of rows `slots` (B,) (None:
-        rows 0..B-1)."""
-        B, T = positions.shape
-        rows = torch.arange(B, device=positions.device) if slots is None else slots
-        rows = rows[:, None].expand(B, T)
-        self.k[layer][rows, :, positions] = k.to(self.k.dtype)
-        self.v[layer][rows, :, positions] = v.to(self.v.dtype)
-
-    def read(self, layer, slots, length):
-        """Keys and values (B, H_kv, length, Dh) of the first `length` positions of `slots`
-        (None: every slot, in order, without a copy)."""
-        k, v = self.k[layer], self.v[layer]
-        if slots is not None:
-            k, v = k[slots], v[slots]
-        return k[:, :, :length], v[:, :, :length]
-
-
 def attend(q, k, v, mask=None, is_causal=False):
     """SDPA over (B, H, T, Dh) queries and (B, H_kv, S, Dh) keys/values -> (B, H, T, Dh).
 
@@ -245,10 +202,11 @@ class Layout:
     doc_lens: list[int] | None = None    # packed documents over the flattened B * T tokens
     mask: torch.Tensor | None = None     # dense (B, 1, T, S) boolean; True = may attend
     impl: str = "sdpa"                   # packed attention: "varlen" (CUDA) or "sdpa"
-    kv_cache: KVCache | None = None
-    slots: torch.Tensor | None = None    # (B,) cache row of each row; None: rows 0..B-1
-    positions: torch.Tensor | None = None  # (B, T) cache position of every token
+    kv_cache: object = None              # a kvcache.KVCache
+    slots: torch.Tensor | None = None    # (B,) cache slot of each row; None: slots 0..B-1
+    cache_index: torch.Tensor | None = None  # (B, T) where each token's keys and values go
     decode: bool = False                 # one token per row, attending over the cache
+    kv_lens: torch.Tensor | None = None  # (B,) decode: cache positions each row attends to
 
 
 class Attention(nn.Module):
@@ -276,10 +234,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, T, H, Dh)
         cache = layout.kv_cache
         if cache is not None:
-            cache.write(self.layer_idx, layout.slots, layout.positions, k, v)
+            cache.write(self.layer_idx, layout.cache_index, k, v)
         if layout.decode:
-            out = self.decode(q, cache.read(self.layer_idx, layout.slots, layout.mask.shape[-1]),
-                              layout.mask)
+            out = self.decode(q, layout)
         elif layout.doc_lens is not None:
             out = packed_attention(q.reshape(B * T, self.n_heads, self.head_dim),
                                    k.reshape(B * T, self.n_kv_heads, self.head_dim),
@@ -290,16 +247,34 @@ class Attention(nn.Module):
                          is_causal=layout.causal).transpose(1, 2)
         return self.o_proj(out.reshape(B, T, -1))
 
-    def decode(self, q, kv, mask):
-        """One new token per row (q: (B, 1, H, Dh)) against the cache's first S positions ->
-        (B, 1, H, Dh). Each KV head's query heads are folded into its query rows, so SDPA reads
-        the cache once per KV head, where enable_gqa would first copy it per query head."""
-        k, v = (t.to(q.dtype) for t in kv)
+    def decode(self, q, layout):
+        """One new token per row (q: (B, 1, H, Dh)) against positions 0..kv_lens[b]-1 of each
+        row's slot -> (B, 1, H, Dh). Where Triton runs (CUDA, or TRITON_INTERPRET=1) a kernel
+        reads each row's pages in place up to its own length (kernels/paged_attention.py).
+        Elsewhere the exact torch path: the first S = mask.shape[-1] positions of a chunk of slots
+        at a time are gathered (cache.gather_slots keeps the copies small whatever the batch),
+        each KV head's query heads folded into its query rows, so SDPA reads the keys once per KV
+        head where enable_gqa would first copy them per query head; the mask drops what lies
+        past each row's length."""
+        cache, slots, mask = layout.kv_cache, layout.slots, layout.mask
         B, _, H, Dh = q.shape
-        group = H // self.n_kv_heads
-        folded = q.reshape(B, self.n_kv_heads, group, Dh)
-        out = attend(folded, k, v, mask=mask.expand(B, 1, group, mask.shape[-1]))
-        return out.reshape(B, 1, H, Dh)
+        S, group = mask.shape[-1], H // self.n_kv_heads
+        if triton_runs(q):
+            from kernels import paged_attention  # imported on first use: triton reads TRITON_INTERPRET at import
+            table = cache.block_table[:B] if slots is None else cache.block_table[slots]
+            out = paged_attention.paged_decode(q[:, 0], cache.k[self.layer_idx], cache.v[self.layer_idx], table,
+                                               layout.kv_lens, S)
+            return out[:, None]
+        chunk = cache.gather_slots(S)
+        outs = []
+        for a in range(0, B, chunk):
+            rows = slots if chunk >= B else \
+                (slots[a:a + chunk] if slots is not None else torch.arange(a, min(a + chunk, B), device=q.device))
+            k, v = (t.to(q.dtype) for t in cache.gather(self.layer_idx, rows, S, B))
+            n = k.shape[0]
+            folded = q[a:a + n].reshape(n, self.n_kv_heads, group, Dh)
+            outs.append(attend(folded, k, v, mask=mask[a:a + n].expand(n, 1, group, S)))
+        return torch.cat(outs).reshape(B, 1, H, Dh)
 
 
 class MLP(nn.Module):
@@ -389,18 +364,20 @@ class Transformer(nn.Module):
         return self.lm_head.weight
 
     def hidden_states(self, input_ids, position_ids=None, attention_mask=None, kv_cache=None,
-                      cache_slots=None, kv_len=None, doc_lens=None):
+                      cache_slots=None, kv_len=None, doc_lens=None, cache_index=None):
         """Final hidden states (B, T, D) after the last norm, without the LM head.
 
         position_ids default to 0..T-1, or to positions counted over real tokens when an
         attention_mask is given (so left padding does not shift them). doc_lens (documents of
         the flattened B * T tokens, in order) defaults to what position_ids say.
 
-        With kv_cache, the tokens are written at their positions in rows `cache_slots` (default
-        0..B-1). A call of one token per row decodes: attention reads the cache's first kv_len
-        positions (default: all), which must cover every query's position (unchecked: a check
-        would cost a host sync per step), so a step costs the live length, not the cache's.
-        A call of several tokens per row is a prefill from position 0 (see the module docstring).
+        With kv_cache (kvcache.KVCache), the tokens are written at their positions in slots
+        `cache_slots` (default 0..B-1), or at the cache rows `cache_index` (B, T) a caller worked
+        out (a batched prefill of several prompts, packed with doc_lens). A call of one token per
+        row decodes: attention reads each slot's first kv_len positions (default: all), which
+        must cover every query's position (unchecked: a check would cost a host sync per step),
+        so a step costs the live length, not the cache's. A call of several tokens per row is a
+        prefill from position 0 (see the module docstring).
         """
         B, T = input_ids.shape
         device = input_ids.device
@@ -410,10 +387,14 @@ class Transformer(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             else:
                 position_ids = torch.arange(T, device=device).expand(B, T)
+        # A call that names its cache rows is a prefill, even of one token.
         layout = Layout(impl=self.attention_impl(device), kv_cache=kv_cache, slots=cache_slots,
-                        positions=position_ids, decode=kv_cache is not None and T == 1)
+                        decode=kv_cache is not None and T == 1 and cache_index is None)
+        if kv_cache is not None:
+            layout.cache_index = kv_cache.index(cache_slots, position_ids) if cache_index is None else cache_index
         if layout.decode:
             layout.mask = build_mask(None, position_ids, kv_len or kv_cache.max_seq_len)
+            layout.kv_lens = position_ids[:, 0] + 1
         elif attention_mask is not None:
             layout.mask = build_mask(attention_mask, position_ids)
         elif doc_lens is not None or (given_positions and kv_cache is None):
@@ -448,7 +429,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, kv_cache=None,
                 cache_slots=None, targets=None, temperature=1.0, hidden_only=False, kv_len=None,
-                doc_lens=None):
+                doc_lens=None, cache_index=None):
         """Logits (B, T, V); or, given targets (B, T), (logprobs, entropy), each fp32 (B, T), of
         the targets under softmax(logits / temperature); or, with hidden_only, hidden states.
 
@@ -458,7 +439,7 @@ class Transformer(nn.Module):
         needs the root's forward to run first (a prefill that needs no logits uses hidden_only).
         """
         h = self.hidden_states(input_ids, position_ids, attention_mask, kv_cache, cache_slots, kv_len,
-                               doc_lens)
+                               doc_lens, cache_index)
         if hidden_only:
             return h
         if targets is None:

@@ -1,19 +1,25 @@
-"""Fast batched sampling with a static KV cache: the rollouts of GRPO and the verdicts of eval.
+"""Fast batched sampling over a paged KV cache: the rollouts of GRPO and the verdicts of eval.
 
     params = SamplingParams(temperature=1.0, max_new_tokens=8192, n=7, stop_token_ids=(eos,), seed=step)
-    completions = generate(model, prompts, params, max_batch_size=64)   # len(prompts) * n, prompt-major
+    completions = generate(model, prompts, params, max_batch_size=256)   # len(prompts) * n, prompt-major
+    completions, stats = generate(model, prompts, params, return_stats=True)  # RolloutStats too
     completions[0].token_ids, completions[0].logprobs, completions[0].finish_reason
 
-How it works, in the order the code runs:
-- one static KVCache of (slots, longest prompt + max_new_tokens positions), with as many slots
-  as fit the KV memory budget (kv_budget_bytes; by default what the device has free, less
-  KV_RESERVE of it), at most max_batch_size;
-- continuous batching: every slot holds one sequence; when it finishes, the slot takes the next
-  waiting sequence, so a few long traces never leave the batch mostly idle;
-- a prompt is prefilled once; its other samples copy its cached keys/values into their slots;
-- every step decodes one token for every slot with fixed shapes, attending over the cache up to
-  the power of two above the furthest live position; on CUDA the step (model forward +
-  sampling) is recorded as a CUDA graph once per such length and replayed (`use_cuda_graph`);
+How it works, in the order the code runs (generate's loop: admit, reserve, decode, advance):
+- one pool of KV pages (kvcache.KVCache, PAGE_SIZE positions each) sized from a memory budget
+  (kv_budget_bytes; by default what the device has free, less KV_RESERVE of it); each sequence
+  holds only the pages its length needs, taken as it grows and given back when it ends;
+- admission: waiting sequences take idle slots (at most max_batch_size decode together) while
+  pages last, paced by the pages the decoding ones are expected to grow into (PACE); new
+  prompts are prefilled together, packed as documents, once each: their n samples share the
+  prompt's pages by reference and copy only its partly filled last page;
+- preemption: when the pool runs out, the most recently admitted sequence gives its pages back
+  and waits again from its start, regenerating the same tokens (below), so results never
+  depend on the budget;
+- every step decodes one token for the busy slots (kept at 0..n-1), attending over each one's
+  pages up to its own length (the Triton kernel) or the furthest one's (the torch path); on CUDA
+  the step (model forward + sampling) is recorded as a CUDA graph once per bucket of n and of
+  length (powers of two) and replayed (`use_cuda_graph`);
 - sampling is exact categorical sampling by the Gumbel-max trick, with noise that is a hash of
   (seed, prompt index, sample index, position, token id): a sample never depends on which other
   sequences shared its batch, so any single trace can be regenerated. Callers derive `seed` from
@@ -33,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import KVCache
+from kvcache import KVCache
 
 
 @dataclass
@@ -158,34 +164,58 @@ def device_kv_budget(device) -> int | None:
     return kv_budget(free, total)
 
 
-def cache_slots(config, seq_len, dtype, budget_bytes, max_slots) -> int:
-    """How many sequences of seq_len positions the KV cache holds: max_slots, or fewer when the
-    budget (bytes; None = no limit) says so. A budget below one sequence is an error."""
-    per_slot = KVCache.bytes_per_slot(config, seq_len, dtype)
+PAGE_SIZE = 16          # positions per KV page (vLLM's default too)
+PREFILL_TOKENS = 8192   # prompt tokens per prefill forward, at most (one prompt, if it is longer)
+# Admission counts on each decoding sequence taking this share of the pages it is expected to
+# grow into (1: all of them, so almost nothing is ever preempted, and fewer run at once). On the
+# demo's GRPO shape (bench/rollout.py) 0.3 ran 4.7x the static cache's sequences at once, with
+# preemptions; 1.0 ran 2.6x, with almost none, at about the same tokens/s.
+PACE = 0.3
+
+
+def cache_pages(config, prompts, params, dtype, budget_bytes, slots, page_size=PAGE_SIZE) -> int:
+    """Pages in the pool: what the budget (bytes; None: no limit) holds, and no more than this
+    call could ever use at once (every slot at full length, every prompt's pages, the scratch
+    page). A budget below what one sequence needs is an error that names the number."""
+    L = max(map(len, prompts))
+    per_seq = -(-(L + params.max_new_tokens) // page_size)
+    prefix = -(-(L - 1) // page_size)
+    page_bytes = KVCache.bytes_per_slot(config, page_size, dtype)
+    most = slots * per_seq + min(slots, len(prompts)) * prefix + 1
     if budget_bytes is None:
-        return max_slots
-    if budget_bytes < per_slot:
-        raise ValueError(f"the KV cache needs {per_slot / 2**30:.2f} GiB for one sequence of {seq_len} "
-                         f"positions, but its budget is {budget_bytes / 2**30:.2f} GiB: raise the budget "
-                         f"(kv_budget_gib), free device memory, or shorten prompts / max_new_tokens")
-    return min(max_slots, budget_bytes // per_slot)
+        return most
+    one = per_seq + prefix + 1
+    if budget_bytes < one * page_bytes:
+        raise ValueError(f"the KV cache needs {one} pages of {page_size} positions ({one * page_bytes / 2**30:.2f} "
+                         f"GiB) for one sequence of {L} + {params.max_new_tokens} tokens, but its budget is "
+                         f"{budget_bytes / 2**30:.2f} GiB: raise the budget (kv_budget_gib), free device "
+                         f"memory, or shorten prompts / max_new_tokens")
+    return min(most, budget_bytes // page_bytes)
 
 
-def new_cache(model, n_slots, seq_len) -> KVCache:
-    """A KV cache of n_slots x seq_len positions in the model's dtype and device."""
+def new_cache(model, n_slots, seq_len, page_size, n_pages) -> KVCache:
+    """A paged KV cache in the model's dtype and device: n_slots page tables of up to seq_len
+    positions over a pool of n_pages pages."""
     weight = model.embed_tokens.weight
-    return KVCache(model.config, n_slots, seq_len, weight.dtype, weight.device)
+    return KVCache(model.config, n_slots, seq_len, weight.dtype, weight.device, page_size, n_pages)
 
 
 @torch.no_grad()
-def prefill(model, cache, prompt, slot):
-    """Cache the keys/values of prompt[:-1] (a list of ids) in `slot`. The last prompt token is the
-    first decode input, so the first sampled token comes out of a decode step like every other."""
-    device = cache.k.device
-    if len(prompt) > 1:
-        ids = torch.tensor(prompt[:-1], device=device)[None]
-        model(ids, torch.arange(ids.shape[1], device=device)[None], kv_cache=cache,
-              cache_slots=torch.tensor([slot], device=device), hidden_only=True)
+def prefill(model, cache, prefixes):
+    """Write the keys/values of several prompts at once: prefixes is [(token ids, pages)], each
+    prompt's ids but its last (the first decode input, so that the first sampled token comes out
+    of a decode step like every other) and the pages that will hold them. One forward, the
+    prompts packed as documents that never attend to each other."""
+    prefixes = [(ids, pages) for ids, pages in prefixes if ids]
+    if not prefixes:
+        return
+    device, P = cache.k.device, cache.page_size
+    ids = [t for p, _ in prefixes for t in p]
+    index = [pages[j // P] * P + j % P for p, pages in prefixes for j in range(len(p))]
+    positions = [j for p, _ in prefixes for j in range(len(p))]
+    model(torch.tensor(ids, device=device)[None], torch.tensor(positions, device=device)[None],
+          kv_cache=cache, cache_index=torch.tensor(index, device=device)[None],
+          doc_lens=[len(p) for p, _ in prefixes], hidden_only=True)
 
 
 @torch.no_grad()
@@ -197,10 +227,12 @@ def decode(model, cache, state, params, kv_len):
     return sample(logits, params, state[2], state[3], state[1])
 
 
-def attend_len(max_position, cache_len):
-    """Cache positions a decode step attends over: the power of two above the furthest query
-    position (at least 16, at most the cache), so only log2(cache_len) lengths ever occur."""
-    return min(cache_len, max(16, 1 << max_position.bit_length()))
+def attend_len(max_position, cache_len, buckets=True):
+    """Cache positions a decode step attends over: with buckets (a CUDA graph per length), the
+    power of two above the furthest query position (at least 16, at most the cache), so only
+    log2(cache_len) lengths ever occur; without, the multiple of 16 above it."""
+    need = max(16, 1 << max_position.bit_length()) if buckets else -(-(max_position + 1) // 16) * 16
+    return min(cache_len, need)
 
 
 def cuda_graph(fn, pool=None):
@@ -223,16 +255,194 @@ def cuda_graph(fn, pool=None):
     return replay
 
 
+@dataclass
+class RolloutStats:
+    peak_sequences: int = 0     # sequences decoding at once, at most
+    peak_kv_bytes: int = 0      # bytes of KV pages held at once, at most
+    pool_pages: int = 0         # pages in the pool (one of them scratch)
+    page_size: int = 0
+    preemptions: int = 0        # sequences sent back to wait for pages (and regenerated exactly)
+    prefill_tokens: int = 0
+    prefill_forwards: int = 0
+    decode_steps: int = 0
+    pages_held_at_end: int = 0  # 0: every page came back to the pool
+
+
+class Scheduler:
+    """The host side of generate: which sequence each slot holds, the pages it holds, who waits.
+
+    A prompt is prefilled once into pages of its own (its "prefix"), which its samples share by
+    reference; each sample copies the prefix's partly filled last page, the one it goes on
+    writing. When the pool runs out, the most recently admitted sequence gives its pages back
+    and waits again from its start: its noise is keyed by position, so it regenerates the same
+    tokens, and results never depend on the budget.
+    """
+
+    def __init__(self, cache, prompts, keys, params, n_slots):
+        self.cache, self.prompts, self.keys, self.params = cache, prompts, keys, params
+        self.waiting = deque((p, s) for p in range(len(prompts)) for s in range(params.n))
+        self.seq = [None] * n_slots             # (prompt, sample) in each slot; None: idle
+        self.token, self.pos = [0] * n_slots, [0] * n_slots
+        self.order = []                         # busy slots, oldest admission first
+        self.out = {}                           # (prompt, sample) -> (token ids, logprobs)
+        self.results = [None] * (len(prompts) * params.n)
+        self.prefixes = {}                      # prompt -> [its prefix pages, samples yet to admit]
+        self.finished, self.finished_tokens = 0, 0
+        self.stats = RolloutStats(pool_pages=cache.n_pages, page_size=cache.page_size)
+
+    @property
+    def busy(self):
+        return bool(self.order or self.waiting)
+
+    def expected_pages(self, cached, pos, held=0):
+        """Pages a sequence whose prompt caches `cached` positions, now at `pos` and holding
+        `held` pages, is counted on to take: up to its next position, and PACE of the way from
+        there to the length sequences have been ending at (the mean of the finished ones; half of
+        max_new_tokens before any has finished)."""
+        length = self.finished_tokens / self.finished if self.finished else self.params.max_new_tokens / 2
+        end = max(pos + 1, min(cached + 1 + round(length), cached + self.params.max_new_tokens))
+        end = pos + 1 + round((end - pos - 1) * PACE)
+        return max(0, self.cache.pages_for(end) - held)
+
+    def growth(self):
+        """Pages the busy sequences are expected to take before they end. Admitting into them
+        would have the newcomers preempted (their work lost) as soon as the others grow; this
+        only paces admission, results never depend on it."""
+        return sum(self.expected_pages(len(self.prompts[self.seq[s][0]]) - 1, self.pos[s], len(self.cache.tables[s]))
+                   for s in self.order)
+
+    def admit(self, model):
+        """Fill idle slots from the waiting sequences while pages last; prefill their new prompts
+        together."""
+        P, free = self.cache.page_size, len(self.cache.free)
+        new, to_prefill, tokens = [], [], 0
+        for slot in range(len(self.seq)):
+            if self.seq[slot] is not None or not self.waiting:
+                continue
+            p, s = self.waiting[0]
+            cached = len(self.prompts[p]) - 1  # positions the prefill writes
+            fresh = p not in self.prefixes and p not in to_prefill
+            need = (-(-cached // P) if fresh else 0) + self.expected_pages(cached, cached)
+            if need + self.growth() > free or fresh and to_prefill and tokens + cached > PREFILL_TOKENS:
+                break
+            free -= need
+            self.waiting.popleft()
+            new.append((slot, p, s))
+            if fresh:
+                to_prefill.append(p)
+                tokens += cached
+        if to_prefill:
+            for p in to_prefill:
+                samples = sum(q == p for q, _ in self.waiting) + sum(q == p for _, q, _ in new)
+                self.prefixes[p] = [self.cache.take(-(-(len(self.prompts[p]) - 1) // P)), samples]
+            prefill(model, self.cache, [(self.prompts[p][:-1], self.prefixes[p][0]) for p in to_prefill])
+            self.stats.prefill_tokens += tokens
+            self.stats.prefill_forwards += 1
+        for slot, p, s in new:
+            self.start(slot, p, s)
+
+    def start(self, slot, p, s):
+        """Slot takes sample s of prompt p: the prefix's full pages by reference, a copy of its
+        partial last page (or a fresh page when the prompt fills its pages exactly)."""
+        cache, P = self.cache, self.cache.page_size
+        pages, _ = entry = self.prefixes[p]
+        cached = len(self.prompts[p]) - 1
+        full, partial = divmod(cached, P)
+        own = cache.take(1)
+        if partial:
+            cache.copy_page(own[0], pages[full])
+        cache.set_table(slot, cache.share(pages[:full]) + own)
+        entry[1] -= 1
+        if entry[1] == 0:  # every sample has its own references now
+            cache.give(pages)
+            del self.prefixes[p]
+        self.seq[slot], self.token[slot], self.pos[slot] = (p, s), self.prompts[p][-1], cached
+        self.out[p, s] = ([], [])
+        self.order.append(slot)
+
+    def reserve(self):
+        """A page for the position each busy slot decodes next; when the pool runs short, the
+        most recently admitted sequences give theirs back and wait again."""
+        cache, P = self.cache, self.cache.page_size
+
+        def needy():  # asked again after each preemption: releasing a slot moves another into it
+            return [slot for slot in self.order if self.pos[slot] // P >= len(cache.tables[slot])]
+        while len(needy()) > len(cache.free):
+            if len(self.order) == 1:  # prefixes kept for waiting samples hold the rest: let go
+                for pages, _ in self.prefixes.values():
+                    cache.give(pages)
+                self.prefixes.clear()
+                if len(needy()) > len(cache.free):
+                    raise RuntimeError("the KV pool cannot hold one sequence (cache_pages checks this)")
+                break
+            self.preempt(self.order[-1])
+        for slot in needy():
+            cache.set_table(slot, cache.tables[slot] + cache.take(1))
+        self.stats.peak_sequences = max(self.stats.peak_sequences, len(self.order))
+        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, cache.used_bytes)
+
+    def preempt(self, slot):
+        p, s = self.seq[slot]
+        self.release(slot)
+        del self.out[p, s]
+        self.waiting.appendleft((p, s))
+        if p in self.prefixes:
+            self.prefixes[p][1] += 1
+        self.stats.preemptions += 1
+
+    def release(self, slot):
+        """Give the slot's pages back. The busy slots stay 0..n-1 (the last busy one moves into
+        the hole: only its page table and state move), so a decode step runs n slots, not all."""
+        cache = self.cache
+        cache.give(cache.tables[slot])
+        self.order.remove(slot)
+        last = len(self.order)  # the highest busy slot, when slot was below it
+        if slot < last:
+            cache.set_table(slot, cache.tables[last])
+            self.seq[slot], self.token[slot], self.pos[slot] = self.seq[last], self.token[last], self.pos[last]
+            self.order[self.order.index(last)] = slot
+            slot = last
+        cache.set_table(slot, [])
+        self.seq[slot], self.token[slot], self.pos[slot] = None, 0, 0
+
+    def state(self, n):
+        """The decode step's inputs (4, n) for slots 0..n-1: token, position, prompt key, sample;
+        idle slots decode a dummy token at position 0 of the scratch page."""
+        seqs = [seq or (0, 0) for seq in self.seq[:n]]
+        return torch.tensor([self.token[:n], self.pos[:n], [self.keys[p] for p, _ in seqs],
+                             [s for _, s in seqs]])
+
+    def advance(self, next_ids, logprobs):
+        """Append each busy slot's token; a finished sequence gives its pages back."""
+        stop = set(self.params.stop_token_ids)
+        for slot in sorted(self.order, reverse=True):  # releasing moves only slots above it
+            ids, lps = self.out[self.seq[slot]]
+            ids.append(next_ids[slot])
+            lps.append(logprobs[slot])
+            finished = ("stop" if next_ids[slot] in stop else
+                        "length" if len(ids) == self.params.max_new_tokens else None)
+            if finished:
+                p, s = self.seq[slot]
+                self.results[p * self.params.n + s] = Completion(p, s, ids, lps, finished)
+                self.finished, self.finished_tokens = self.finished + 1, self.finished_tokens + len(ids)
+                del self.out[p, s]
+                self.release(slot)
+            else:
+                self.token[slot], self.pos[slot] = next_ids[slot], self.pos[slot] + 1
+        self.stats.decode_steps += 1
+
+
 @torch.no_grad()
 def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda_graph=True,
-             prompt_keys=None, kv_budget_bytes=None):
+             prompt_keys=None, kv_budget_bytes=None, page_size=PAGE_SIZE, return_stats=False):
     """Sample params.n completions for each prompt (a list of token ids); returns
-    len(prompts) * n Completions, prompt-major (prompt 0 samples 0..n-1, then prompt 1, ...).
+    len(prompts) * n Completions, prompt-major (prompt 0 samples 0..n-1, then prompt 1, ...),
+    and, with return_stats, (completions, RolloutStats).
 
-    max_batch_size caps the cache slots (sequences decoded together); kv_budget_bytes caps the
-    KV cache's memory (default: device_kv_budget, no limit on CPU), and the cache holds as many
-    slots of (longest prompt + max_new_tokens) positions as both allow. use_cuda_graph replays
-    the decode step as a CUDA graph on a CUDA model; pass False to debug or profile it eagerly.
+    max_batch_size caps the sequences decoded together; the KV cache is a pool of pages of
+    page_size positions that kv_budget_bytes sizes (default: device_kv_budget, no limit on
+    CPU), and sequences hold only the pages their length needs. use_cuda_graph replays the
+    decode step as a CUDA graph on a CUDA model; pass False to debug or profile it eagerly.
     The sampling noise of prompts[i] is keyed by prompt_keys[i] (default i): a data-parallel
     caller that passes each prompt's global index draws the same traces whatever the number of
     ranks (Completion.prompt_index stays the local i).
@@ -242,89 +452,48 @@ def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda
     check_inputs(prompts, params, config.vocab_size, max_batch_size)
     weight = model.embed_tokens.weight
     device, dtype = weight.device, weight.dtype
-    n_seqs = len(prompts) * params.n
+    B = min(max_batch_size, len(prompts) * params.n)
     seq_len = max(map(len, prompts)) + params.max_new_tokens
     budget = device_kv_budget(device) if kv_budget_bytes is None else kv_budget_bytes
-    B = cache_slots(config, seq_len, dtype, budget, min(max_batch_size, n_seqs))
-    cache = new_cache(model, B, seq_len)
-    stop = set(params.stop_token_ids)
+    n_pages = cache_pages(config, prompts, params, dtype, budget, B, page_size)
+    cache = new_cache(model, B, seq_len, page_size, n_pages)
+    batch = Scheduler(cache, prompts, keys, params, B)
 
     # The decode step's inputs, one column per slot: the token to feed, its position, and
     # which (prompt, sample) the slot holds, for the sampling noise. Fixed address and shape.
     state = torch.zeros(4, B, dtype=torch.long, device=device)
 
-    def decode_step(kv_len):
-        return decode(model, cache, state, params, kv_len)
+    def decode_step(n, kv_len):
+        return decode(model, cache, state[:, :n], params, kv_len)
 
-    # A step attends over the first attend_len(...) cache positions: attention costs the live
-    # length, and a CUDA graph is recorded once per length bucket (at most log2(cache length)
-    # of them), not once per step.
+    # A step runs the busy slots (0..n-1) and attends over the first attend_len(...) positions of
+    # each one's pages: it costs the live batch and length. With CUDA graphs both are rounded up to
+    # powers of two, so that a graph is recorded once per (batch, length) bucket, not once per step.
     graphs, pool = {}, None
     if use_cuda_graph and device.type == "cuda":
         pool = torch.cuda.graph_pool_handle()
 
-    def step(kv_len):
+    def step(n, kv_len):
         if pool is None:
-            return decode_step(kv_len)
-        if kv_len not in graphs:
+            return decode_step(n, kv_len)
+        if (n, kv_len) not in graphs:
             # Its warm-up runs write this step's keys/values, the same ones the replay writes.
-            graphs[kv_len] = cuda_graph(lambda: decode_step(kv_len), pool)
-        return graphs[kv_len]()
+            graphs[n, kv_len] = cuda_graph(lambda: decode_step(n, kv_len), pool)
+        return graphs[n, kv_len]()
 
     was_training = model.training
     model.eval()
     try:
-        waiting = deque((p, s) for p in range(len(prompts)) for s in range(params.n))
-        slot_seq = [None] * B                  # (prompt, sample) in each slot, None when idle
-        slot_token, slot_pos = [0] * B, [0] * B
-        generated = {}                          # (prompt, sample) -> (token ids, logprobs)
-        results = [None] * n_seqs
-        last_admitted = None                    # (prompt, slot) of the most recent admission
-
-        while True:
-            for slot in range(B):
-                if slot_seq[slot] is not None or not waiting:
-                    continue
-                p, s = waiting.popleft()
-                prompt = prompts[p]
-                if last_admitted is not None and last_admitted[0] == p:
-                    # The prompt's keys/values sit untouched in the slot of its previous sample
-                    # (decoding writes from position L-1 on), so copy instead of prefilling.
-                    src = last_admitted[1]
-                    if src != slot and len(prompt) > 1:
-                        cache.k[:, slot, :, :len(prompt) - 1] = cache.k[:, src, :, :len(prompt) - 1]
-                        cache.v[:, slot, :, :len(prompt) - 1] = cache.v[:, src, :, :len(prompt) - 1]
-                else:
-                    prefill(model, cache, prompt, slot)
-                last_admitted = (p, slot)
-                slot_seq[slot] = (p, s)
-                slot_token[slot], slot_pos[slot] = prompt[-1], len(prompt) - 1
-                generated[p, s] = ([], [])
-            if all(seq is None for seq in slot_seq):
-                break
-
-            # Idle slots (nothing left to admit) decode a dummy token at position 0 of their own row.
-            seqs = [seq or (0, 0) for seq in slot_seq]
-            state.copy_(torch.tensor([slot_token, slot_pos, [keys[p] for p, _ in seqs],
-                                      [s for _, s in seqs]]))
-            next_ids, logprobs = step(attend_len(max(slot_pos), cache.max_seq_len))
-            next_ids, logprobs = next_ids.tolist(), logprobs.tolist()
-
-            for slot, seq in enumerate(slot_seq):
-                if seq is None:
-                    continue
-                ids, lps = generated[seq]
-                ids.append(next_ids[slot])
-                lps.append(logprobs[slot])
-                finished = ("stop" if next_ids[slot] in stop else
-                            "length" if len(ids) == params.max_new_tokens else None)
-                if finished:
-                    p, s = seq
-                    results[p * params.n + s] = Completion(p, s, ids, lps, finished)
-                    del generated[seq]
-                    slot_seq[slot], slot_token[slot], slot_pos[slot] = None, 0, 0
-                else:
-                    slot_token[slot], slot_pos[slot] = next_ids[slot], slot_pos[slot] + 1
-        return results
+        while batch.busy:
+            batch.admit(model)
+            batch.reserve()
+            cache.sync()
+            busy = len(batch.order)
+            n = min(B, 1 << (busy - 1).bit_length()) if pool is not None else busy  # buckets only for graphs
+            state[:, :n].copy_(batch.state(n))
+            next_ids, logprobs = step(n, attend_len(max(batch.pos[:n]), seq_len, buckets=pool is not None))
+            batch.advance(next_ids.tolist(), logprobs.tolist())
+        batch.stats.pages_held_at_end = cache.n_pages - 1 - len(cache.free)
+        return (batch.results, batch.stats) if return_stats else batch.results
     finally:
         model.train(was_training)

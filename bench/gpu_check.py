@@ -5,8 +5,8 @@
 Sections, most important first; each runs even when an earlier one failed, has a time limit,
 and lands in one JSON of results (pass/fail, numbers, the error). Exit status 1 if any failed.
 1. pytest on the GPU: the Triton kernels on CUDA against torch (V = 151,936 / 152,064, bf16,
-   T != 1), the CUDA-graph decode test, and the CPU-form tests of the CUDA paths that need a
-   CUDA build of torch (fake CUDA tensors with the fused kernels' strides, NCCL's device map).
+   T != 1), the paged decode attention kernel against its fp64 reference, the CUDA-graph
+   decode test, and the CPU-form tests of the CUDA paths that need a CUDA build of torch (fake CUDA tensors with the fused kernels' strides, NCCL's device map).
 2. packed-row attention: FlashAttention's varlen kernel against one fp32 SDPA per document,
    forward and backward.
 3. a Qwen2.5-0.5B-shaped random model in bf16: prefill + decode through the fused kernels against
@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 import distributed as D  # noqa: E402
 import grpo  # noqa: E402
 from model import ModelConfig, Transformer, packed_attention, save_pretrained  # noqa: E402
-from rollout import SamplingParams, generate, new_cache  # noqa: E402
+from kvcache import KVCache  # noqa: E402
+from rollout import SamplingParams, generate  # noqa: E402
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
@@ -73,7 +74,8 @@ def child(cmd, limit_s):
 
 def pytest_on_gpu():
     res = child([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
-                 "tests/test_gpu_paths.py", "tests/test_rollout.py::test_cuda_graph_decode_equals_eager"],
+                 "tests/test_paged_kernel.py", "tests/test_gpu_paths.py",
+                 "tests/test_rollout.py::test_cuda_graph_decode_equals_eager"],
                 300)
     summary = re.findall(r"\d+ (?:passed|failed|skipped|error)", res["output"])
     res["summary"] = ", ".join(summary)
@@ -117,7 +119,7 @@ def model_paths():
         ids = torch.randint(0, config.vocab_size, (1, 300), generator=g).to(dev)
         full = model(ids)[0]
         # prefill 299 tokens into slot 1 of a 3-slot cache, then decode the last one
-        cache = new_cache(model, 3, 512)
+        cache = KVCache(config, 3, 512, model.embed_tokens.weight.dtype, dev)  # one page per slot
         model(ids[:, :299], torch.arange(299, device=dev)[None], kv_cache=cache,
               cache_slots=torch.tensor([1], device=dev), hidden_only=True)
         step = model(ids[:, 299:].expand(3, 1), torch.full((3, 1), 299, device=dev), kv_cache=cache,

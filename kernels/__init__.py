@@ -34,6 +34,12 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def triton_runs(x) -> bool:
+    """Whether Triton kernels run on x: a CUDA tensor, or any under TRITON_INTERPRET=1; never a
+    fake tensor (the memory plan's), which has no data to launch a kernel on."""
+    return (x.is_cuda or _interpreting()) and not is_fake(x)
+
+
 def _rows_backend(x, backend):
     """The module (torch_logprobs or triton_logprobs) whose forward_rows/backward_rows to use."""
     if backend is None:

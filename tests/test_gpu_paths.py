@@ -22,9 +22,10 @@ import distributed as D
 import model as model_module
 import plan
 import rollout
-from model import KVCache, ModelConfig, Transformer, build_mask, document_lengths, packed_attention
+from kvcache import KVCache
+from model import ModelConfig, Transformer, build_mask, document_lengths, packed_attention
 from grpo import GRPOConfig
-from rollout import SamplingParams, cache_slots, generate
+from rollout import SamplingParams
 from sft import SFTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,8 +93,11 @@ def test_prefill_and_decode_on_fake_cuda_tensors(monkeypatch):
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device=cuda)
         model.inv_freq = torch.empty(model.inv_freq.shape, device=cuda)
-        cache = rollout.new_cache(model, 3, 32)
-        rollout.prefill(model, cache, [1] * 10, slot=1)
+        cache = rollout.new_cache(model, 3, 32, page_size=4, n_pages=12)
+        pages = cache.take(3)
+        rollout.prefill(model, cache, [([1] * 9, pages)])
+        cache.set_table(1, cache.share(pages))
+        cache.sync()
         state = torch.zeros(4, 3, dtype=torch.long, device=cuda)
         next_ids, logprobs = rollout.decode(model, cache, state, SamplingParams(), 16)
         assert next_ids.shape == logprobs.shape == (3,) and next_ids.device.type == "cuda"
@@ -200,25 +204,9 @@ def test_varlen_attention_on_fake_tensors_never_holds_a_tokens_by_tokens_tensor(
     assert peak < N * N, f"peak {peak / 2**20:.0f} MiB"
 
 
-def test_kv_slots_follow_the_memory_budget():
-    per_slot = KVCache.bytes_per_slot(TINY, 100, torch.float32)
-    assert per_slot == 2 * 2 * 2 * 16 * 100 * 4  # k and v, layers, KV heads, head_dim, positions, fp32
-    assert cache_slots(TINY, 100, torch.float32, int(2.5 * per_slot), 64) == 2
-    assert cache_slots(TINY, 100, torch.float32, None, 64) == 64
-    assert cache_slots(TINY, 100, torch.float32, 100 * per_slot, 8) == 8
-    with pytest.raises(ValueError, match=f"needs {per_slot / 2**30:.2f} GiB for one sequence of 100"):
-        cache_slots(TINY, 100, torch.float32, per_slot - 1, 8)
+def test_the_default_kv_budget_is_what_is_free_less_5_percent():
     assert rollout.kv_budget(free_bytes=50 * 2**30, total_bytes=80 * 2**30) == 46 * 2**30
-
-
-def test_a_one_slot_budget_samples_what_a_large_one_does():
-    model = tiny_model()
-    prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
-    params = SamplingParams(temperature=1.0, max_new_tokens=6, n=2, seed=4)
-    one = KVCache.bytes_per_slot(TINY, 5 + 6, torch.float32)
-    small = generate(model, prompts, params, max_batch_size=64, kv_budget_bytes=one)
-    large = generate(model, prompts, params, max_batch_size=64, kv_budget_bytes=None)
-    assert [c.token_ids for c in small] == [c.token_ids for c in large]
+    assert rollout.kv_budget(free_bytes=2 * 2**30, total_bytes=80 * 2**30) == 0
 
 
 def test_gpu_reference_is_bf16_and_resharded_after_forward():

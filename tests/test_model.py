@@ -7,7 +7,8 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from model import KVCache, ModelConfig, Transformer, load_pretrained, save_pretrained
+from kvcache import KVCache
+from model import ModelConfig, Transformer, load_pretrained, save_pretrained
 
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=256, rms_norm_eps=1e-6)
