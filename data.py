@@ -16,7 +16,6 @@ RM-R1 checkpoints work with this code.
 
 import json
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -370,131 +369,6 @@ def pairs_to_rlvr(pairs, seed, style="instruct"):
     return records, len(rows) - len(conversations)
 
 
-# ---- benchmarks ----
-
-@dataclass
-class Comparison:
-    """One judgment a benchmark asks for: is `chosen` better than `rejected`?"""
-    uid: str                   # unique over the benchmark
-    group: str                 # item id the scorer groups by (RM-Bench item, RMB best-of-N item)
-    category: str              # RewardBench subset, RM-Bench domain, RMB category_path
-    chosen: list[dict]         # full conversation ending with the assistant answer
-    rejected: list[dict]
-    meta: dict = field(default_factory=dict)
-
-
-RM_BENCH_DOMAINS = ("chat", "math", "code", "safety")
-RM_BENCH_STYLES = ("concise", "detailed_plain", "detailed_markdown")
-RMB_ASPECTS = ("Helpfulness", "Harmlessness")
-
-
-def load_rewardbench(file):
-    out = []
-    for where, r in read_file(file):
-        subset = get_field(r, where, "subset", str)
-        uid = str(get_field(r, where, "id", (int, str)))
-        chosen, rejected = pair_conversations(r, where)
-        out.append(Comparison(uid, uid, subset, chosen, rejected, {"subset": subset}))
-    return out
-
-
-def rm_bench_domain(raw, where):
-    for domain in RM_BENCH_DOMAINS:
-        if raw.startswith(domain):  # safety-refuse and safety-response both score as safety
-            return domain
-    raise ValueError(f"{where}: RM-Bench domain {raw!r} is none of {RM_BENCH_DOMAINS}; add a 'domain' "
-                     f"field or name the file chat_*, math_*, code_*, safety-refuse_* or safety-response_*")
-
-
-def load_rm_bench(file):
-    """Each item -> 9 comparisons, chosen style i vs rejected style j (the official 3x3 protocol)."""
-    out = []
-    for where, r in read_file(file):
-        raw = get_field(r, where, "domain", str) if "domain" in r else Path(file).stem
-        domain = rm_bench_domain(raw, where)
-        item = f"{raw}/{get_field(r, where, 'id', (int, str))}"
-        prompt = get_field(r, where, "prompt", str)
-        answers = {}
-        for name in ("chosen", "rejected"):
-            answers[name] = get_field(r, where, name, list)
-            if len(answers[name]) != 3 or not all(isinstance(x, str) for x in answers[name]):
-                raise ValueError(f"{where}: field {name!r} must hold 3 strings, styles {RM_BENCH_STYLES}")
-        for i, c in enumerate(answers["chosen"]):
-            for j, rej in enumerate(answers["rejected"]):
-                out.append(Comparison(
-                    f"{item}/{i}{j}", item, domain,
-                    [{"role": "user", "content": prompt}, {"role": "assistant", "content": c}],
-                    [{"role": "user", "content": prompt}, {"role": "assistant", "content": rej}],
-                    {"chosen_style": i, "rejected_style": j}))
-    return out
-
-
-def rmb_aspect(category_path, file, where):
-    """Helpfulness or Harmlessness, from the category path or else the folder the file lies in."""
-    for part in category_path.split("/") + list(Path(file).parts):
-        if part in RMB_ASPECTS:
-            return part
-    raise ValueError(f"{where}: neither 'category_path' ({category_path!r}) nor the file's folders "
-                     f"name {RMB_ASPECTS}; keep RMB's Helpfulness/Harmlessness folders")
-
-
-def rmb_conversation(context, answer, where, name):
-    if not isinstance(answer, dict):
-        raise ValueError(f"{where}: field {name!r} must be a dict with an 'answer' string")
-    text = get_field(answer, f"{where} {name}", "answer", str)
-    return check_conversation(context + [{"role": "assistant", "content": text}], where, name)
-
-
-def load_rmb_pairwise(file):
-    out = []
-    for where, r in read_file(file):
-        uid = str(get_field(r, where, "pair_uid", (int, str)))
-        path = get_field(r, where, "category_path", str)
-        context = check_messages(get_field(r, where, "conversation_input", list), where, "conversation_input")
-        chosen = rmb_conversation(context, get_field(r, where, "chosen", dict), where, "chosen")
-        rejected = rmb_conversation(context, get_field(r, where, "reject", dict), where, "reject")
-        out.append(Comparison(uid, uid, path, chosen, rejected, {"aspect": rmb_aspect(path, file, where)}))
-    return out
-
-
-def load_rmb_bon(file):
-    """Each item -> one comparison of `bon_best` against each loser, all in the item's group."""
-    out = []
-    for where, r in read_file(file):
-        uid = str(get_field(r, where, "bon_uid", (int, str)))
-        path = get_field(r, where, "category_path", str)
-        aspect = rmb_aspect(path, file, where)
-        context = check_messages(get_field(r, where, "conversation_input", list), where, "conversation_input")
-        best = rmb_conversation(context, get_field(r, where, "bon_best", dict), where, "bon_best")
-        losers = get_field(r, where, "loser_list", list)
-        if not losers:
-            raise ValueError(f"{where}: field 'loser_list' is empty")
-        for k, loser in enumerate(losers):
-            rejected = rmb_conversation(context, loser, where, f"loser_list[{k}]")
-            out.append(Comparison(f"{uid}/{k}", uid, path, best, rejected, {"aspect": aspect, "loser": k}))
-    return out
-
-
-BENCHMARKS = {"rewardbench": load_rewardbench, "rm-bench": load_rm_bench,
-              "rmb-pairwise": load_rmb_pairwise, "rmb-bon": load_rmb_bon}
-
-
-def load_benchmark(bench, path):
-    """[Comparison] for bench in BENCHMARKS, from a file or a folder of files."""
-    if bench not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {bench!r}; expected one of {sorted(BENCHMARKS)}")
-    comparisons, seen = [], {}
-    for file in data_files(path):
-        for c in BENCHMARKS[bench](file):
-            # The same item twice (say total_dataset.json beside the per-domain files) would be
-            # counted twice in the scores.
-            if c.uid in seen:
-                raise ValueError(f"{file}: comparison {c.uid!r} already loaded from {seen[c.uid]}")
-            seen[c.uid] = file
-            comparisons.append(c)
-    return comparisons
-
-
 # ---- tokens ----
 
 def load_tokenizer(path):
@@ -559,8 +433,22 @@ def encode_sft(tokenizer, messages, trace, max_len):
     return ids, loss_mask
 
 
+def next_fit(lengths, max_len) -> list[list[int]]:
+    """Greedy next-fit packing, in the given order: the indices of the documents of each row of
+    at most max_len tokens (a document longer than that gets a row of its own). The one packer
+    of both trainers (pack below, grpo.pack_rows)."""
+    rows, used = [], max_len
+    for k, n in enumerate(lengths):
+        if not rows or used + n > max_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(k)
+        used += n
+    return rows
+
+
 def pack(examples, max_len):
-    """Greedy next-fit packing of (input_ids, loss_mask) examples into rows of at most max_len tokens.
+    """Next-fit packing of (input_ids, loss_mask) examples into rows of at most max_len tokens.
 
     Keeps the given order (shuffle before packing). position_ids restart at 0 for each document,
     which model.py reads as a document boundary, so packed documents never attend to each other.
@@ -568,7 +456,6 @@ def pack(examples, max_len):
     trained on, because every document starts with prompt tokens (loss_mask 0).
     An example longer than max_len is an error: encode_sft already returned None for it.
     """
-    rows, row = [], None
     for k, (ids, mask) in enumerate(examples):
         if len(ids) != len(mask) or not ids:
             raise ValueError(f"example {k}: input_ids and loss_mask must have the same non-zero length, "
@@ -576,12 +463,15 @@ def pack(examples, max_len):
         if len(ids) > max_len:
             raise ValueError(f"example {k}: {len(ids)} tokens > max_len {max_len}; drop it before packing "
                              f"(encode_sft returns None for it)")
-        if row is None or len(row["input_ids"]) + len(ids) > max_len:
-            row = {"input_ids": [], "loss_mask": [], "position_ids": []}
-            rows.append(row)
-        row["input_ids"] += ids
-        row["loss_mask"] += mask
-        row["position_ids"] += range(len(ids))
+    rows = []
+    for docs in next_fit([len(ids) for ids, _ in examples], max_len):
+        row = {"input_ids": [], "loss_mask": [], "position_ids": []}
+        for k in docs:
+            ids, mask = examples[k]
+            row["input_ids"] += ids
+            row["loss_mask"] += mask
+            row["position_ids"] += range(len(ids))
+        rows.append(row)
     return rows
 
 

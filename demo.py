@@ -36,6 +36,7 @@ import zlib
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+import benchmarks
 import data
 
 TEST_SHARE = 10  # one question in TEST_SHARE belongs to the test split
@@ -411,7 +412,7 @@ def comparisons(n: int, seed: int) -> list:
     out = []
     for pair in make_demo_pairs(n, seed, "test"):
         user = {"role": "user", "content": pair["question"]}
-        out.append(data.Comparison(uid=pair["id"], group=pair["id"], category=pair["kind"],
+        out.append(benchmarks.Comparison(uid=pair["id"], group=pair["id"], category=pair["kind"],
                                    chosen=[user, {"role": "assistant", "content": pair["chosen"]}],
                                    rejected=[user, {"role": "assistant", "content": pair["rejected"]}],
                                    meta={}))

@@ -30,8 +30,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from model import (ModelConfig, Transformer, iter_checkpoint, load_config, save_pretrained,
-                   set_tensor, varlen_attn)
+from checkpoint import iter_checkpoint, load_config, publish, save_pretrained, set_tensor, write_atomic
+from model import ModelConfig, Transformer, varlen_attn
 
 
 @dataclass
@@ -120,6 +120,13 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(x) / (dist.get_world_size() if dist.is_initialized() else 1)
 
 
+def pad_to_ranks(mine: list, empty: dict) -> list:
+    """This rank's items, then copies of `empty` up to the most any rank holds: FSDP needs every
+    rank to run the same number of forwards (each one's collectives), so the short ranks run
+    empty rows that carry no loss."""
+    return mine + [dict(empty) for _ in range(max_over_ranks(len(mine)) - len(mine))]
+
+
 def max_over_ranks(n: int) -> int:
     """The largest of every rank's host integer. Host values are real even under the memory
     plan's fake tensors, so this runs outside them."""
@@ -151,6 +158,10 @@ def shard(model: Transformer, ctx: Context, bf16: bool, activation_checkpointing
     With bf16, parameters are gathered in bf16 and gradients reduced in fp32; a trained model's
     sharded master weights and optimizer state stay fp32. A frozen model (the reference) only
     runs forward, so its root is resharded after forward too.
+
+    Gradients are summed over ranks, not averaged (FSDP's divide factor 1, as in torchtitan), so
+    a loss is a plain sum over its global count (tokens, sequences) on every rank, whatever the
+    number of ranks.
     """
     model.gradient_checkpointing = activation_checkpointing
     if not ctx.distributed:
@@ -161,6 +172,11 @@ def shard(model: Transformer, ctx: Context, bf16: bool, activation_checkpointing
         fully_shard(block, mesh=ctx.mesh, mp_policy=mp)
     # A trained root's parameters are used again right at the start of backward: keep them gathered.
     fully_shard(model, mesh=ctx.mesh, mp_policy=mp, reshard_after_forward=frozen)
+    if not frozen:
+        for module in (*model.layers, model):
+            module.set_gradient_divide_factor(1.0)
+            if hasattr(module, "set_force_sum_reduction_for_comms"):  # a plain SUM, which gloo has too;
+                module.set_force_sum_reduction_for_comms(True)        # older torch: NCCL's PreMulSum(1)
     return model
 
 
@@ -420,7 +436,7 @@ def save_state(run_dir, step: int, model, optimizer, meta: dict, keep_last=0):
                 json.dump({"step": step, **meta}, f)
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(model.config.to_hf(), f, indent=2)
-            os.replace(tmp, final)
+            publish(tmp, final)
             write_atomic(os.path.join(run_dir, "latest"), os.path.basename(final))
     if _main() and keep_last:
         old = sorted(d for d in os.listdir(run_dir) if re.fullmatch(r"step_\d{8}", d))[:-keep_last]
@@ -458,15 +474,6 @@ def load_state(run_dir, model, optimizer) -> dict | None:
                    optim_state_dict=state["optim"])
     with open(os.path.join(path, "trainer_state.json")) as f:
         return json.load(f)
-
-
-def write_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _logged_step(line) -> float:

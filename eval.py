@@ -11,7 +11,7 @@ position A or B by a coin that is a hash of (seed, comparison uid): seeded, reco
 and the same whatever --limit or --batch_size. Outputs, in `out` (default runs/eval-<bench>):
 - samples.jsonl: one line per comparison (uid, group, category, meta, chosen_position,
   prompt_tokens, judgment, verdict, correct, finish_reason), appended and flushed chunk by chunk;
-- scores.json: reward.py's scores under the benchmark's own metric names, recomputed from the
+- scores.json: benchmarks.py's scores under the benchmark's own metric names, recomputed from the
   whole log, with counts of overlong prompts, unparseable verdicts and truncated judgments.
 Re-running with the same `out` resumes: comparisons already in the log are skipped.
 
@@ -36,13 +36,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import benchmarks
 import data
 import demo
-import distributed as D
 import reward
 import rollout
+from checkpoint import load_pretrained, write_atomic
 from cli import parse_config, with_defaults
-from model import load_pretrained
 
 
 @dataclass
@@ -61,7 +61,7 @@ class EvalConfig:
 
 
 DEMO = dict(max_new_tokens=160)
-BENCHES = ("demo", "rewardbench", "rm-bench", "rmb-pairwise", "rmb-bon")
+BENCHES = tuple(benchmarks.BENCHMARKS)
 # Fields that change what a logged judgment is; resuming a log made with other values would mix two runs.
 RUN_IDENTITY = ("model", "bench", "data", "style", "max_new_tokens", "max_prompt_len", "seed")
 # Sampler batches per logged chunk: continuous batching keeps slots busy while the longest
@@ -89,7 +89,7 @@ def load_comparisons(cfg: EvalConfig) -> list:
     if cfg.bench == "demo":
         # The held-out set is drawn with a fixed seed, so runs that differ in --seed judge the same pairs.
         return demo.comparisons(cfg.demo_pairs, seed=0)
-    return data.load_benchmark(cfg.bench, cfg.data)
+    return benchmarks.load_benchmark(cfg.bench, cfg.data)
 
 
 def ordered(comparisons, limit=0) -> list:
@@ -190,20 +190,10 @@ def check_resume(cfg: EvalConfig, out):
             raise ValueError(f"{out} holds a run with other settings ({diff}); pass a new --out, "
                              f"or the same settings to resume")
     else:
-        D.write_atomic(path, json.dumps(current, indent=2) + "\n")
+        write_atomic(path, json.dumps(current, indent=2) + "\n")
 
 
 # ---- scores ----
-
-def score_demo(records):
-    """Accuracy overall and per category (reasoning, chat)."""
-    by_category, _ = reward.accuracy_by(records, lambda r: r["category"])
-    return {"accuracy": reward.mean([r["correct"] for r in records])} | by_category
-
-
-SCORERS = {"demo": score_demo, "rewardbench": reward.score_rewardbench, "rm-bench": reward.score_rm_bench,
-           "rmb-pairwise": reward.score_rmb_pairwise, "rmb-bon": reward.score_rmb_bon}
-
 
 def scores_of(records, bench) -> dict:
     """The benchmark's official scores from log records, and the judge's own health counts."""
@@ -219,7 +209,7 @@ def scores_of(records, bench) -> dict:
         # position bias shows as a verdict-A share away from the gold A share
         "verdict_A_share": sum(r["verdict"] == "A" for r in judged) / max(1, len(judged)),
         "gold_A_share": sum(r["chosen_position"] == "A" for r in judged) / max(1, len(judged)),
-        "scores": SCORERS[bench](records),
+        "scores": benchmarks.score(bench, records),
     }
 
 
@@ -261,7 +251,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         with open(log_path, "a", encoding="utf-8") as log:
             judge(model, tokenizer, todo, cfg, log)
     scores = scores_of(read_log(log_path), cfg.bench)
-    D.write_atomic(os.path.join(out, "scores.json"), json.dumps(scores, indent=2) + "\n")
+    write_atomic(os.path.join(out, "scores.json"), json.dumps(scores, indent=2) + "\n")
     print(summary(scores))
     if scores["prompt_too_long"]:
         print(f"{scores['prompt_too_long']} prompts longer than --max_prompt_len={cfg.max_prompt_len} "

@@ -17,7 +17,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import data
-from model import ModelConfig, Transformer, save_pretrained
+from checkpoint import save_pretrained
+from model import ModelConfig, Transformer
 
 
 def export(step_dir, out):

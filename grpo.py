@@ -52,7 +52,7 @@ import distributed as D
 import plan
 import reward
 from cli import check_fields, parse_config, with_defaults
-from model import load_config
+from checkpoint import load_config, write_atomic
 from plan import MORE_RANKS
 from objective import equal_groups, group_advantages, overlong_penalty, policy_loss
 from rollout import (PAGE_SIZE, PREFILL_TOKENS, SamplingParams, cache_pages, decode, generate, kv_budget,
@@ -178,22 +178,22 @@ def sequences(prompts, completions, advantages):
 def pack_rows(seqs, max_tokens):
     """Pack traces into rows of <= max_tokens (next-fit, in order). Each row holds per-token
     targets, response mask, advantages and the index of the trace each token belongs to."""
-    rows, row = [], None
-    for k, s in enumerate(seqs):
-        ids, P = s["input_ids"], s["prompt_len"]
-        n = len(ids) - 1  # inputs ids[:-1] predict targets ids[1:]
-        if row is None or len(row["ids"]) + n > max_tokens:
-            row = {"ids": [], "targets": [], "pos": [], "mask": [], "adv": [], "seq": [],
-                   "sampler": [], "docs": []}
-            rows.append(row)
-        row["docs"].append(n)
-        row["ids"] += ids[:-1]
-        row["targets"] += ids[1:]
-        row["pos"] += range(n)
-        row["mask"] += [0] * (P - 1) + [1] * (n - P + 1)
-        row["adv"] += [s["advantage"]] * n
-        row["seq"] += [k] * n
-        row["sampler"] += [0.0] * (P - 1) + list(s["sampler_logprobs"])
+    rows = []
+    for docs in data.next_fit([len(s["input_ids"]) - 1 for s in seqs], max_tokens):
+        row = {"ids": [], "targets": [], "pos": [], "mask": [], "adv": [], "seq": [], "sampler": [], "docs": []}
+        for k in docs:
+            s = seqs[k]
+            ids, P = s["input_ids"], s["prompt_len"]
+            n = len(ids) - 1  # inputs ids[:-1] predict targets ids[1:]
+            row["docs"].append(n)
+            row["ids"] += ids[:-1]
+            row["targets"] += ids[1:]
+            row["pos"] += range(n)
+            row["mask"] += [0] * (P - 1) + [1] * (n - P + 1)
+            row["adv"] += [s["advantage"]] * n
+            row["seq"] += [k] * n
+            row["sampler"] += [0.0] * (P - 1) + list(s["sampler_logprobs"])
+        rows.append(row)
     return rows
 
 
@@ -215,12 +215,9 @@ def forward_logprobs(model, row, temperature):
     return logprobs[0], entropy[0]
 
 
-def equalize(rows, ctx):
-    """FSDP needs every rank to run the same number of forwards: pad with a 2-token empty row."""
-    n = D.max_over_ranks(len(rows))
-    empty = {"ids": [0, 0], "targets": [0, 0], "pos": [0, 1], "mask": [0, 0], "adv": [0.0, 0.0],
-             "seq": [0, 0], "sampler": [0.0, 0.0], "old": [0.0, 0.0], "ref": [0.0, 0.0], "docs": [2]}
-    return rows + [dict(empty) for _ in range(n - len(rows))]
+# What a rank short of rows runs (distributed.pad_to_ranks): 2 tokens that carry no loss.
+EMPTY_ROW = {"ids": [0, 0], "targets": [0, 0], "pos": [0, 1], "mask": [0, 0], "adv": [0.0, 0.0], "seq": [0, 0],
+             "sampler": [0.0, 0.0], "old": [0.0, 0.0], "ref": [0.0, 0.0], "docs": [2]}
 
 
 def backward_rows(model, rows, cfg: GRPOConfig, ctx):
@@ -230,12 +227,12 @@ def backward_rows(model, rows, cfg: GRPOConfig, ctx):
     n_tokens = D.sum_over_ranks(sum(sum(r["mask"]) for r in rows))
     n_seqs = D.sum_over_ranks(len({s for r in rows for s in r["seq"]}))
     totals = torch.zeros(len(UPDATE_METRICS), device=ctx.device)
-    for row in equalize(rows, ctx):
+    for row in D.pad_to_ranks(rows, EMPTY_ROW):
         t = row_tensors(row, ctx.device)
         logprobs, entropy = forward_logprobs(model, t, cfg.temperature)
         loss, sums = policy_loss(logprobs, t["old"], t["ref"], t["adv"], t["mask"], entropy,
                                  t["seq"], cfg, n_tokens, n_seqs)
-        (loss * ctx.world_size).backward()  # FSDP averages gradients over ranks; we want the sum
+        loss.backward()  # FSDP sums the ranks' gradients (distributed.shard)
         totals += torch.stack([*(sums[k] for k in UPDATE_METRICS[:-1]), loss.detach()])
     return n_tokens, totals
 
@@ -263,7 +260,7 @@ def old_and_ref_logprobs(model, ref_model, rows, cfg: GRPOConfig, ctx):
     should be ~0 in fp32: a large one means rollout and trainer disagree (a known failure)."""
     gap = torch.zeros((), device=ctx.device)
     with torch.no_grad():
-        for row in equalize(rows, ctx):
+        for row in D.pad_to_ranks(rows, EMPTY_ROW):
             t = row_tensors(row, ctx.device)
             old, _ = forward_logprobs(model, t, cfg.temperature)
             gap = torch.maximum(gap, ((old - t["sampler"]) * t["mask"]).abs().max())
@@ -385,7 +382,7 @@ def write_traces(path, tokenizer, records, prompts, completions, texts, rewards,
                                  "verdict": reward.parse_verdict(text), "reward": r,
                                  "finish_reason": c.finish_reason, "tokens": len(c.token_ids)}))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    D.write_atomic(path, "".join(line + "\n" for line in lines))
+    write_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def evaluate(model, tokenizer, records, prompts, cfg: GRPOConfig, ctx):

@@ -32,7 +32,8 @@ import demo
 import distributed as D
 import plan
 from cli import check_fields, parse_config, with_defaults
-from model import ModelConfig, document_lengths, load_config
+from checkpoint import load_config
+from model import ModelConfig, document_lengths
 from plan import MORE_RANKS
 
 
@@ -139,20 +140,11 @@ def step_rows(examples, step, cfg: SFTConfig, steps_per_epoch, vocab_size):
     return data.pack(batch, cfg.max_len)
 
 
-def rank_rows(rows, ctx: D.Context, pad_id):
-    """This rank's rows. Every rank runs the same number of micro-batches (FSDP needs it), so
-    the short ranks get a 2-token padding row that carries no loss."""
-    n = math.ceil(len(rows) / ctx.world_size)
-    mine = rows[ctx.rank::ctx.world_size]
-    empty = {"input_ids": [pad_id, pad_id], "loss_mask": [0, 0], "position_ids": [0, 1]}
-    return mine + [empty] * (n - len(mine))
-
-
-def sft_loss(model, row, n_tokens, world_size, device):
+def sft_loss(model, row, n_tokens, device):
     """Summed negative log-likelihood of the row's trace tokens / the step's trace-token count.
 
     The division by the global count (not per micro-batch or per rank) makes the step's loss one
-    token mean, whatever the split. FSDP averages gradients over ranks, hence the world_size.
+    token mean, whatever the split (FSDP sums the ranks' gradients: distributed.shard).
     Returns (loss to backpropagate, summed NLL for logging).
     """
     batch = data.collate([row], pad_id=0)
@@ -161,7 +153,7 @@ def sft_loss(model, row, n_tokens, world_size, device):
     logprobs, _ = model(ids[:, :-1], position_ids=batch["position_ids"][:, :-1].to(device),
                         doc_lens=document_lengths([row["position_ids"][:-1]]), targets=ids[:, 1:])
     nll = -(logprobs * mask).sum()
-    return nll * world_size / n_tokens, nll.detach()
+    return nll / n_tokens, nll.detach()
 
 
 def lr_lambda(cfg: SFTConfig, total_steps):
@@ -208,7 +200,7 @@ def plan_walk(cfg: SFTConfig, ctx, plan):
         plan.make_optimizer_state(model, optimizer)
     model.train()
     with plan.phase(f"forward + backward (one row of {cfg.max_len:,} tokens)", "lower --max_len"):
-        loss, _ = sft_loss(model, row, cfg.max_len, W, ctx.device)
+        loss, _ = sft_loss(model, row, cfg.max_len, ctx.device)
         loss.backward()
     with plan.phase("clip + AdamW step", MORE_RANKS):
         D.clip_and_step(model, optimizer, cfg.grad_clip)
@@ -276,13 +268,15 @@ def train(cfg: SFTConfig, preset="") -> bool:
     metrics = D.MetricsLogger(cfg.out, total_steps, asdict(cfg), cfg.wandb_project, start)
     model.train()
     stop = min(total_steps, start + cfg.max_steps) if cfg.max_steps else total_steps
+    pad = tokenizer.pad_token_id or 0
+    empty = {"input_ids": [pad, pad], "loss_mask": [0, 0], "position_ids": [0, 1]}  # a short rank's row
     for step in range(start, stop):
         t0 = time.time()
         rows = step_rows(examples, step, cfg, steps_per_epoch, tokenizer.vocab_size)
         n_tokens = sum(sum(r["loss_mask"][1:]) for r in rows)
         nll_sum = torch.zeros((), device=ctx.device)
-        for row in rank_rows(rows, ctx, tokenizer.pad_token_id or 0):
-            loss, nll = sft_loss(model, row, n_tokens, ctx.world_size, ctx.device)
+        for row in D.pad_to_ranks(rows[ctx.rank::ctx.world_size], empty):
+            loss, nll = sft_loss(model, row, n_tokens, ctx.device)
             loss.backward()
             nll_sum += nll
         nll_total = D.all_reduce_sum(nll_sum)

@@ -35,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import distributed as D  # noqa: E402
 import grpo  # noqa: E402
-from model import ModelConfig, Transformer, packed_attention, save_pretrained  # noqa: E402
+from checkpoint import save_pretrained  # noqa: E402
 from kvcache import KVCache  # noqa: E402
+from model import ModelConfig, Transformer, packed_attention  # noqa: E402
 from rollout import SamplingParams, generate  # noqa: E402
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,

@@ -1,11 +1,31 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures and helpers shared by the test modules (helpers: `from conftest import ...`)."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import demo
+from checkpoint import save_pretrained
 from distributed import init_weights
-from model import ModelConfig, Transformer, save_pretrained
+from model import ModelConfig, Transformer
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} (the shared benchmark data) is absent")
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def bot(text):
+    return {"role": "assistant", "content": text}
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """data.py against hand-written expected strings, hand-counted fixtures and the real benchmark files."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,21 +8,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 from transformers import PreTrainedTokenizerFast
 
 import data
+from conftest import SHARED, bot, needs_shared, user, write_jsonl
 from model import ModelConfig, Transformer
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} (the shared benchmark data) is absent")
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def bot(text):
-    return {"role": "assistant", "content": text}
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +77,6 @@ def test_judge_prompt_rejects_malformed_conversations(a, b, match):
 
 
 # ---- reading records ----
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
-
 
 def test_read_records_names_file_and_line_for_jsonl_and_index_for_json(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", [{"x": 1}, {"x": 2}])
@@ -181,111 +165,6 @@ def test_pair_without_prompt_for_string_answers_is_an_error(tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"chosen": "good", "rejected": "bad"}])
     with pytest.raises(ValueError, match=r"pairs\.jsonl:1: field 'chosen' is a string, so the record needs a 'prompt'"):
         data.pairs_to_rlvr(path, seed=0)
-
-
-# ---- benchmarks ----
-
-def test_rewardbench_loader(tmp_path):
-    path = write_jsonl(tmp_path / "rb.jsonl", [
-        {"prompt": "q", "chosen": "good", "rejected": "bad", "subset": "mt-bench-easy", "id": 7}])
-    (c,) = data.load_benchmark("rewardbench", path)
-    assert (c.uid, c.group, c.category, c.meta) == ("7", "7", "mt-bench-easy", {"subset": "mt-bench-easy"})
-    assert c.chosen == [user("q"), bot("good")] and c.rejected == [user("q"), bot("bad")]
-
-
-def test_rm_bench_item_expands_to_the_3x3_style_matrix(tmp_path):
-    item = {"id": 5, "prompt": "q", "chosen": ["c0", "c1", "c2"], "rejected": ["r0", "r1", "r2"]}
-    (tmp_path / "safety-refuse_filtered.json").write_text(json.dumps([item]))
-    (tmp_path / "total.json").write_text(json.dumps([dict(item, domain="math")]))
-    comps = data.load_benchmark("rm-bench", tmp_path)
-    assert len(comps) == 18
-    safety = [c for c in comps if c.category == "safety"]
-    assert {c.group for c in safety} == {"safety-refuse_filtered/5"}
-    got = {(c.meta["chosen_style"], c.meta["rejected_style"]): (c.chosen[1]["content"], c.rejected[1]["content"])
-           for c in safety}
-    assert got == {(i, j): (f"c{i}", f"r{j}") for i in range(3) for j in range(3)}
-    assert {c.category for c in comps} == {"safety", "math"}
-
-
-def test_rm_bench_errors(tmp_path):
-    (tmp_path / "misc.json").write_text(json.dumps([{"id": 1, "prompt": "q", "chosen": ["a"] * 3, "rejected": ["b"] * 3}]))
-    with pytest.raises(ValueError, match=r"misc\.json\[0\]: RM-Bench domain 'misc'"):
-        data.load_benchmark("rm-bench", tmp_path / "misc.json")
-    (tmp_path / "chat.json").write_text(json.dumps([{"id": 1, "prompt": "q", "chosen": ["a"] * 2, "rejected": ["b"] * 3}]))
-    with pytest.raises(ValueError, match=r"chat\.json\[0\]: field 'chosen' must hold 3 strings"):
-        data.load_benchmark("rm-bench", tmp_path / "chat.json")
-
-
-def rmb_record(uid, path, turns=1):
-    conversation = [{"role": "user", "content": "u0", "language": "English"}]
-    for k in range(1, turns):
-        conversation += [{"role": "assistant", "content": f"a{k}"}, {"role": "user", "content": f"u{k}"}]
-    return {"pair_uid": uid, "conversation_input": conversation, "category_path": path,
-            "chosen": {"llm_name": "m1", "answer": "good"}, "reject": {"llm_name": "m2", "answer": "bad"}}
-
-
-def test_rmb_pairwise_loader_keeps_the_aspect(tmp_path):
-    folder = tmp_path / "Pairwise_set" / "Harmlessness"
-    folder.mkdir(parents=True)
-    (folder / "S1.json").write_text(json.dumps([rmb_record("1", "Pairwise_set/Harmlessness/S1"),
-                                                rmb_record("2", "S1", turns=2)]))
-    a, b = data.load_benchmark("rmb-pairwise", tmp_path)
-    assert (a.uid, a.category, a.meta) == ("1", "Pairwise_set/Harmlessness/S1", {"aspect": "Harmlessness"})
-    assert a.chosen == [user("u0"), bot("good")] and a.rejected == [user("u0"), bot("bad")]
-    assert b.meta == {"aspect": "Harmlessness"}  # from the folder, as its category_path does not say
-    assert b.chosen == [user("u0"), bot("a1"), user("u1"), bot("good")]
-
-
-def test_rmb_pairwise_error_names_file_index_and_field(tmp_path):
-    bad = rmb_record("1", "Pairwise_set/Helpfulness/Chat")
-    del bad["reject"]["answer"]
-    (tmp_path / "chat.json").write_text(json.dumps([rmb_record("0", "Pairwise_set/Helpfulness/Chat"), bad]))
-    with pytest.raises(ValueError, match=r"chat\.json\[1\] reject: missing field 'answer'"):
-        data.load_benchmark("rmb-pairwise", tmp_path)
-
-
-def test_rmb_bon_item_expands_to_one_comparison_per_loser(tmp_path):
-    item = {"bon_uid": "b9", "conversation_input": [user("q")], "category_path": "BoN_set/Helpfulness/Code/X",
-            "bon_best": {"answer": "best"}, "loser_list": [{"answer": "l0"}, {"answer": "l1"}, {"answer": "l2"}]}
-    comps = data.load_benchmark("rmb-bon", write_jsonl(tmp_path / "bon.jsonl", [item]))
-    assert [c.uid for c in comps] == ["b9/0", "b9/1", "b9/2"]
-    assert {c.group for c in comps} == {"b9"} and all(c.meta["aspect"] == "Helpfulness" for c in comps)
-    assert [c.rejected[-1]["content"] for c in comps] == ["l0", "l1", "l2"]
-    assert all(c.chosen == [user("q"), bot("best")] for c in comps)
-
-
-def test_same_item_twice_is_an_error(tmp_path):
-    write_jsonl(tmp_path / "a.jsonl", [{"prompt": "q", "chosen": "g", "rejected": "b", "subset": "hep-go", "id": 1}])
-    write_jsonl(tmp_path / "b.jsonl", [{"prompt": "q", "chosen": "g", "rejected": "b", "subset": "hep-go", "id": 1}])
-    with pytest.raises(ValueError, match=r"b\.jsonl: comparison '1' already loaded"):
-        data.load_benchmark("rewardbench", tmp_path)
-
-
-@needs_shared
-def test_real_rm_bench_files():
-    folder = SHARED / "data" / "rm-bench"
-    if not folder.is_dir():
-        pytest.skip(f"{folder} is absent")
-    files = data.data_files(folder)
-    assert len(files) == 4
-    comps = data.load_benchmark("rm-bench", folder)
-    items = {c.group for c in comps}
-    assert len(items) == 798 and len(comps) == 9 * 798
-    domains = {d: len({c.group for c in comps if c.category == d}) for d in ("chat", "code", "safety")}
-    assert domains == {"chat": 129, "code": 228, "safety": 284 + 157}
-
-
-@needs_shared
-def test_real_rmb_pairwise_files():
-    folder = SHARED / "data" / "rmb" / "Pairwise_set"
-    if not folder.is_dir():
-        pytest.skip(f"{folder} is absent")
-    assert len(data.data_files(folder)) == 46
-    comps = data.load_benchmark("rmb-pairwise", folder)
-    assert len(comps) == 14543 and len({c.category for c in comps}) == 46
-    aspects = [c.meta["aspect"] for c in comps]
-    assert (aspects.count("Helpfulness"), aspects.count("Harmlessness")) == (8456, 6087)
-    assert max(len(c.chosen) for c in comps) == 6  # 5-turn inputs plus the answer
 
 
 # ---- tokens ----

@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import benchmarks
 import data
 import demo
 import eval as E
 import rollout
-from model import ModelConfig, Transformer, save_pretrained
+from checkpoint import save_pretrained
+from model import ModelConfig, Transformer
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} (the real benchmark files) is absent")
@@ -177,7 +179,7 @@ def test_ab_coin_is_seeded_balanced_and_independent_of_limit_and_batch_size(toke
 
 
 def test_limit_takes_a_prefix_of_one_fixed_order_in_whole_items():
-    comparisons = [data.Comparison(f"{g}/{k}", g, "chat", [], []) for g in "pqrstu" for k in range(3)]
+    comparisons = [benchmarks.Comparison(f"{g}/{k}", g, "chat", [], []) for g in "pqrstu" for k in range(3)]
     full = E.ordered(comparisons)
     assert sorted(c.uid for c in full) == sorted(c.uid for c in comparisons)
     for limit in range(1, 19):

@@ -22,7 +22,8 @@ import sft
 from cli import parse_config
 from grpo import GRPOConfig, step_prompts
 from objective import policy_loss
-from model import ModelConfig, Transformer, save_pretrained
+from checkpoint import save_pretrained
+from model import ModelConfig, Transformer
 from sft import SFTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,7 +218,7 @@ def test_a_resumed_finished_run_keeps_its_checkpoint(tmp_path):
 def test_an_export_left_half_renamed_by_a_kill_comes_back(tmp_path):
     model = tiny()
     save_pretrained(model, tmp_path / "hf")
-    os.replace(tmp_path / "hf", tmp_path / "hf.old")  # killed between replace_dir's two renames
+    os.replace(tmp_path / "hf", tmp_path / "hf.old")  # killed between publish's two renames
     save_pretrained(model, tmp_path / "hf")  # was: "Directory not empty" on every later export
     assert sorted(os.listdir(tmp_path)) == ["hf"]
     assert (tmp_path / "hf" / "model.safetensors").exists()

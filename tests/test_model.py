@@ -7,8 +7,9 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+from checkpoint import load_pretrained, save_pretrained
 from kvcache import KVCache
-from model import ModelConfig, Transformer, load_pretrained, save_pretrained
+from model import ModelConfig, Transformer
 
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=256, rms_norm_eps=1e-6)
@@ -235,7 +236,7 @@ def test_gradient_checkpointing_gives_same_gradients(tmp_path):
 
 
 def test_checkpoint_slices_read_rows_and_meta_build_holds_no_memory(tmp_path):
-    from model import iter_checkpoint
+    from checkpoint import iter_checkpoint
     ref, path = saved_hf(tmp_path, "qwen2")
     config = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
     with torch.device("meta"):

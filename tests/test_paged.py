@@ -6,8 +6,8 @@ import torch
 import transformers
 
 import rollout
+from checkpoint import load_pretrained
 from kvcache import KVCache
-from model import load_pretrained
 from rollout import SamplingParams, generate
 
 VOCAB = 320

@@ -4,14 +4,14 @@ import pytest
 import torch
 import transformers
 
-from model import load_pretrained
+from checkpoint import load_pretrained
 from rollout import SamplingParams, generate
 
 VOCAB = 320
 
 
 def tiny_model(tmp_path, vocab_size=VOCAB, logit_scale=1.0, seed=0):
-    """A random 2-layer Qwen2 saved by transformers and loaded by model.load_pretrained.
+    """A random 2-layer Qwen2 saved by transformers and loaded by checkpoint.load_pretrained.
     `logit_scale` multiplies the LM head so that next-token distributions are far from uniform."""
     torch.manual_seed(seed)
     cfg = transformers.Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,

@@ -57,8 +57,8 @@ def test_packed_and_unpacked_batches_give_the_same_loss(tokenizer):
     n_tokens = sum(sum(m[1:]) for _, m in examples)
     packed = data.pack(examples, max_len=4096)
     assert len(packed) == 1
-    loss_packed, _ = sft_loss(model, packed[0], n_tokens, 1, "cpu")
-    separate = sum(sft_loss(model, data.pack([ex], 4096)[0], n_tokens, 1, "cpu")[0] for ex in examples)
+    loss_packed, _ = sft_loss(model, packed[0], n_tokens, "cpu")
+    separate = sum(sft_loss(model, data.pack([ex], 4096)[0], n_tokens, "cpu")[0] for ex in examples)
     torch.testing.assert_close(loss_packed, separate, atol=1e-5, rtol=1e-5)
     # the token-mean normalizer: equal to the plain mean NLL over every trace token
     nll = []
@@ -90,7 +90,7 @@ def test_stop_and_resume_gives_the_same_losses(tmp_path):
 
 def test_hf_export_loads_in_transformers_with_identical_logits(tmp_path):
     import transformers
-    from model import load_pretrained
+    from checkpoint import load_pretrained
     run(TINY_RUN + ["--out", str(tmp_path)])
     ours = load_pretrained(tmp_path / "hf")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -117,7 +117,7 @@ def test_demo_rounds_continue_the_last_export_on_fresh_traces_at_half_the_lr():
 
 def test_second_round_starts_from_the_first_rounds_export(tmp_path):
     # round 2's first logged loss is the round-1 export's loss on round 2's first batch
-    from model import load_pretrained
+    from checkpoint import load_pretrained
     from sft import SFTConfig, load_examples, step_rows
     run(TINY_RUN + ["--demo_rounds", "2", "--out", str(tmp_path)])  # the later flag wins
     r1, r2 = losses(tmp_path / "round1"), losses(tmp_path / "round2")
@@ -130,7 +130,7 @@ def test_second_round_starts_from_the_first_rounds_export(tmp_path):
     n_tokens = sum(sum(r["loss_mask"][1:]) for r in rows)
     model = load_pretrained(cfg.model)
     with torch.no_grad():
-        first = sum(float(sft_loss(model, row, n_tokens, 1, "cpu")[0]) for row in rows)
+        first = sum(float(sft_loss(model, row, n_tokens, "cpu")[0]) for row in rows)
     assert r2[0] == pytest.approx(first, rel=1e-5)
     assert r2[0] < r1[0]
 

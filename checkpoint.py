@@ -1,0 +1,184 @@
+"""Hugging Face checkpoints of model.Transformer, and the one way this project writes a file or a
+directory that must never be seen half-written.
+
+    model = load_pretrained("Qwen2.5-7B-Instruct", dtype=torch.bfloat16, device="cuda")
+    save_pretrained(model, "out/hf", tokenizer=tokenizer)   # transformers loads it with identical logits
+    write_atomic("out/scores.json", text)                   # a temporary file, then a rename
+
+Everything written goes to a temporary name first and is moved into place by `publish` (a rename
+on the same file system), so a run killed at any moment leaves the previous version or the new
+one, never a mix; `publish` also brings back the previous version of a directory that a kill
+between its two renames left aside.
+"""
+
+import json
+import os
+import shutil
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model import ModelConfig, Transformer
+
+
+def hf_to_ours(name: str) -> str:
+    return name.removeprefix("model.")
+
+
+def ours_to_hf(name: str) -> str:
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def checkpoint_files(path) -> list[str]:
+    """The safetensors files of a HF model directory, single-file or sharded."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, s) for s in shards]
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                                "(only safetensors checkpoints are read; convert .bin files first)")
+    return [single]
+
+
+def iter_checkpoint(path, expected: set, tie_word_embeddings: bool):
+    """Yield (our_name, slice) for every weight of a HF checkpoint; `slice[a:b]` reads rows a..b
+    and `slice[:]` the whole tensor, so a rank of a sharded run reads only its own rows.
+
+    Checks the names against `expected` (our parameter names): an unknown tensor or a missing
+    one is an error naming it. A tied checkpoint that still stores lm_head.weight is fine.
+    """
+    seen = set()
+    for file in checkpoint_files(path):
+        with safe_open(file, framework="pt") as f:
+            for hf_name in f.keys():
+                name = hf_to_ours(hf_name)
+                if name not in expected:
+                    if name == "lm_head.weight" and tie_word_embeddings:
+                        continue  # it equals the embedding
+                    raise ValueError(f"{file}: unexpected tensor {hf_name!r} in checkpoint")
+                seen.add(name)
+                yield name, f.get_slice(hf_name)
+    missing = expected - seen
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {sorted(ours_to_hf(n) for n in missing)[:5]}")
+
+
+def load_config(path) -> ModelConfig:
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise ValueError(f"{path}: no such model directory" if not os.path.isdir(path) else
+                         f"{path}: no config.json (a Hugging Face model directory holds one)")
+    with open(file) as f:
+        return ModelConfig.from_hf(json.load(f))
+
+
+def load_pretrained(path, dtype=None, device=None) -> Transformer:
+    """Read a HF model directory (config.json + safetensors) into a Transformer.
+
+    The model is built on the meta device and each weight is assigned as it is read, so no
+    random initialization is spent and only one copy of the weights ever exists.
+    """
+    config = load_config(path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {n for n, _ in model.named_parameters()}
+    for name, weight in iter_checkpoint(path, expected, config.tie_word_embeddings):
+        tensor = weight[:]
+        set_tensor(model, name, tensor.to(device=device, dtype=dtype or tensor.dtype))
+    model.materialize_buffers(device)
+    return model
+
+
+def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor):
+    """Replace parameter `name` (meta or real) with `tensor`, keeping ties intact."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, attr, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+    if model.config.tie_word_embeddings and name == "embed_tokens.weight":
+        model.lm_head.weight = model.embed_tokens.weight
+
+
+def save_pretrained(model: Transformer, path, state_dict=None, max_shard_bytes=5 * 2**30,
+                    tokenizer=None):
+    """Write config.json + safetensors (sharded past max_shard_bytes) that transformers loads,
+    and the tokenizer's files when one is given.
+
+    `state_dict` (our names -> full tensors) may be passed by callers that gathered a sharded
+    model; by default it is the model's own. Files are written to a temporary directory and
+    renamed into place, so a crash never leaves a half-written checkpoint under `path`.
+    """
+    config = model.config
+    sd = state_dict if state_dict is not None else model.state_dict()
+    tensors = {}
+    for name, t in sd.items():
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        tensors[ours_to_hf(name)] = t.detach().to("cpu").contiguous()
+    tmp = str(path).rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # what a killed export left
+    os.makedirs(tmp)
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+            weight_map.update({n: fname for n in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    hf = config.to_hf()
+    hf["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    publish(tmp, path)
+
+
+def publish(tmp, path):
+    """Move `tmp` (a file, or a directory) to `path`, never leaving `path` half-written. A
+    directory keeps the files already in `path` that tmp lacks (tokenizer files written beside
+    the weights)."""
+    path = str(path).rstrip("/")
+    if not os.path.isdir(tmp):
+        os.replace(tmp, path)
+        return
+    old = path + ".old"
+    if os.path.isdir(old) and not os.path.exists(path):
+        os.replace(old, path)  # a kill between the two renames below: the previous export is back
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(path):
+        for name in os.listdir(path):
+            if not os.path.exists(os.path.join(tmp, name)):
+                os.replace(os.path.join(path, name), os.path.join(tmp, name))
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+
+
+def write_atomic(path, text):
+    """Write `text` to file `path` through a temporary file (flushed to disk) and publish."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    publish(tmp, path)
