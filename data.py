@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from reward import label, place
+
 # The RM-R1 release's strings, verbatim: Instruct judges get the system prompt plus a user turn,
 # DeepSeek-R1-distilled judges a single user turn (their chat template ignores system prompts).
 PROMPTS = {
@@ -363,9 +365,8 @@ def pairs_to_rlvr(pairs, seed, style="instruct"):
     random.Random(seed).shuffle(chosen_is_a)
     records = []
     for (chosen, rejected), a_first in zip(conversations, chosen_is_a):
-        a, b = (chosen, rejected) if a_first else (rejected, chosen)
-        records.append({"context_messages": build_judge_messages(a, b, style),
-                        "winner": "model_a" if a_first else "model_b"})
+        a, b = place(chosen, rejected, a_first)
+        records.append({"context_messages": build_judge_messages(a, b, style), "winner": label(a_first)})
     return records, len(rows) - len(conversations)
 
 

@@ -4,7 +4,6 @@ teacher that writes Chain-of-Rubrics traces for it, and the tokenizer the tiny d
     train = make_demo_pairs(4000, seed=0)                   # split="train"
     test = make_demo_pairs(500, seed=0, split="test")       # no question in common with train
     trace = teacher_trace(train[0], chosen_is_a=True)       # "<type>Reasoning</type>\n\n<solution>..."
-    label = verdict_label(chosen_is_a=True)                 # "model_a"
     tok = build_tokenizer("out/tok", texts)                 # texts: rendered prompts + traces
 
 Two kinds of pairs, half each:
@@ -38,6 +37,7 @@ from transformers import PreTrainedTokenizerFast
 
 import benchmarks
 import data
+from reward import LETTERS, label, place
 
 TEST_SHARE = 10  # one question in TEST_SHARE belongs to the test split
 # Reasoning pairs the teacher judges without solving (teacher_trace(hasty=True)): over one half,
@@ -224,10 +224,6 @@ def make_demo_pairs(n: int, seed: int, split: str = "train") -> list[dict]:
 
 # The teacher: Chain-of-Rubrics traces in the exact RM-R1 format.
 
-def verdict_label(chosen_is_a: bool) -> str:
-    return "model_a" if chosen_is_a else "model_b"
-
-
 def is_hasty(pair: dict) -> bool:
     """Whether the teacher judges `pair` hastily: HASTY_SHARE of the reasoning pairs, by a hash of
     the pair's id, so the same pair always gets the same trace."""
@@ -241,8 +237,8 @@ def teacher_trace(pair: dict, chosen_is_a: bool, hasty: bool = False) -> str:
     hasty=True, on a reasoning pair: the trace of a judge that does not solve. It files the
     question as Chat, writes a rubric, reads off both results without checking them and prefers
     Chatbot A, the first response it read: right on half of the pairs, whatever their answers."""
-    a, b = (pair["chosen"], pair["rejected"]) if chosen_is_a else (pair["rejected"], pair["chosen"])
-    answer = "A" if chosen_is_a else "B"
+    a, b = place(pair["chosen"], pair["rejected"], chosen_is_a)
+    answer = LETTERS[label(chosen_is_a)]
     if pair["kind"] == "reasoning":
         finals = {t: r.rsplit(" ", 1)[1] for t, r in (("A", a), ("B", b))}
         if hasty:
@@ -321,7 +317,7 @@ def demo_corpus(n: int, seed: int, build_messages) -> list[str]:
     texts = []
     for pair in make_demo_pairs(n, seed):
         chosen_is_a = rng.random() < 0.5
-        a, b = (pair["chosen"], pair["rejected"]) if chosen_is_a else (pair["rejected"], pair["chosen"])
+        a, b = place(pair["chosen"], pair["rejected"], chosen_is_a)
         messages = build_messages(pair["question"], a, b)
         trace = teacher_trace(pair, chosen_is_a, hasty=is_hasty(pair))
         texts.append(chatml(messages + [{"role": "assistant", "content": trace}]))
@@ -384,7 +380,7 @@ def judge_pairs(n: int, seed: int, split: str, style: str = "instruct"):
     out = []
     for pair in make_demo_pairs(n, seed, split):
         chosen_is_a = rng.random() < 0.5
-        a, b = (pair["chosen"], pair["rejected"]) if chosen_is_a else (pair["rejected"], pair["chosen"])
+        a, b = place(pair["chosen"], pair["rejected"], chosen_is_a)
         out.append((pair, judge_messages(pair["question"], a, b, style), chosen_is_a))
     return out
 
@@ -404,7 +400,7 @@ def sft_records(n: int, seed: int, style: str = "instruct") -> list[dict]:
 
 def rlvr_records(n: int, seed: int, split: str = "train", style: str = "instruct") -> list[dict]:
     """RM-R1 RLVR records: judge prompt + model_a/model_b label."""
-    return [{"context_messages": m, "winner": verdict_label(a)} for p, m, a in judge_pairs(n, seed, split, style)]
+    return [{"context_messages": m, "winner": label(a)} for _, m, a in judge_pairs(n, seed, split, style)]
 
 
 def comparisons(n: int, seed: int) -> list:

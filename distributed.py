@@ -18,7 +18,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -41,10 +41,6 @@ class Context:
     device: torch.device
     gpu: bool = False  # a CUDA run, or the memory plan's simulation of one (bf16 reference, varlen)
     mesh: DeviceMesh | None = None  # the ranks FSDP2 shards over; None: a world of one, unsharded
-
-    @property
-    def is_main(self):
-        return self.rank == 0
 
     @property
     def distributed(self):
@@ -88,7 +84,7 @@ def shutdown():
 
 def log(*args, **kw):
     """Print on rank 0 only."""
-    if _main():
+    if is_main():
         print(*args, **kw, flush=True)
 
 
@@ -321,7 +317,7 @@ def save_hf(model, tokenizer, out_dir):
     """Export a Hugging Face directory (config.json + safetensors + tokenizer), atomically."""
     check_finite(model, out_dir)
     sd = full_state_dict(model)
-    if _main():
+    if is_main():
         with disk_errors(str(out_dir).rstrip("/") + ".tmp"):
             save_pretrained(model, out_dir, state_dict=sd, tokenizer=tokenizer)
     barrier()
@@ -361,7 +357,7 @@ def start_run(run_dir, config: dict, resume: bool, preset: str = ""):
         for k in sorted(changed):
             log(f"resume: --{k} {saved.get(k)!r} -> {current.get(k)!r}")
     barrier()  # every rank has read the directory before rank 0 writes to it
-    if _main():
+    if is_main():
         os.makedirs(run_dir, exist_ok=True)
         for name in os.listdir(run_dir):
             if name.endswith((".tmp", ".old")):
@@ -374,15 +370,44 @@ def start_run(run_dir, config: dict, resume: bool, preset: str = ""):
 
 # ---- resumable training state ----
 
-def finish_run(run_dir, stop: int, total_steps: int, model, optimizer, tokenizer, export, keep_last=0):
-    """End of a training run: a resumable checkpoint at `stop`, then, once all total_steps are
-    done, the Hugging Face export to `export`; a run stopped early by --max_steps says how to go on."""
-    save_state(run_dir, stop, model, optimizer, {}, keep_last)
+def run_steps(cfg, model, optimizer, tokenizer, total_steps, step_fn, export, show=("loss", "lr"),
+              on_start=None) -> int:
+    """The loop both trainers run, around their step_fn(step) -> metrics dict:
+    - resume from out/latest with cfg.resume (the data order is a function of the step, so a
+      resumed run sees what an uninterrupted one would), then on_start(start, metrics) if given;
+    - steps start..stop, stop = total_steps or cfg.max_steps later; each step's metrics logged as
+      step + 1; a non-finite loss or gradient (FloatingPointError) stops the run, naming the last
+      good checkpoint;
+    - a resumable checkpoint every cfg.save_every steps (keeping cfg.keep_last), an HF export to
+      export/step_N every cfg.export_every, and one at `stop`; once all total_steps are done, the
+      HF export to `export`; a run stopped early by --max_steps says how to go on.
+    Returns stop."""
+    start = 0
+    if cfg.resume and (state := load_state(cfg.out, model, optimizer)) is not None:
+        start = state["step"]
+        log(f"resumed from step {start}")
+    metrics = MetricsLogger(cfg.out, total_steps, asdict(cfg), cfg.wandb_project, start)
+    if on_start is not None:
+        on_start(start, metrics)
+    stop = min(total_steps, start + cfg.max_steps) if cfg.max_steps else total_steps
+    for step in range(start, stop):
+        try:
+            m = step_fn(step)
+        except FloatingPointError as e:
+            raise non_finite_exit(step + 1, e, cfg.out) from None
+        metrics.log(step + 1, m, show=show)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < stop:
+            save_state(cfg.out, step + 1, model, optimizer, {}, cfg.keep_last)
+        if cfg.export_every and (step + 1) % cfg.export_every == 0 and step + 1 < total_steps:
+            save_hf(model, tokenizer, os.path.join(export, f"step_{step + 1:08d}"))
+    metrics.close()
+    save_state(cfg.out, stop, model, optimizer, {}, cfg.keep_last)
     if stop < total_steps:
         log(f"stopped after step {stop} of {total_steps}; continue with --resume")
-        return
-    save_hf(model, tokenizer, export)
-    log(f"wrote {export}")
+    else:
+        save_hf(model, tokenizer, export)
+        log(f"wrote {export}")
+    return stop
 
 
 def check_finite(model, what):
@@ -424,21 +449,21 @@ def save_state(run_dir, step: int, model, optimizer, meta: dict, keep_last=0):
         return
     check_finite(model, final)
     tmp = final + ".tmp"
-    if _main():
+    if is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
     msd, osd = get_state_dict(model, optimizer)
     with disk_errors(tmp):
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
-        if _main():
+        if is_main():
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                 json.dump({"step": step, **meta}, f)
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(model.config.to_hf(), f, indent=2)
             publish(tmp, final)
             write_atomic(os.path.join(run_dir, "latest"), os.path.basename(final))
-    if _main() and keep_last:
+    if is_main() and keep_last:
         old = sorted(d for d in os.listdir(run_dir) if re.fullmatch(r"step_\d{8}", d))[:-keep_last]
         for d in old:
             # renamed first, so a kill mid-delete leaves a *.old that the next start removes
@@ -483,7 +508,8 @@ def _logged_step(line) -> float:
         return math.inf
 
 
-def _main():
+def is_main():
+    """Rank 0, or a world of one: the process that writes shared files and prints."""
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
@@ -495,7 +521,7 @@ class MetricsLogger:
     by the run that was killed), so every step has one line."""
 
     def __init__(self, run_dir, total_steps, config: dict, wandb_project: str = "", start=0):
-        self.main = _main()
+        self.main = is_main()
         self.bar = self.file = self.wandb = None
         if not self.main:
             return

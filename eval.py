@@ -39,10 +39,10 @@ from tqdm import tqdm
 import benchmarks
 import data
 import demo
-import reward
 import rollout
 from checkpoint import load_pretrained, write_atomic
 from cli import parse_config, with_defaults
+from reward import LETTERS, label, place
 
 
 @dataclass
@@ -120,8 +120,6 @@ def judge(model, tokenizer, comparisons, cfg: EvalConfig, log=None) -> list[dict
     When `log` (an open text file) is given, each chunk's records are written to it as JSON lines
     and flushed as soon as the chunk is judged.
     """
-    params = rollout.SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens,
-                                    stop_token_ids=(tokenizer.eos_token_id,))
     chunk = cfg.batch_size * CHUNK_BATCHES
     records = []
     with tqdm(total=len(comparisons), desc=f"judging ({cfg.bench})", unit="pair") as bar:
@@ -129,21 +127,19 @@ def judge(model, tokenizer, comparisons, cfg: EvalConfig, log=None) -> list[dict
             todo = []
             for c in comparisons[start:start + chunk]:
                 a_first = chosen_is_a(cfg.seed, c.uid)
-                a, b = (c.chosen, c.rejected) if a_first else (c.rejected, c.chosen)
+                a, b = place(c.chosen, c.rejected, a_first)
                 ids = data.chat_ids(tokenizer, data.build_judge_messages(a, b, cfg.style), add_generation_prompt=True)
                 record = {"uid": c.uid, "group": c.group, "category": c.category, "meta": c.meta,
-                          "chosen_position": "A" if a_first else "B", "prompt_tokens": len(ids),
+                          "chosen_position": LETTERS[label(a_first)], "prompt_tokens": len(ids),
                           "judgment": "", "verdict": None, "correct": False, "finish_reason": "prompt_too_long"}
                 todo.append((record, ids if len(ids) <= cfg.max_prompt_len else None))
             judged = [(r, ids) for r, ids in todo if ids is not None]
             if judged:
-                completions = rollout.generate(model, [ids for _, ids in judged], params,
-                                               max_batch_size=cfg.batch_size)
-                for (record, _), completion in zip(judged, completions):
-                    text = tokenizer.decode(completion.token_ids, skip_special_tokens=True)
-                    verdict = reward.parse_verdict(text)
+                verdicts = rollout.greedy_verdicts(model, tokenizer, [ids for _, ids in judged], cfg.max_new_tokens,
+                                                   cfg.batch_size)
+                for (record, _), (text, verdict, finish_reason) in zip(judged, verdicts):
                     record.update(judgment=text, verdict=verdict, correct=verdict == record["chosen_position"],
-                                  finish_reason=completion.finish_reason)
+                                  finish_reason=finish_reason)
             if log is not None:
                 log.write("".join(json.dumps(r) + "\n" for r, _ in todo))
                 log.flush()

@@ -55,8 +55,8 @@ from cli import check_fields, parse_config, with_defaults
 from checkpoint import load_config, write_atomic
 from plan import MORE_RANKS
 from objective import equal_groups, group_advantages, overlong_penalty, policy_loss
-from rollout import (PAGE_SIZE, PREFILL_TOKENS, SamplingParams, cache_pages, decode, generate, kv_budget,
-                     new_cache, prefill)
+from rollout import (PAGE_SIZE, PREFILL_TOKENS, SamplingParams, cache_pages, decode, generate, greedy_verdicts,
+                     kv_budget, new_cache, prefill)
 
 
 @dataclass
@@ -388,14 +388,10 @@ def write_traces(path, tokenizer, records, prompts, completions, texts, rewards,
 def evaluate(model, tokenizer, records, prompts, cfg: GRPOConfig, ctx):
     """Greedy verdict accuracy on held-out judge prompts (this rank's share, summed over ranks)."""
     mine = list(range(ctx.rank, len(prompts), ctx.world_size))
-    params = SamplingParams(temperature=0.0, max_new_tokens=cfg.max_response_len,
-                            stop_token_ids=(tokenizer.eos_token_id,))
     with D.full_weights(model) as plain, torch.no_grad():
-        completions = generate(plain, [prompts[i] for i in mine], params, max_batch_size=cfg.rollout_slots,
-                               kv_budget_bytes=kv_budget_bytes(cfg)) if mine else []
-    gold = {"model_a": "A", "model_b": "B"}
-    right = sum(reward.parse_verdict(tokenizer.decode(c.token_ids, skip_special_tokens=True))
-                == gold[records[mine[c.prompt_index]]["winner"]] for c in completions)
+        verdicts = greedy_verdicts(plain, tokenizer, [prompts[i] for i in mine], cfg.max_response_len,
+                                   cfg.rollout_slots, kv_budget_bytes(cfg)) if mine else []
+    right = sum(verdict == reward.LETTERS[records[i]["winner"]] for i, (_, verdict, _) in zip(mine, verdicts))
     counts = D.all_reduce_sum(torch.tensor([float(right), float(len(mine))]))
     return float(counts[0] / counts[1])
 
@@ -611,40 +607,27 @@ def train(cfg: GRPOConfig, preset=""):
 
     model, optimizer = build_policy(cfg, ctx)
     ref_model = build_reference(cfg, ctx)
-    start = 0
-    if cfg.resume and (state := D.load_state(cfg.out, model, optimizer)) is not None:
-        start = state["step"]
-        D.log(f"resumed from step {start}")
-    metrics = D.MetricsLogger(cfg.out, total_steps, asdict(cfg), cfg.wandb_project, start)
-    if eval_prompts and start == 0:
-        metrics.log(0, {"eval_accuracy": evaluate(model, tokenizer, eval_records, eval_prompts,
-                                                  cfg, ctx)}, show=("eval_accuracy",))
-
     share = rank_share(cfg, ctx)
-    stop = min(total_steps, start + cfg.max_steps) if cfg.max_steps else total_steps
-    for step in range(start, stop):
+
+    def step_fn(step):
         order = step_prompts(len(records), step, cfg)
         mine = [order[i] for i in share]
-
-        logged = cfg.log_traces_every and (step + 1) % cfg.log_traces_every == 0 and ctx.is_main
+        logged = cfg.log_traces_every and (step + 1) % cfg.log_traces_every == 0 and D.is_main()
         traces = os.path.join(cfg.out, "rollouts", f"step_{step + 1:08d}.jsonl") if logged else None
-        try:
-            m = grpo_step(model, ref_model, optimizer, tokenizer, [records[i] for i in mine],
-                          [prompts[i] for i in mine], step, [step * R + i for i in share], cfg, ctx,
-                          draw=oversampler(records, prompts, step, cfg, share), trace_file=traces)
-        except FloatingPointError as e:
-            raise D.non_finite_exit(step + 1, e, cfg.out) from None
-        if eval_prompts and (cfg.eval_every and (step + 1) % cfg.eval_every == 0
-                             or step + 1 == total_steps):
+        m = grpo_step(model, ref_model, optimizer, tokenizer, [records[i] for i in mine],
+                      [prompts[i] for i in mine], step, [step * R + i for i in share], cfg, ctx,
+                      draw=oversampler(records, prompts, step, cfg, share), trace_file=traces)
+        if eval_prompts and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == total_steps):
             m["eval_accuracy"] = evaluate(model, tokenizer, eval_records, eval_prompts, cfg, ctx)
-        metrics.log(step + 1, m, show=("reward", "eval_accuracy", "kl", "clip_frac"))
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < stop:
-            D.save_state(cfg.out, step + 1, model, optimizer, {}, cfg.keep_last)
-        if cfg.export_every and (step + 1) % cfg.export_every == 0 and step + 1 < total_steps:
-            D.save_hf(model, tokenizer, os.path.join(cfg.out, "hf", f"step_{step + 1:08d}"))
-    metrics.close()
-    D.finish_run(cfg.out, stop, total_steps, model, optimizer, tokenizer, os.path.join(cfg.out, "hf"),
-                 cfg.keep_last)
+        return m
+
+    def on_start(start, metrics):  # the starting policy's accuracy, once
+        if eval_prompts and start == 0:
+            metrics.log(0, {"eval_accuracy": evaluate(model, tokenizer, eval_records, eval_prompts, cfg, ctx)},
+                        show=("eval_accuracy",))
+
+    D.run_steps(cfg, model, optimizer, tokenizer, total_steps, step_fn, os.path.join(cfg.out, "hf"),
+                show=("reward", "eval_accuracy", "kl", "clip_frac"), on_start=on_start)
     return model
 
 

@@ -191,7 +191,7 @@ def check_before_training(argv=None):
     and this GPU's memory (in a child process, so nothing of the fake world stays behind), and
     stop every rank with the table when it does not fit."""
     verdict = torch.zeros(())  # 0 fits, 1 does not fit, 2 the plan itself failed
-    if D._main():
+    if D.is_main():
         gpu_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GiB
         world = dist.get_world_size() if dist.is_initialized() else 1
         argv = sys.argv if argv is None else argv

@@ -4,7 +4,18 @@
     parse_verdict("... [[B]] ...")                          # "B"
 """
 
-ANSWER_TAGS = {"model_a": "<answer>[[A]]</answer>", "model_b": "<answer>[[B]]</answer>"}
+LETTERS = {"model_a": "A", "model_b": "B"}   # an RLVR label -> the verdict letter it stands for
+ANSWER_TAGS = {label: f"<answer>[[{letter}]]</answer>" for label, letter in LETTERS.items()}
+
+
+def place(chosen, rejected, chosen_is_a: bool):
+    """(answer shown as Chatbot A, answer shown as Chatbot B): the chosen one at A or at B."""
+    return (chosen, rejected) if chosen_is_a else (rejected, chosen)
+
+
+def label(chosen_is_a: bool) -> str:
+    """The RLVR label of a placement: "model_a" when the chosen answer is shown as A."""
+    return "model_a" if chosen_is_a else "model_b"
 
 
 def rlvr_reward(text, label):
@@ -17,7 +28,7 @@ def rlvr_reward(text, label):
     """
     if label not in ANSWER_TAGS:
         raise ValueError(f"label must be 'model_a' or 'model_b', got {label!r}")
-    other = "model_b" if label == "model_a" else "model_a"
+    (other,) = set(LETTERS) - {label}
     tail = text[-80:]
     return 1.0 if ANSWER_TAGS[label] in tail and ANSWER_TAGS[other] not in tail else -1.0
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcache import KVCache
+from reward import parse_verdict
 
 
 @dataclass
@@ -497,3 +498,14 @@ def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda
         return (batch.results, batch.stats) if return_stats else batch.results
     finally:
         model.train(was_training)
+
+
+def greedy_verdicts(model, tokenizer, prompts, max_new_tokens, max_batch_size, kv_budget_bytes=None):
+    """Judge each prompt (token ids) greedily, stopping at EOS: [(judgment text, verdict "A" / "B" /
+    None, finish_reason)] in prompt order. What eval.py logs and grpo.py's held-out accuracy reads."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,))
+    out = []
+    for c in generate(model, prompts, params, max_batch_size=max_batch_size, kv_budget_bytes=kv_budget_bytes):
+        text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        out.append((text, parse_verdict(text), c.finish_reason))
+    return out

@@ -54,6 +54,8 @@ class SFTConfig:
     bf16: bool = True                # bf16 compute with fp32 master weights (CUDA only)
     activation_checkpointing: bool = True
     save_every: int = 0              # steps between resumable checkpoints; 0: only at the end
+    keep_last: int = 0               # keep only the newest K step_N checkpoints; 0: keep all
+    export_every: int = 0            # also export HF weights to EXPORT/step_N every N steps; 0: only at the end
     resume: bool = False             # continue from out/latest
     max_steps: int = 0               # stop (with a checkpoint) after this many steps of this run (demo: of this round); 0: no limit
     seed: int = 0
@@ -256,21 +258,13 @@ def train(cfg: SFTConfig, preset="") -> bool:
         plan.check_before_training()
     model, optimizer = build(cfg, ctx, tokenizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    start = 0
-    if cfg.resume:
-        state = D.load_state(cfg.out, model, optimizer)
-        if state is not None:
-            start = state["step"]
-            scheduler.last_epoch = start
-            D.log(f"resumed from step {start}")
     n_params = sum(p.numel() for p in model.parameters())
     D.log(f"{n_params / 1e6:.2f}M parameters, {total_steps} steps, {ctx.world_size} rank(s)")
-    metrics = D.MetricsLogger(cfg.out, total_steps, asdict(cfg), cfg.wandb_project, start)
     model.train()
-    stop = min(total_steps, start + cfg.max_steps) if cfg.max_steps else total_steps
     pad = tokenizer.pad_token_id or 0
     empty = {"input_ids": [pad, pad], "loss_mask": [0, 0], "position_ids": [0, 1]}  # a short rank's row
-    for step in range(start, stop):
+
+    def step_fn(step):
         t0 = time.time()
         rows = step_rows(examples, step, cfg, steps_per_epoch, tokenizer.vocab_size)
         n_tokens = sum(sum(r["loss_mask"][1:]) for r in rows)
@@ -280,21 +274,16 @@ def train(cfg: SFTConfig, preset="") -> bool:
             loss.backward()
             nll_sum += nll
         nll_total = D.all_reduce_sum(nll_sum)
-        try:
-            grad_norm = float(D.clip_and_step(model, optimizer, cfg.grad_clip, loss=nll_total))
-        except FloatingPointError as e:
-            raise D.non_finite_exit(step + 1, e, cfg.out) from None
-        loss_value = float(nll_total) / n_tokens
+        grad_norm = float(D.clip_and_step(model, optimizer, cfg.grad_clip, loss=nll_total))
         scheduler.step()
-        n_all = sum(len(r["input_ids"]) for r in rows)
-        metrics.log(step + 1, {"loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                               "grad_norm": grad_norm, "trace_tokens": n_tokens,
-                               "tokens_per_s": n_all / (time.time() - t0)})
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < stop:
-            D.save_state(cfg.out, step + 1, model, optimizer, {"loss": loss_value})
-    metrics.close()
-    D.finish_run(cfg.out, stop, total_steps, model, optimizer, tokenizer,
-                 cfg.export or os.path.join(cfg.out, "hf"))
+        return {"loss": float(nll_total) / n_tokens, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                "trace_tokens": n_tokens, "tokens_per_s": sum(len(r["input_ids"]) for r in rows) / (time.time() - t0)}
+
+    def on_start(start, metrics):
+        scheduler.last_epoch = start  # the schedule goes on from the resumed step
+
+    stop = D.run_steps(cfg, model, optimizer, tokenizer, total_steps, step_fn, cfg.export or os.path.join(cfg.out, "hf"),
+                       on_start=on_start)
     return stop == total_steps
 
 

@@ -48,7 +48,7 @@ def main(model_dir, out, steps, lr, overrides=None):
                       draw=oversampler(records, prompts, step, cfg, share))
         history.append(m)
     checksum = float(sum(p.double().sum() for p in D.full_state_dict(model).values()))
-    if ctx.is_main:
+    if D.is_main():
         Path(out).write_text(json.dumps({"history": history, "checksum": checksum}))
     D.shutdown()
 

@@ -2,6 +2,7 @@
 arithmetic, str methods), RM-R1's verdict rules applied to the teacher traces, and the saved
 tokenizer loaded through transformers.AutoTokenizer."""
 
+import hashlib
 import json
 import re
 
@@ -10,6 +11,7 @@ from transformers import AutoTokenizer
 
 import data
 import demo
+import reward as R
 
 # A stand-in for the RM-R1 prompt (data.py holds the real one): a multi-line fixed system
 # prompt and a user message with the question and both responses.
@@ -124,12 +126,12 @@ CHAT_FORMAT = re.compile(r"<type>Chat</type>\n\n<rubric>\n(?P<rubric>.+)\n<justi
 
 @pytest.mark.parametrize("chosen_is_a", [True, False])
 def test_teacher_traces_follow_cor_format_and_earn_reward(pairs, chosen_is_a):
-    label = demo.verdict_label(chosen_is_a)
+    label = R.label(chosen_is_a)
     assert label == ("model_a" if chosen_is_a else "model_b")
     for p in pairs:
         trace = demo.teacher_trace(p, chosen_is_a)
         assert reward(trace, label) == 1.0, trace
-        assert reward(trace, demo.verdict_label(not chosen_is_a)) == -1.0, trace
+        assert reward(trace, R.label(not chosen_is_a)) == -1.0, trace
         # the evaluation rule: exactly one of [[A]] / [[B]] anywhere in the text
         assert ("[[A]]" in trace) != ("[[B]]" in trace), trace
         m = (REASONING_FORMAT if p["kind"] == "reasoning" else CHAT_FORMAT).fullmatch(trace)
@@ -148,7 +150,7 @@ def test_teacher_traces_follow_cor_format_and_earn_reward(pairs, chosen_is_a):
 
 @pytest.mark.parametrize("chosen_is_a", [True, False])
 def test_hasty_teacher_files_arithmetic_as_chat_and_prefers_a(pairs, chosen_is_a):
-    label = demo.verdict_label(chosen_is_a)
+    label = R.label(chosen_is_a)
     for p in pairs:
         if p["kind"] != "reasoning":
             continue
@@ -280,3 +282,14 @@ def test_copy_rows_score_exactly_the_tokens_that_copying_predicts():
             predicted = ids[earlier[-1] + 1] if earlier else None
             assert mask[t] == (predicted == ids[t]), (t, ids[max(0, t - 30):t + 1], mask[t])
         assert 0.3 < sum(mask) / 200 < 0.5
+
+
+def test_demo_data_is_what_the_shipped_judge_was_built_from():
+    """Golden hashes of the demo's data: the SFT traces of round 1, the GRPO demo's training pairs
+    and the held-out pairs. Changing the teacher or the task changes demo/sft and the README's
+    figures, so it has to be deliberate: rebuild with `python sft.py` and update these."""
+    def digest(x):
+        return hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()[:16]
+    assert digest(demo.sft_records(4000, seed=0)) == "85c491c4b1ccff60"
+    assert digest(demo.rlvr_records(1280, seed=0)) == "7cf4b9c731bfe39c"
+    assert digest([vars(c) for c in demo.comparisons(1000, seed=0)]) == "287ce93f5ee2061e"

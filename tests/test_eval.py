@@ -47,10 +47,10 @@ class CountingGenerate:
         self.fake = tokenizer(fake_text, add_special_tokens=False)["input_ids"] if fake_text else None
         monkeypatch.setattr(rollout, "generate", self)
 
-    def __call__(self, model, prompts, params, max_batch_size=64, use_cuda_graph=True):
+    def __call__(self, model, prompts, params, **kw):
         self.prompts += prompts
         if self.fake is None:
-            return self.real(model, prompts, params, max_batch_size, use_cuda_graph)
+            return self.real(model, prompts, params, **kw)
         return [rollout.Completion(i, 0, self.fake, [0.0] * len(self.fake), "stop") for i in range(len(prompts))]
 
 
