@@ -437,7 +437,7 @@ def encode_sft(tokenizer, messages, trace, max_len):
 def next_fit(lengths, max_len) -> list[list[int]]:
     """Greedy next-fit packing, in the given order: the indices of the documents of each row of
     at most max_len tokens (a document longer than that gets a row of its own). The one packer
-    of both trainers (pack below, grpo.pack_rows)."""
+    of both trainers (pack below, passes.pack_rows)."""
     rows, used = [], max_len
     for k, n in enumerate(lengths):
         if not rows or used + n > max_len:

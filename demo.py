@@ -312,7 +312,7 @@ def chatml(messages: list[dict]) -> str:
 def demo_corpus(n: int, seed: int, build_messages) -> list[str]:
     """`n` ChatML conversations (judge prompt + teacher trace) from the train split, with the
     chosen response in a seeded random position. `build_messages(question, answer_a, answer_b)`
-    returns the judge prompt's messages (data.build_judge_messages in sft.py)."""
+    returns the judge prompt's messages (build_demo_tokenizer passes judge_messages)."""
     rng = random.Random(f"corpus-{seed}")
     texts = []
     for pair in make_demo_pairs(n, seed):
@@ -331,8 +331,8 @@ def segments(text: str) -> list[str]:
 
 
 def build_tokenizer(out_dir: str, texts, vocab_size: int = 2048, phrase_share: float = 0.05) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on `texts` (any iterable of strings), save it to `out_dir` for
-    AutoTokenizer, and return it. eos is <|im_end|>, pad is <|endoftext|>, ChatML chat template.
+    """Train a byte-level BPE on `texts` (any iterable of strings), save it to `out_dir` (where
+    data.load_tokenizer reads it back), and return it. eos is <|im_end|>, pad is <|endoftext|>, ChatML chat template.
 
     A judge prompt is mostly fixed text: the ~2.5k-character RM-R1 system prompt costs ~700 tokens
     in a word-level BPE, more than everything else in a demo example together. So every line that

@@ -1,6 +1,6 @@
 """Stage 2 of RM-R1: GRPO with the +1/-1 verifiable reward. The project's main job.
 
-    torchrun --nproc_per_node=2 grpo.py                     # CPU demo: GRPO on the shipped judge, ~8 min
+    torchrun --nproc_per_node=2 grpo.py                     # CPU demo: GRPO on the shipped judge
     torchrun --nproc_per_node=8 grpo.py --model runs/sft7b/hf --data rm_r1_rlvr.jsonl --out runs/grpo7b
 
 For each rollout batch of judge prompts: sample n traces per prompt from the current policy,
@@ -51,10 +51,11 @@ import demo
 import distributed as D
 import plan
 import reward
-from cli import check_fields, parse_config, with_defaults
 from checkpoint import load_config, write_atomic
+from cli import check_fields, parse_config, with_defaults
+from objective import equal_groups, group_advantages, overlong_penalty
+from passes import backward_rows, old_and_ref_logprobs, pack_rows, sequences, update
 from plan import MORE_RANKS
-from objective import equal_groups, group_advantages, overlong_penalty, policy_loss
 from rollout import (PAGE_SIZE, PREFILL_TOKENS, SamplingParams, cache_pages, decode, generate, greedy_verdicts,
                      kv_budget, new_cache, prefill)
 
@@ -160,114 +161,6 @@ def judge_metrics(completions, labels, rewards, verdicts, n):
     hist = Counter(groups.tolist())
     m.update({f"groups_{k}_of_{n}": hist.get(k, 0) / len(groups) for k in range(n + 1)})
     return m
-
-
-# ---- the trainer's passes ----
-
-def sequences(prompts, completions, advantages):
-    """One dict per trace: tokens, the mask of response targets, its advantage, sampler logprobs."""
-    out = []
-    for c, a in zip(completions, advantages.tolist()):
-        p = prompts[c.prompt_index]
-        ids = p + c.token_ids
-        out.append({"input_ids": ids, "prompt_len": len(p), "advantage": a,
-                    "sampler_logprobs": c.logprobs})
-    return out
-
-
-def pack_rows(seqs, max_tokens):
-    """Pack traces into rows of <= max_tokens (next-fit, in order). Each row holds per-token
-    targets, response mask, advantages and the index of the trace each token belongs to."""
-    rows = []
-    for docs in data.next_fit([len(s["input_ids"]) - 1 for s in seqs], max_tokens):
-        row = {"ids": [], "targets": [], "pos": [], "mask": [], "adv": [], "seq": [], "sampler": [], "docs": []}
-        for k in docs:
-            s = seqs[k]
-            ids, P = s["input_ids"], s["prompt_len"]
-            n = len(ids) - 1  # inputs ids[:-1] predict targets ids[1:]
-            row["docs"].append(n)
-            row["ids"] += ids[:-1]
-            row["targets"] += ids[1:]
-            row["pos"] += range(n)
-            row["mask"] += [0] * (P - 1) + [1] * (n - P + 1)
-            row["adv"] += [s["advantage"]] * n
-            row["seq"] += [k] * n
-            row["sampler"] += [0.0] * (P - 1) + list(s["sampler_logprobs"])
-        rows.append(row)
-    return rows
-
-
-def row_tensors(row, device):
-    """Lists -> tensors on device; tensors already there (old/ref log-probs) and the document
-    lengths (host ints for the attention) pass through."""
-    t = {k: v if torch.is_tensor(v) or k == "docs" else torch.tensor(v, device=device)
-         for k, v in row.items()}
-    for k in ("adv", "sampler", "old", "ref"):
-        if k in t:
-            t[k] = t[k].float()
-    return t
-
-
-def forward_logprobs(model, row, temperature):
-    """Per-token log-probs and entropy (T,) of a packed row under `model`."""
-    logprobs, entropy = model(row["ids"][None], position_ids=row["pos"][None], doc_lens=row["docs"],
-                              targets=row["targets"][None], temperature=temperature)
-    return logprobs[0], entropy[0]
-
-
-# What a rank short of rows runs (distributed.pad_to_ranks): 2 tokens that carry no loss.
-EMPTY_ROW = {"ids": [0, 0], "targets": [0, 0], "pos": [0, 1], "mask": [0, 0], "adv": [0.0, 0.0], "seq": [0, 0],
-             "sampler": [0.0, 0.0], "old": [0.0, 0.0], "ref": [0.0, 0.0], "docs": [2]}
-
-
-def backward_rows(model, rows, cfg: GRPOConfig, ctx):
-    """Forward and backward of one mini-batch of packed rows (this rank's share), gradients
-    accumulated for one optimizer step. Returns the global response-token count and this rank's
-    metric sums (UPDATE_METRICS) as a tensor: no host sync per row."""
-    n_tokens = D.sum_over_ranks(sum(sum(r["mask"]) for r in rows))
-    n_seqs = D.sum_over_ranks(len({s for r in rows for s in r["seq"]}))
-    totals = torch.zeros(len(UPDATE_METRICS), device=ctx.device)
-    for row in D.pad_to_ranks(rows, EMPTY_ROW):
-        t = row_tensors(row, ctx.device)
-        logprobs, entropy = forward_logprobs(model, t, cfg.temperature)
-        loss, sums = policy_loss(logprobs, t["old"], t["ref"], t["adv"], t["mask"], entropy,
-                                 t["seq"], cfg, n_tokens, n_seqs)
-        loss.backward()  # FSDP sums the ranks' gradients (distributed.shard)
-        totals += torch.stack([*(sums[k] for k in UPDATE_METRICS[:-1]), loss.detach()])
-    return n_tokens, totals
-
-
-UPDATE_METRICS = ("clip_frac", "ppo_kl", "kl", "entropy", "dual_clip_frac", "loss")
-
-
-def update(model, optimizer, rows, cfg: GRPOConfig, ctx):
-    """One optimizer step on one mini-batch of packed rows (this rank's share). Returns its
-    metrics as 0-d tensors (read them once per rollout step, not per micro-batch), or None when
-    the mini-batch has no response token to train on (every trace masked out): no step then."""
-    if D.sum_over_ranks(sum(sum(r["mask"]) for r in rows)) == 0:
-        return None
-    n_tokens, totals = backward_rows(model, rows, cfg, ctx)
-    totals = D.all_reduce_sum(totals)
-    grad_norm = D.clip_and_step(model, optimizer, cfg.grad_clip, loss=totals[-1])
-    out = dict(zip(UPDATE_METRICS[:-1], totals[:-1] / n_tokens))
-    out.update(loss=totals[-1], grad_norm=grad_norm)
-    return out
-
-
-def old_and_ref_logprobs(model, ref_model, rows, cfg: GRPOConfig, ctx):
-    """Before any update: the policy's own log-probs (the PPO denominator) and the reference
-    model's, stored on each row. Returns the largest |sampler - trainer| log-prob gap, which
-    should be ~0 in fp32: a large one means rollout and trainer disagree (a known failure)."""
-    gap = torch.zeros((), device=ctx.device)
-    with torch.no_grad():
-        for row in D.pad_to_ranks(rows, EMPTY_ROW):
-            t = row_tensors(row, ctx.device)
-            old, _ = forward_logprobs(model, t, cfg.temperature)
-            gap = torch.maximum(gap, ((old - t["sampler"]) * t["mask"]).abs().max())
-            row["old"] = old if cfg.recompute_old_logprobs else t["sampler"]
-            row["ref"] = forward_logprobs(ref_model, t, cfg.temperature)[0] if ref_model is not None \
-                else old
-    return D.all_reduce_max(gap)
 
 
 def rlvr_rewards(completions, texts, records):
@@ -633,6 +526,9 @@ def train(cfg: GRPOConfig, preset=""):
 
 def main(argv=None):
     cfg, given = parse_config(GRPOConfig, argv, __doc__)
+    # The demo's preset is for a bare `grpo.py`: data of one's own starts from a policy of one's own.
+    check_fields(cfg, [("data", not (cfg.data and not cfg.model), "needs --model, the policy to start from (an SFT "
+                        "export or a DeepSeek-R1-Distill checkpoint); without --model and --data grpo.py runs the demo")])
     preset = "" if cfg.model else "demo"
     if preset:
         cfg = with_defaults(cfg, DEMO, given)

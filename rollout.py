@@ -168,9 +168,8 @@ def device_kv_budget(device) -> int | None:
 PAGE_SIZE = 16          # positions per KV page (vLLM's default too)
 PREFILL_TOKENS = 8192   # prompt tokens per prefill forward, at most (one prompt, if it is longer)
 # Admission counts on each decoding sequence taking this share of the pages it is expected to
-# grow into (1: all of them, so almost nothing is ever preempted, and fewer run at once). On the
-# demo's GRPO shape (bench/rollout.py) 0.3 ran 4.7x the static cache's sequences at once, with
-# preemptions; 1.0 ran 2.6x, with almost none, at about the same tokens/s.
+# grow into (1: all of them, so almost nothing is ever preempted, and fewer run at once); lower
+# runs more at once and preempts more. The README's benchmark table has what 0.3 gives.
 PACE = 0.3
 
 

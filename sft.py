@@ -1,6 +1,6 @@
 """Stage 1 of RM-R1: distillation. Fine-tune a judge on reasoning traces, loss on the trace only.
 
-    python sft.py                                  # CPU demo: rebuilds demo/sft (~21 min, 2 cores)
+    python sft.py                                  # CPU demo: rebuilds demo/sft (the README has its time)
     torchrun --nproc_per_node=8 sft.py --model Qwen2.5-7B-Instruct --data rm_r1_sft.jsonl --out runs/sft7b
 
 Data: RM-R1 distillation records ({"context_messages": [system, user], "winner": trace}), any
@@ -289,6 +289,9 @@ def train(cfg: SFTConfig, preset="") -> bool:
 
 def main(argv=None):
     cfg, given = parse_config(SFTConfig, argv, __doc__)
+    # The demo's preset and its judge from scratch are for a bare `sft.py`.
+    check_fields(cfg, [("data", not (cfg.data and not cfg.model), "needs --model, the model to fine-tune; "
+                        "without --model and --data sft.py builds the demo judge")])
     if cfg.plan:
         sys.exit(0 if train(cfg).fits else 1)
     if cfg.model:

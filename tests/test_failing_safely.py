@@ -259,3 +259,11 @@ def test_a_run_gone_nan_exits_non_zero_and_exports_nothing(tiny_policy, tmp_path
     assert res.returncode == 1, res.stderr[-2000:]
     assert "step 1: non-finite gradient norm (nan); stopped before the optimizer step" in res.stderr
     assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "metrics.jsonl"]
+
+
+@pytest.mark.parametrize("script", ["grpo.py", "sft.py"])
+def test_data_without_a_model_is_refused_not_given_the_demo_preset(script, tmp_path):
+    res = subprocess.run([sys.executable, script, "--data", str(tmp_path / "mine.jsonl"), "--out", str(tmp_path / "o")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "--data" in res.stderr and "needs --model" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "o").exists()

@@ -1,12 +1,13 @@
-"""GRPO's pieces against values worked out by hand."""
+"""GRPO's pieces (objective.py, passes.py) against values worked out by hand."""
 
 import math
 
 import pytest
 import torch
 
-from grpo import GRPOConfig, pack_rows
+from grpo import GRPOConfig
 from objective import group_advantages, kl_penalty, policy_loss
+from passes import pack_rows
 
 
 def test_group_advantages_by_hand():
