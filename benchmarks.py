@@ -7,7 +7,7 @@ scorer (one result per comparison -> the benchmark's official metrics), register
 A result is a dict with at least uid, group, category, meta and `correct` (the judge preferred the
 chosen answer; an unparseable verdict is not correct); accuracies are fractions in [0, 1] under
 the benchmarks' own metric names. Adding a benchmark is a loader, a scorer and a line in
-BENCHMARKS; eval.py takes its names from there. The demo's comparisons come from demo.py
+BENCHMARKS; eval.py takes its names from there. The demo's comparisons come from demo/task.py
 (they are drawn, not read from a file); its scorer lives here with the rest.
 """
 

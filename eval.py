@@ -38,10 +38,10 @@ from tqdm import tqdm
 
 import benchmarks
 import data
-import demo
+import demo.recipe
 import rollout
 from checkpoint import load_pretrained, write_atomic
-from cli import parse_config, with_defaults
+from cli import parse_config
 from reward import LETTERS, label, place
 
 
@@ -60,7 +60,6 @@ class EvalConfig:
     demo_pairs: int = 1000           # held-out demo pairs to judge (--bench demo): 1 SE ~1.3 points
 
 
-DEMO = dict(max_new_tokens=160)
 BENCHES = tuple(benchmarks.BENCHMARKS)
 # Fields that change what a logged judgment is; resuming a log made with other values would mix two runs.
 RUN_IDENTITY = ("model", "bench", "data", "style", "max_new_tokens", "max_prompt_len", "seed")
@@ -259,7 +258,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 def main(argv=None):
     cfg, given = parse_config(EvalConfig, argv, __doc__)
     if cfg.bench == "demo":
-        cfg = with_defaults(cfg, DEMO, given)
+        cfg = demo.recipe.apply(cfg, demo.recipe.EVAL, given, "eval.py --bench demo")
     return evaluate(cfg)
 
 

@@ -13,7 +13,8 @@ The CPU demo (40 steps of 32 prompts x 7 traces) teaches the shipped judge to so
 arithmetic questions that its distillation taught it to file as Chat and answer A
 (demo.HASTY_SHARE); the README has its figures.
 
-Paper defaults apply with --model; without it the demo's (DEMO below), and the run says so.
+Paper defaults apply with --model; with neither --model nor --data, the demo's (demo/recipe.py),
+and the run says so.
 Departures from the paper: none in the objective (KL is verl's low_var_kl, clamped to [-10, 10],
 a loss term, not in the reward; the log-ratio is clamped to [-20, 20] before exp, as in verl);
 sequences are packed into rows for the trainer's forward passes rather than padded; an epoch's
@@ -36,6 +37,7 @@ than the run's (out/config.json) but those safe to change, and a fresh run refus
 """
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -47,12 +49,12 @@ import numpy as np
 import torch
 
 import data
-import demo
+import demo.recipe
 import distributed as D
 import plan
 import reward
 from checkpoint import load_config, write_atomic
-from cli import check_fields, parse_config, with_defaults
+from cli import check_fields, parse_config
 from objective import equal_groups, group_advantages, overlong_penalty
 from passes import backward_rows, old_and_ref_logprobs, pack_rows, sequences, update
 from plan import MORE_RANKS
@@ -111,13 +113,6 @@ class GRPOConfig:
     plan: bool = False                 # only print the memory plan (needs --model DIR/config.json alone)
     plan_world_size: int = 8           # ranks the plan simulates
     plan_gpu_gib: float = 80.0         # memory of each simulated GPU
-
-
-DEMO = dict(model=demo.SHIPPED, lr=5e-5, rollout_batch_size=32, mini_batch_size=16, n_samples=7,
-            micro_batch_tokens=1024, max_prompt_len=2048, max_response_len=160, kl_coef=1e-3,
-            bf16=False, activation_checkpointing=False, rollout_slots=112, eval_every=10,
-            eval_limit=1000, out="runs/grpo-demo", epochs=1)
-DEMO_PAIRS = 1280  # training pairs the demo draws: 40 rollout steps of 32 prompts
 
 
 # ---- rollouts ----
@@ -291,12 +286,8 @@ def evaluate(model, tokenizer, records, prompts, cfg: GRPOConfig, ctx):
 
 # ---- data and models ----
 
-def load_records(path, cfg: GRPOConfig, split):
-    """RLVR records ({context_messages, winner}) from a file of them or of raw preference pairs;
-    without a path, the demo's synthetic pairs (split train or test)."""
-    if not path:
-        n = DEMO_PAIRS if split == "train" else cfg.eval_limit
-        return demo.rlvr_records(n, seed=cfg.seed, split=split)
+def load_records(path, cfg: GRPOConfig):
+    """RLVR records ({context_messages, winner}) from a file of them or of raw preference pairs."""
     rows = data.read_records(path)
     rlvr = ["context_messages" in r for _, r in rows]
     if any(kind != rlvr[0] for kind in rlvr):
@@ -469,7 +460,8 @@ def oversampler(records, prompts, step, cfg: GRPOConfig, share):
     return draw
 
 
-def train(cfg: GRPOConfig, preset=""):
+def train(cfg: GRPOConfig, preset="", records=None, eval_records=None):
+    """One GRPO run on --data (or records(), the demo's), scored on --eval_data (or eval_records())."""
     if cfg.plan:
         check_config(cfg, cfg.plan_world_size)
         return plan.run(plan_walk, cfg, cfg.plan_world_size, cfg.plan_gpu_gib,
@@ -479,13 +471,11 @@ def train(cfg: GRPOConfig, preset=""):
     # Settings, data and the run directory are checked before any model is loaded.
     load_config(cfg.model)
     tokenizer = data.load_tokenizer(cfg.model)
-    records, prompts = encode_all(tokenizer, load_records(cfg.data, cfg, "train"),
+    records, prompts = encode_all(tokenizer, load_records(cfg.data, cfg) if records is None else records(),
                                   cfg.max_prompt_len, "train")
-    eval_records, eval_prompts = [], []
-    if cfg.eval_data or not cfg.data:
-        eval_records, eval_prompts = encode_all(
-            tokenizer, load_records(cfg.eval_data, cfg, "test")[:cfg.eval_limit],
-            cfg.max_prompt_len, "eval")
+    held_out = eval_records or (functools.partial(load_records, cfg.eval_data, cfg) if cfg.eval_data else None)
+    eval_records, eval_prompts = encode_all(tokenizer, held_out()[:cfg.eval_limit], cfg.max_prompt_len, "eval") \
+        if held_out else ([], [])
     R = cfg.rollout_batch_size
     total_steps, unused = divmod(len(records) * cfg.epochs, R)
     if total_steps == 0:
@@ -529,12 +519,10 @@ def main(argv=None):
     # The demo's preset is for a bare `grpo.py`: data of one's own starts from a policy of one's own.
     check_fields(cfg, [("data", not (cfg.data and not cfg.model), "needs --model, the policy to start from (an SFT "
                         "export or a DeepSeek-R1-Distill checkpoint); without --model and --data grpo.py runs the demo")])
-    preset = "" if cfg.model else "demo"
-    if preset:
-        cfg = with_defaults(cfg, DEMO, given)
-        D.log(f"no --model: the CPU demo's settings (grpo.DEMO) apply where no flag is given: "
-              f"{ {k: v for k, v in DEMO.items() if k not in given} }")
-    result = train(cfg, preset)
+    if cfg.model:
+        result = train(cfg)
+    else:  # the CPU demo: its preset, its synthetic pairs
+        result = demo.recipe.grpo(cfg, given, train)
     D.shutdown()
     if cfg.plan:
         sys.exit(0 if result.fits else 1)

@@ -1,6 +1,6 @@
 """Stage 1 of RM-R1: distillation. Fine-tune a judge on reasoning traces, loss on the trace only.
 
-    python sft.py                                  # CPU demo: rebuilds demo/sft (the README has its time)
+    python sft.py                                  # CPU demo (demo/recipe.py): rebuilds demo/sft
     torchrun --nproc_per_node=8 sft.py --model Qwen2.5-7B-Instruct --data rm_r1_sft.jsonl --out runs/sft7b
 
 Data: RM-R1 distillation records ({"context_messages": [system, user], "winner": trace}), any
@@ -11,27 +11,27 @@ step, whatever the number of ranks. Output: `out/hf` or `--export` (a Hugging Fa
 directory with the tokenizer; the demo exports to demo/sft) and resumable checkpoints in `out/`
 (`--resume`, `--max_steps`).
 
-Departures from the paper: none in the objective; the demo (no --model) trains a ~1M-parameter
-Qwen2-architecture judge from scratch instead of fine-tuning an LLM: 500 steps of copying
-(demo.copy_rows, in place of the pretraining an LLM has had), then distillation on synthetic
-traces with its learning-rate schedule started afresh, then a second round of distillation on
-fresh traces (demo_round_configs).
+Departures from the paper: none in the objective. The CPU demo (neither --model nor --data)
+trains a ~1M-parameter Qwen2-architecture judge from scratch instead of fine-tuning an LLM; its
+preset and recipe live in demo/recipe.py, which hands train() a Scratch: the tokenizer and
+config to build the model from, and copying steps to take before distillation.
 """
 
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 import data
-import demo
+import demo.recipe
 import distributed as D
 import plan
-from cli import check_fields, parse_config, with_defaults
+from cli import check_fields, parse_config
 from checkpoint import load_config
 from model import ModelConfig, document_lengths
 from plan import MORE_RANKS
@@ -57,7 +57,7 @@ class SFTConfig:
     keep_last: int = 0               # keep only the newest K step_N checkpoints; 0: keep all
     export_every: int = 0            # also export HF weights to EXPORT/step_N every N steps; 0: only at the end
     resume: bool = False             # continue from out/latest
-    max_steps: int = 0               # stop (with a checkpoint) after this many steps of this run (demo: of this round); 0: no limit
+    max_steps: int = 0               # stop (with a checkpoint) after this many steps of this run; 0: no limit
     seed: int = 0
     wandb_project: str = ""          # log to wandb too (pip install wandb)
     dist_timeout_min: float = 60.0   # how long a rank waits at a collective
@@ -65,57 +65,24 @@ class SFTConfig:
     plan: bool = False               # only print the memory plan (needs --model DIR/config.json alone)
     plan_world_size: int = 8         # ranks the plan simulates
     plan_gpu_gib: float = 80.0       # memory of each simulated GPU
-    # The demo only:
-    demo_examples: int = 4000        # synthetic teacher traces to train on
-    demo_layers: int = 4
-    demo_hidden: int = 128
-    demo_copy_steps: int = 0         # steps on demo.copy_rows before distillation (demo default 500)
-    demo_rounds: int = 1             # distillation rounds; see demo_round_configs (demo default 2)
 
 
-DEMO = dict(demo_copy_steps=500, demo_rounds=2, lr=2e-3, warmup_steps=20, schedule="cosine", batch_size=32,
-            max_len=2048, epochs=4, bf16=False, activation_checkpointing=False, weight_decay=0.01,
-            out="runs/sft-demo", export=demo.SHIPPED)
+@dataclass
+class Scratch:
+    """A model trained from scratch rather than from --model (the CPU demo's judge; demo/recipe.py
+    makes one): the tokenizer, built under the run's directory, the model's config, and
+    prelude_steps optimizer steps on prelude_rows(step, vocab_size) (packed rows) before the
+    distillation data, with a learning-rate phase of their own (lr_lambda)."""
+    tokenizer: Callable            # out dir -> a tokenizer saved there
+    config: Callable               # tokenizer -> ModelConfig
+    prelude_steps: int = 0
+    prelude_rows: Callable | None = None
 
 
-def demo_model_config(tokenizer, cfg: SFTConfig) -> ModelConfig:
-    """A tiny Qwen2: same blocks as Qwen2.5, ~1M parameters."""
-    return ModelConfig(vocab_size=len(tokenizer), hidden_size=cfg.demo_hidden,
-                       intermediate_size=3 * cfg.demo_hidden, num_hidden_layers=cfg.demo_layers,
-                       num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
-                       max_position_embeddings=4096, tie_word_embeddings=True,
-                       eos_token_id=tokenizer.eos_token_id)
-
-
-def demo_round_configs(cfg: SFTConfig) -> list[SFTConfig]:
-    """The demo judge's rounds. Round 1 copies, then distills; each later round continues the
-    previous round's export on 4x as many fresh traces (the next seed), each seen once, at half
-    the learning rate, with a fresh optimizer and its own warmup and cosine. After round 2 the
-    judge files held-out arithmetic as Chat and says A, the habit of the teacher's hasty traces
-    (demo.HASTY_SHARE) that grpo.py removes; the README has the figures. With more than one
-    round, round r runs in out/round<r> and the last exports to `export`."""
-    check_config(cfg)
-    if cfg.demo_rounds == 1:
-        return [cfg]
-    rounds = []
-    for r in range(1, cfg.demo_rounds + 1):
-        out = os.path.join(cfg.out, f"round{r}")
-        this = replace(cfg, out=out, export=os.path.join(out, "hf"))
-        if rounds:
-            prev = rounds[-1]
-            this = replace(this, model=prev.export, demo_copy_steps=0, seed=prev.seed + 1,
-                           demo_examples=4 * prev.demo_examples, epochs=1, lr=prev.lr / 2)
-        rounds.append(this)
-    rounds[-1].export = cfg.export or os.path.join(cfg.out, "hf")
-    return rounds
-
-
-def load_examples(cfg: SFTConfig, tokenizer):
-    """Tokenized (input_ids, loss_mask) pairs; sequences over max_len are dropped and counted."""
-    if cfg.data:
-        records = data.load_sft(cfg.data)
-    else:
-        records = demo.sft_records(cfg.demo_examples, seed=cfg.seed)
+def load_examples(cfg: SFTConfig, tokenizer, records=None):
+    """Tokenized (input_ids, loss_mask) pairs of --data, or of records() when given (the demo's);
+    sequences over max_len are dropped and counted."""
+    records = data.load_sft(cfg.data) if records is None else records()
     examples, dropped = [], 0
     for r in records:
         enc = data.encode_sft(tokenizer, r["context_messages"], r["winner"], cfg.max_len)
@@ -129,14 +96,13 @@ def load_examples(cfg: SFTConfig, tokenizer):
     return examples
 
 
-def step_rows(examples, step, cfg: SFTConfig, steps_per_epoch, vocab_size):
+def step_rows(examples, step, cfg: SFTConfig, steps_per_epoch, vocab_size, scratch: Scratch | None = None):
     """The packed rows of optimizer step `step`: a pure function of (seed, step), so a resumed
-    run sees exactly the data an uninterrupted one would. The demo's first `demo_copy_steps`
-    steps train on copying (demo.copy_rows); the distillation steps follow."""
-    if step < cfg.demo_copy_steps:
-        # rows as long as a demo judge example; ids above the 3 special tokens, below the added phrases
-        return demo.copy_rows(cfg.batch_size, 256, vocab_size, 3, cfg.seed, step)
-    epoch, k = divmod(step - cfg.demo_copy_steps, steps_per_epoch)
+    run sees exactly the data an uninterrupted one would. A Scratch's prelude steps come first."""
+    prelude = scratch.prelude_steps if scratch else 0
+    if step < prelude:
+        return scratch.prelude_rows(step, vocab_size)
+    epoch, k = divmod(step - prelude, steps_per_epoch)
     order = np.random.default_rng([cfg.seed, epoch]).permutation(len(examples))
     batch = [examples[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
     return data.pack(batch, cfg.max_len)
@@ -158,10 +124,11 @@ def sft_loss(model, row, n_tokens, device):
     return nll / n_tokens, nll.detach()
 
 
-def lr_lambda(cfg: SFTConfig, total_steps):
-    """Warmup, then constant or cosine to 0 at total_steps. The demo's copying steps are a phase
-    of their own (warmup, then constant), and distillation starts its schedule afresh: decayed
-    by the copying steps, the rate left for distillation teaches a judge far less."""
+def lr_lambda(cfg: SFTConfig, total_steps, prelude_steps=0):
+    """Warmup, then constant or cosine to 0 at total_steps. A Scratch's prelude steps (the demo's
+    copying) are a phase of their own (warmup, then constant), and distillation starts its
+    schedule afresh: decayed by the copying steps, the rate left for distillation teaches a judge
+    far less."""
     def phase(step, length, schedule):
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
@@ -171,20 +138,20 @@ def lr_lambda(cfg: SFTConfig, total_steps):
         return 1.0
 
     def f(step):
-        if step < cfg.demo_copy_steps:
-            return phase(step, cfg.demo_copy_steps, "constant")
-        return phase(step - cfg.demo_copy_steps, total_steps - cfg.demo_copy_steps, cfg.schedule)
+        if step < prelude_steps:
+            return phase(step, prelude_steps, "constant")
+        return phase(step - prelude_steps, total_steps - prelude_steps, cfg.schedule)
     return f
 
 
-def build(cfg: SFTConfig, ctx, tokenizer=None, fill=True):
-    """The model and its AdamW, as train() and the memory plan build them (the demo judge from
-    scratch without --model: it needs the tokenizer for its vocabulary)."""
-    if cfg.model:
+def build(cfg: SFTConfig, ctx, config: ModelConfig | None = None, fill=True):
+    """The model and its AdamW, as train() and the memory plan build them: --model's weights, or
+    fresh ones of `config` (a Scratch's)."""
+    if config is None:
         model = D.load_model(cfg.model, ctx, bf16=cfg.bf16,
                              activation_checkpointing=cfg.activation_checkpointing, fill=fill)
     else:
-        model = D.load_model(None, ctx, config=demo_model_config(tokenizer, cfg), seed=cfg.seed,
+        model = D.load_model(None, ctx, config=config, seed=cfg.seed,
                              activation_checkpointing=cfg.activation_checkpointing, fill=fill)
     return model, D.adamw(model, ctx, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
@@ -224,19 +191,17 @@ def check_config(cfg: SFTConfig):
         ("dist_timeout_min", cfg.dist_timeout_min > 0, "must be > 0"),
         ("plan_world_size", cfg.plan_world_size >= 1, "must be >= 1"),
         ("plan_gpu_gib", cfg.plan_gpu_gib > plan.CONTEXT_GIB, f"must be > {plan.CONTEXT_GIB} GiB"),
-        ("demo_examples", cfg.demo_examples >= 1, "must be >= 1"),
-        ("demo_layers", cfg.demo_layers >= 1, "must be >= 1"),
-        ("demo_hidden", cfg.demo_hidden >= 4 and cfg.demo_hidden % 4 == 0, "must be a multiple of its 4 heads"),
-        ("demo_copy_steps", cfg.demo_copy_steps >= 0, "must be >= 0"),
-        ("demo_copy_steps", not (cfg.model and cfg.demo_copy_steps),
-         "pretrains the demo judge from scratch; it cannot be combined with --model"),
-        ("demo_rounds", cfg.demo_rounds >= 1, "must be >= 1"),
     ])
 
 
-def train(cfg: SFTConfig, preset="") -> bool:
-    """One run; True when it did all its steps (False: stopped by --max_steps)."""
+def train(cfg: SFTConfig, preset="", records=None, scratch: Scratch | None = None, recorded=None) -> bool:
+    """One run; True when it did all its steps (False: stopped by --max_steps). records() stands
+    in for --data, a Scratch for --model (both from demo/recipe.py); `recorded` joins the settings
+    out/config.json keeps (a resume must match them)."""
     check_config(cfg)
+    if (scratch is None) == (not cfg.model):
+        raise ValueError("--model names the model to fine-tune" if scratch is None else
+                         "a model from scratch cannot also start from --model")
     if cfg.plan:
         if not cfg.model:
             raise ValueError("--plan needs --model DIR (its config.json is all it reads)")
@@ -249,15 +214,16 @@ def train(cfg: SFTConfig, preset="") -> bool:
         load_config(cfg.model)
         tokenizer = data.load_tokenizer(cfg.model)
     else:
-        tokenizer = demo.build_demo_tokenizer(os.path.join(cfg.out, "tokenizer"))
-    examples = load_examples(cfg, tokenizer)
+        tokenizer = scratch.tokenizer(os.path.join(cfg.out, "tokenizer"))
+    examples = load_examples(cfg, tokenizer, records)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    total_steps = cfg.demo_copy_steps + steps_per_epoch * cfg.epochs
-    D.start_run(cfg.out, asdict(cfg), cfg.resume, preset)
+    prelude = scratch.prelude_steps if scratch else 0
+    total_steps = prelude + steps_per_epoch * cfg.epochs
+    D.start_run(cfg.out, asdict(cfg) | (recorded or {}), cfg.resume, preset)
     if ctx.gpu and cfg.check_memory and cfg.model:
         plan.check_before_training()
-    model, optimizer = build(cfg, ctx, tokenizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    model, optimizer = build(cfg, ctx, scratch.config(tokenizer) if scratch else None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps, prelude))
     n_params = sum(p.numel() for p in model.parameters())
     D.log(f"{n_params / 1e6:.2f}M parameters, {total_steps} steps, {ctx.world_size} rank(s)")
     model.train()
@@ -266,7 +232,7 @@ def train(cfg: SFTConfig, preset="") -> bool:
 
     def step_fn(step):
         t0 = time.time()
-        rows = step_rows(examples, step, cfg, steps_per_epoch, tokenizer.vocab_size)
+        rows = step_rows(examples, step, cfg, steps_per_epoch, tokenizer.vocab_size, scratch)
         n_tokens = sum(sum(r["loss_mask"][1:]) for r in rows)
         nll_sum = torch.zeros((), device=ctx.device)
         for row in D.pad_to_ranks(rows[ctx.rank::ctx.world_size], empty):
@@ -288,20 +254,18 @@ def train(cfg: SFTConfig, preset="") -> bool:
 
 
 def main(argv=None):
+    judge, judge_flags, argv = demo.recipe.judge_flags(argv)  # the demo judge's own --demo_* flags
     cfg, given = parse_config(SFTConfig, argv, __doc__)
-    # The demo's preset and its judge from scratch are for a bare `sft.py`.
     check_fields(cfg, [("data", not (cfg.data and not cfg.model), "needs --model, the model to fine-tune; "
                         "without --model and --data sft.py builds the demo judge")])
     if cfg.plan:
         sys.exit(0 if train(cfg).fits else 1)
     if cfg.model:
+        if judge_flags:
+            raise ValueError(f"--demo_{judge_flags[0]} is a setting of the demo judge, which has no --model")
         train(cfg)
-    else:
-        D.log(f"no --model: the CPU demo's settings (sft.DEMO) apply where no flag is given: "
-              f"{ {k: v for k, v in DEMO.items() if k not in given} }")
-        for round_cfg in demo_round_configs(with_defaults(cfg, DEMO, given)):
-            if not train(round_cfg, preset="demo"):
-                break  # stopped by --max_steps: --resume goes on from here
+    else:  # the CPU demo: its preset and its rounds
+        demo.recipe.sft(cfg, given, judge, train, Scratch)
     D.shutdown()
 
 

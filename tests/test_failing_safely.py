@@ -150,7 +150,7 @@ def test_a_data_file_holds_one_kind_of_record(tmp_path):
     path.write_text(json.dumps(rlvr) + "\n" + json.dumps(pair) + "\n")
     with pytest.raises(ValueError, match=r"mixed.jsonl:2: a raw preference pairs record in a file that starts "
                                          r"with RLVR records"):
-        grpo.load_records(str(path), GRPOConfig(), "train")
+        grpo.load_records(str(path), GRPOConfig())
 
 
 def test_pairs_with_identical_answers_are_dropped_and_counted():

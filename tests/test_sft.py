@@ -101,18 +101,20 @@ def test_hf_export_loads_in_transformers_with_identical_logits(tmp_path):
 
 
 def test_demo_rounds_continue_the_last_export_on_fresh_traces_at_half_the_lr():
-    from sft import SFTConfig, demo_round_configs
-    one = SFTConfig(out="o", demo_rounds=1)
-    assert demo_round_configs(one) == [one]
-    r1, r2, r3 = demo_round_configs(SFTConfig(out="o", export="e", demo_rounds=3, lr=2e-3, seed=5,
-                                              demo_examples=10, demo_copy_steps=7, epochs=4))
-    assert (r1.out, r1.export, r1.model, r1.lr, r1.seed, r1.demo_examples, r1.demo_copy_steps, r1.epochs) \
+    from demo.recipe import Judge, rounds
+    from sft import SFTConfig
+    one = SFTConfig(out="o")
+    assert [(r.cfg, r.examples, r.copy_steps) for r in rounds(one, Judge(rounds=1, examples=9, copy_steps=3))] \
+        == [(one, 9, 3)]
+    r1, r2, r3 = rounds(SFTConfig(out="o", export="e", lr=2e-3, seed=5, epochs=4),
+                        Judge(rounds=3, examples=10, copy_steps=7))
+    assert (r1.cfg.out, r1.cfg.export, r1.cfg.model, r1.cfg.lr, r1.cfg.seed, r1.examples, r1.copy_steps, r1.cfg.epochs) \
         == ("o/round1", "o/round1/hf", "", 2e-3, 5, 10, 7, 4)
-    assert (r2.out, r2.model, r2.lr, r2.seed, r2.demo_examples, r2.demo_copy_steps, r2.epochs) \
+    assert (r2.cfg.out, r2.cfg.model, r2.cfg.lr, r2.cfg.seed, r2.examples, r2.copy_steps, r2.cfg.epochs) \
         == ("o/round2", "o/round1/hf", 1e-3, 6, 40, 0, 1)
-    assert (r3.model, r3.lr, r3.seed, r3.demo_examples, r3.export) == ("o/round2/hf", 5e-4, 7, 160, "e")
+    assert (r3.cfg.model, r3.cfg.lr, r3.cfg.seed, r3.examples, r3.cfg.export) == ("o/round2/hf", 5e-4, 7, 160, "e")
     with pytest.raises(ValueError, match="--demo_rounds"):
-        demo_round_configs(SFTConfig(demo_rounds=0))
+        rounds(SFTConfig(), Judge(rounds=0))
 
 
 def test_second_round_starts_from_the_first_rounds_export(tmp_path):
@@ -123,10 +125,9 @@ def test_second_round_starts_from_the_first_rounds_export(tmp_path):
     r1, r2 = losses(tmp_path / "round1"), losses(tmp_path / "round2")
     assert len(r1) == 4 and len(r2) == 12  # 24 traces in batches of 8, then 96 fresh ones
     assert (tmp_path / "hf" / "model.safetensors").exists()
-    cfg = SFTConfig(model=str(tmp_path / "round1" / "hf"), demo_examples=96, seed=1, batch_size=8,
-                    max_len=400)
+    cfg = SFTConfig(model=str(tmp_path / "round1" / "hf"), seed=1, batch_size=8, max_len=400)
     tok = data.load_tokenizer(cfg.model)
-    rows = step_rows(load_examples(cfg, tok), 0, cfg, 12, tok.vocab_size)
+    rows = step_rows(load_examples(cfg, tok, lambda: demo.sft_records(96, seed=1)), 0, cfg, 12, tok.vocab_size)
     n_tokens = sum(sum(r["loss_mask"][1:]) for r in rows)
     model = load_pretrained(cfg.model)
     with torch.no_grad():
@@ -136,14 +137,16 @@ def test_second_round_starts_from_the_first_rounds_export(tmp_path):
 
 
 def test_copy_steps_are_for_the_demo_judge_from_scratch_only():
-    from sft import SFTConfig, train
-    with pytest.raises(ValueError, match="--demo_copy_steps"):
-        train(SFTConfig(model="some/checkpoint", demo_copy_steps=10))
+    import sft
+    with pytest.raises(ValueError, match="--demo_copy_steps is a setting of the demo judge"):
+        sft.main(["--model", "some/checkpoint", "--demo_copy_steps", "10"])
+    with pytest.raises(ValueError, match="--model names the model to fine-tune"):
+        sft.train(sft.SFTConfig())
 
 
 def test_lr_schedule_restarts_for_distillation_after_the_copying_steps():
     from sft import SFTConfig, lr_lambda
-    f = lr_lambda(SFTConfig(schedule="cosine", warmup_steps=4, demo_copy_steps=10), total_steps=30)
+    f = lr_lambda(SFTConfig(schedule="cosine", warmup_steps=4), total_steps=30, prelude_steps=10)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]      # copying: warmup
     assert [f(s) for s in range(4, 10)] == [1.0] * 6                 # then constant
     assert [f(s) for s in range(10, 14)] == [0.25, 0.5, 0.75, 1.0]  # distillation: warmup again

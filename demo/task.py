@@ -370,7 +370,7 @@ def build_tokenizer(out_dir: str, texts, vocab_size: int = 2048, phrase_share: f
 
 # Judge records for the trainers and the evaluator, with the real RM-R1 prompts.
 
-SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "sft")  # python sft.py makes it
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft")  # the shipped judge: python sft.py makes it
 
 
 def judge_pairs(n: int, seed: int, split: str, style: str = "instruct"):
