@@ -1,8 +1,7 @@
 """Preference data -> RM-R1 judge prompts -> token batches.
 
     messages = build_judge_messages(conversation_a, conversation_b, style="instruct")
-    records, identical = pairs_to_rlvr("pairs.jsonl", seed=0)  # [{"context_messages", "winner"}], dropped
-    comparisons = load_benchmark("rm-bench", "data/rm-bench/")
+    records, identical = pairs_to_rlvr("pairs.jsonl", seed=0)  # [{"context_messages", "label"}], dropped
     tokenizer = load_tokenizer("runs/sft/hf")             # what tokenizer.json says, nothing swapped
     ids = encode_prompt(tokenizer, messages, max_len=4096)   # None when too long: count it
     ids, loss_mask = encode_sft(tokenizer, messages, trace, max_len=12288)
@@ -293,7 +292,8 @@ def check_judge_prompt(record, where):
 
 
 def load_sft(path):
-    """RM-R1 distillation records: the judge prompt and the teacher's full trace in `winner`."""
+    """RM-R1 distillation records: the judge prompt and the teacher's full trace. The files keep
+    RM-R1's field name `winner` for the trace; a record in memory calls it `trace`."""
     records = []
     for where, r in read_records(path):
         messages = check_judge_prompt(r, where)
@@ -301,20 +301,31 @@ def load_sft(path):
         if trace in LABELS or not trace.strip():
             raise ValueError(f"{where}: field 'winner' must be the reasoning trace for SFT, got {trace!r} "
                              f"(an RLVR file? use load_rlvr)")
-        records.append({"context_messages": messages, "winner": trace})
+        records.append({"context_messages": messages, "trace": trace})
     return records
 
 
 def load_rlvr(path):
-    """RM-R1 RLVR records: the judge prompt and `winner` in {model_a, model_b}."""
+    """RM-R1 RLVR records: the judge prompt and its label in {model_a, model_b} (the files' field
+    `winner`; `label` in memory)."""
     records = []
     for where, r in read_records(path):
         messages = check_judge_prompt(r, where)
         label = get_field(r, where, "winner", str)
         if label not in LABELS:
             raise ValueError(f"{where}: field 'winner' must be 'model_a' or 'model_b', got {label[:80]!r}")
-        records.append({"context_messages": messages, "winner": label})
+        records.append({"context_messages": messages, "label": label})
     return records
+
+
+def write_records(path, records):
+    """SFT or RLVR records (trace / label in memory) to a JSONL file in RM-R1's format, where both
+    are called `winner`: what load_sft / load_rlvr read back."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            kept = {k: v for k, v in r.items() if k not in ("trace", "label")}
+            f.write(json.dumps(kept | {"winner": r["trace"] if "trace" in r else r["label"]}) + "\n")
+    return path
 
 
 def pair_conversations(record, where, chosen="chosen", rejected="rejected"):
@@ -366,7 +377,7 @@ def pairs_to_rlvr(pairs, seed, style="instruct"):
     records = []
     for (chosen, rejected), a_first in zip(conversations, chosen_is_a):
         a, b = place(chosen, rejected, a_first)
-        records.append({"context_messages": build_judge_messages(a, b, style), "winner": label(a_first)})
+        records.append({"context_messages": build_judge_messages(a, b, style), "label": label(a_first)})
     return records, len(rows) - len(conversations)
 
 

@@ -160,7 +160,7 @@ def judge_metrics(completions, labels, rewards, verdicts, n):
 
 def rlvr_rewards(completions, texts, records):
     """The paper's reward: +1/-1 from the verdict in the last 80 characters vs the label."""
-    return torch.tensor([reward.rlvr_reward(t, records[c.prompt_index]["winner"])
+    return torch.tensor([reward.rlvr_reward(t, records[c.prompt_index]["label"])
                          for c, t in zip(completions, texts)])
 
 
@@ -234,7 +234,7 @@ def grpo_step(model, ref_model, optimizer, tokenizer, records, prompts, step, pr
     records, prompts, completions, texts, rewards, _ = groups[0]
     if trace_file is not None:
         write_traces(trace_file, tokenizer, records, prompts, completions, texts, rewards, n)
-    labels = [records[c.prompt_index]["winner"] for c in completions]
+    labels = [records[c.prompt_index]["label"] for c in completions]
     verdicts = [reward.parse_verdict(t) for t in texts]
     m = {k: float(v) for k, v in judge_metrics(completions, labels, rewards, verdicts, n).items()}
     m = dict(zip(m, D.all_reduce_mean(torch.tensor(list(m.values()))).tolist()))
@@ -266,7 +266,7 @@ def write_traces(path, tokenizer, records, prompts, completions, texts, rewards,
     for c, text, r in list(zip(completions, texts, rewards.tolist()))[:TRACE_GROUPS * n]:
         lines.append(json.dumps({"prompt_index": c.prompt_index, "sample": c.sample_index,
                                  "prompt": tokenizer.decode(prompts[c.prompt_index]),
-                                 "label": records[c.prompt_index]["winner"], "trace": text,
+                                 "label": records[c.prompt_index]["label"], "trace": text,
                                  "verdict": reward.parse_verdict(text), "reward": r,
                                  "finish_reason": c.finish_reason, "tokens": len(c.token_ids)}))
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -279,7 +279,7 @@ def evaluate(model, tokenizer, records, prompts, cfg: GRPOConfig, ctx):
     with D.full_weights(model) as plain, torch.no_grad():
         verdicts = greedy_verdicts(plain, tokenizer, [prompts[i] for i in mine], cfg.max_response_len,
                                    cfg.rollout_slots, kv_budget_bytes(cfg)) if mine else []
-    right = sum(verdict == reward.LETTERS[records[i]["winner"]] for i, (_, verdict, _) in zip(mine, verdicts))
+    right = sum(verdict == reward.LETTERS[records[i]["label"]] for i, (_, verdict, _) in zip(mine, verdicts))
     counts = D.all_reduce_sum(torch.tensor([float(right), float(len(mine))]))
     return float(counts[0] / counts[1])
 

@@ -85,7 +85,7 @@ def load_examples(cfg: SFTConfig, tokenizer, records=None):
     records = data.load_sft(cfg.data) if records is None else records()
     examples, dropped = [], 0
     for r in records:
-        enc = data.encode_sft(tokenizer, r["context_messages"], r["winner"], cfg.max_len)
+        enc = data.encode_sft(tokenizer, r["context_messages"], r["trace"], cfg.max_len)
         if enc is None:
             dropped += 1
         else:

@@ -189,7 +189,7 @@ def grpo_step_one_gpu(tmp):
         torch.cuda.reset_peak_memory_stats()
     for step in range(2):  # step 1 makes AdamW's state; step 2 is the steady state the plan walks
         # Without EOS, traces run to max_response_len: the plan's worst case.
-        m = grpo.grpo_step(model, ref_model, optimizer, NoTokenizer(), [{"winner": "model_a"}] * 16,
+        m = grpo.grpo_step(model, ref_model, optimizer, NoTokenizer(), [{"label": "model_a"}] * 16,
                            prompts, step, list(range(16)), cfg, ctx, score=first_token_even)
         steps.append({k: m[k] for k in ("time_generate", "time_logprobs", "time_update", "tokens_per_s",
                                         "rollout_logprob_gap", "loss", "grad_norm", "kl")})

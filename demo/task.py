@@ -394,13 +394,13 @@ def judge_messages(question, answer_a, answer_b, style="instruct"):
 def sft_records(n: int, seed: int, style: str = "instruct") -> list[dict]:
     """RM-R1 distillation records: judge prompt + the teacher's trace (train split), hasty on
     the pairs is_hasty picks."""
-    return [{"context_messages": m, "winner": teacher_trace(p, a, hasty=is_hasty(p))}
+    return [{"context_messages": m, "trace": teacher_trace(p, a, hasty=is_hasty(p))}
             for p, m, a in judge_pairs(n, seed, "train", style)]
 
 
 def rlvr_records(n: int, seed: int, split: str = "train", style: str = "instruct") -> list[dict]:
     """RM-R1 RLVR records: judge prompt + model_a/model_b label."""
-    return [{"context_messages": m, "winner": label(a)} for _, m, a in judge_pairs(n, seed, split, style)]
+    return [{"context_messages": m, "label": label(a)} for _, m, a in judge_pairs(n, seed, split, style)]
 
 
 def comparisons(n: int, seed: int) -> list:

@@ -40,7 +40,7 @@ def triton_runs(x) -> bool:
     return (x.is_cuda or _interpreting()) and not is_fake(x)
 
 
-def _rows_backend(x, backend):
+def _implementation(x, backend):
     """The module (torch_logprobs or triton_logprobs) whose forward_rows/backward_rows to use."""
     if backend is None:
         use_triton = (x.is_cuda or _interpreting()) and x.dtype != torch.float64
@@ -79,17 +79,17 @@ def _check_inputs(name, x, targets, temperature, vocab_size):
 
 class _LogprobsEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, temperature, inplace_backward, rows):
-        logprobs, entropy, lse = rows.forward_rows(logits, targets, temperature)
+    def forward(ctx, logits, targets, temperature, inplace_backward, impl):
+        logprobs, entropy, lse = impl.forward_rows(logits, targets, temperature)
         ctx.save_for_backward(logits, targets, lse, entropy)
-        ctx.temperature, ctx.inplace_backward, ctx.rows = temperature, inplace_backward, rows
+        ctx.temperature, ctx.inplace_backward, ctx.impl = temperature, inplace_backward, impl
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
         logits, targets, lse, entropy = ctx.saved_tensors
         out = logits if ctx.inplace_backward else torch.empty_like(logits)
-        ctx.rows.backward_rows(logits, targets, lse, entropy, grad_logprobs, grad_entropy,
+        ctx.impl.backward_rows(logits, targets, lse, entropy, grad_logprobs, grad_entropy,
                                ctx.temperature, out)
         return out, None, None, None, None
 
@@ -101,10 +101,10 @@ def logprobs_and_entropy(logits, targets, temperature=1.0, inplace_backward=Fals
     buffer; only use it when nothing else reads those logits afterwards (in backward included).
     """
     _check_inputs("logits", logits, targets, temperature, logits.shape[-1])
-    rows = _rows_backend(logits, backend)
+    impl = _implementation(logits, backend)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    return _LogprobsEntropy.apply(logits, targets.long(), float(temperature), inplace_backward, rows)
+    return _LogprobsEntropy.apply(logits, targets.long(), float(temperature), inplace_backward, impl)
 
 
 def _row_chunks(N, chunk_size):
@@ -113,12 +113,12 @@ def _row_chunks(N, chunk_size):
 
 class _LinearLogprobsEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk_size, rows):
-        per_chunk = [rows.forward_rows(hidden[start:end] @ weight.T, targets[start:end], temperature)
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, impl):
+        per_chunk = [impl.forward_rows(hidden[start:end] @ weight.T, targets[start:end], temperature)
                      for start, end in _row_chunks(hidden.shape[0], chunk_size)]
         logprobs, entropy, lse = (torch.cat(parts) for parts in zip(*per_chunk))
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
-        ctx.temperature, ctx.chunk_size, ctx.rows = temperature, chunk_size, rows
+        ctx.temperature, ctx.chunk_size, ctx.impl = temperature, chunk_size, impl
         return logprobs, entropy
 
     @staticmethod
@@ -131,7 +131,7 @@ class _LinearLogprobsEntropy(torch.autograd.Function):
         for start, end in _row_chunks(hidden.shape[0], ctx.chunk_size):
             rows = slice(start, end)
             logits = hidden[rows] @ weight.T  # recomputed, then overwritten by its own gradient
-            ctx.rows.backward_rows(logits, targets[rows], lse[rows], entropy[rows], grad_logprobs[rows],
+            ctx.impl.backward_rows(logits, targets[rows], lse[rows], entropy[rows], grad_logprobs[rows],
                                    grad_entropy[rows], ctx.temperature, out=logits)
             if need_hidden:
                 grad_hidden[rows] = logits @ weight
@@ -165,5 +165,5 @@ def linear_logprobs_and_entropy(hidden, weight, targets, temperature=1.0, chunk_
         chunk_size = max(1, math.ceil(N / math.ceil(V / D)))
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (rows per chunk), got {chunk_size}")
-    rows = _rows_backend(hidden, backend)
-    return _LinearLogprobsEntropy.apply(hidden, weight, targets.long(), float(temperature), chunk_size, rows)
+    impl = _implementation(hidden, backend)
+    return _LinearLogprobsEntropy.apply(hidden, weight, targets.long(), float(temperature), chunk_size, impl)

@@ -39,7 +39,7 @@ def main(model_dir, out, steps, lr, overrides=None):
     # different numbers of rows and must still run the same number of FSDP forwards.
     prompts = [torch.randint(3, 300, (3 if i % 4 < 2 else 20,), generator=gen).tolist()
                for i in range(2 * cfg.rollout_batch_size)]
-    records = [{"winner": "model_a"}] * len(prompts)
+    records = [{"label": "model_a"}] * len(prompts)
     share = rank_share(cfg, ctx)
     history = []
     for step in range(steps):

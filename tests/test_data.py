@@ -118,8 +118,12 @@ def test_load_sft_and_rlvr(tmp_path):
     sft = write_jsonl(tmp_path / "sft.jsonl", [{"context_messages": prompt, "winner": "<type>Chat</type> ...",
                                                 "extra": 1}])
     rlvr = write_jsonl(tmp_path / "rlvr.jsonl", [{"context_messages": prompt, "winner": "model_b"}])
-    assert data.load_sft(sft) == [{"context_messages": prompt, "winner": "<type>Chat</type> ..."}]
-    assert data.load_rlvr(rlvr) == [{"context_messages": prompt, "winner": "model_b"}]
+    assert data.load_sft(sft) == [{"context_messages": prompt, "trace": "<type>Chat</type> ..."}]
+    assert data.load_rlvr(rlvr) == [{"context_messages": prompt, "label": "model_b"}]
+    # in memory a trace and a label, on disk RM-R1's `winner` for both: write_records round-trips
+    for load, name in ((data.load_sft, "sft"), (data.load_rlvr, "rlvr")):
+        records = load(tmp_path / f"{name}.jsonl")
+        assert load(data.write_records(tmp_path / f"{name}-again.jsonl", records)) == records
     with pytest.raises(ValueError, match=r"rlvr\.jsonl:1: field 'winner' must be the reasoning trace"):
         data.load_sft(rlvr)
 
@@ -142,14 +146,14 @@ def test_malformed_rlvr_record_error_names_file_line_and_field(tmp_path, record,
 def test_pairs_to_rlvr_balances_labels_and_puts_chosen_where_the_label_says():
     pairs = [{"prompt": f"q{i}", "chosen": f"good{i}", "rejected": f"bad{i}"} for i in range(11)]
     records, _ = data.pairs_to_rlvr(pairs, seed=3)
-    winners = [r["winner"] for r in records]
+    winners = [r["label"] for r in records]
     assert winners.count("model_a") == 6 and winners.count("model_b") == 5
     for i, r in enumerate(records):
         text = r["context_messages"][1]["content"]
-        slot = "A" if r["winner"] == "model_a" else "B"
+        slot = "A" if r["label"] == "model_a" else "B"
         assert f"[The Start of Chatbot {slot}'s Response]\ngood{i}\n" in text
     assert data.pairs_to_rlvr(pairs, seed=3)[0] == records
-    assert [r["winner"] for r in data.pairs_to_rlvr(pairs, seed=4)[0]] != winners
+    assert [r["label"] for r in data.pairs_to_rlvr(pairs, seed=4)[0]] != winners
 
 
 def test_pairs_in_message_list_forms_give_the_same_judge_prompt():

@@ -179,8 +179,8 @@ def test_hasty_share_of_the_distillation_traces():
     assert hasty != [demo.is_hasty(p) for p in demo.make_demo_pairs(2000, seed=1)]
     for r, p, h in zip(records, pairs, hasty):
         assert r["context_messages"][1]["content"].count(p["question"]) == 1
-        solved = r["winner"].startswith("<type>Reasoning</type>")
-        assert solved == (p["kind"] == "reasoning" and not h), r["winner"]
+        solved = r["trace"].startswith("<type>Reasoning</type>")
+        assert solved == (p["kind"] == "reasoning" and not h), r["trace"]
 
 
 def test_teacher_refuses_a_pair_whose_chosen_is_wrong(pairs):
@@ -290,6 +290,6 @@ def test_demo_data_is_what_the_shipped_judge_was_built_from():
     figures, so it has to be deliberate: rebuild with `python sft.py` and update these."""
     def digest(x):
         return hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()[:16]
-    assert digest(demo.sft_records(4000, seed=0)) == "85c491c4b1ccff60"
-    assert digest(demo.rlvr_records(1280, seed=0)) == "7cf4b9c731bfe39c"
+    assert digest(demo.sft_records(4000, seed=0)) == "d08193de9480bfff"
+    assert digest(demo.rlvr_records(1280, seed=0)) == "d09b15e90891d694"
     assert digest([vars(c) for c in demo.comparisons(1000, seed=0)]) == "287ce93f5ee2061e"

@@ -248,7 +248,7 @@ def test_a_resumed_run_drops_the_metrics_past_its_checkpoint(tmp_path):
 
 def test_a_run_gone_nan_exits_non_zero_and_exports_nothing(tiny_policy, tmp_path):
     records = tmp_path / "rlvr.jsonl"
-    records.write_text("".join(json.dumps(r) + "\n" for r in demo.rlvr_records(24, seed=0)))
+    data.write_records(records, demo.rlvr_records(24, seed=0))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "grpo.py", "--model", tiny_policy[0], "--data", str(records),
                           "--out", str(tmp_path / "out"), "--rollout_batch_size", "8", "--mini_batch_size", "4",

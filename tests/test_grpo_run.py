@@ -54,9 +54,10 @@ def test_reward_rises_with_training(model_dir, tmp_path):
 
 
 def test_stop_and_resume_reproduces_prompts_rollouts_and_losses(model_dir, tmp_path):
+    import data
     import demo as demo_task
     records = tmp_path / "rlvr.jsonl"
-    records.write_text("".join(json.dumps(r) + "\n" for r in demo_task.rlvr_records(24, seed=0)))
+    data.write_records(records, demo_task.rlvr_records(24, seed=0))
     args = ["grpo.py", "--model", model_dir, "--data", str(records), "--rollout_batch_size", "8",
             "--mini_batch_size", "4", "--n_samples", "2", "--max_response_len", "8",
             "--micro_batch_tokens", "512", "--no-bf16", "--no-activation_checkpointing",

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
 import demo
 import distributed as D
 import grpo
@@ -82,8 +83,8 @@ def run_step(tiny_policy, monkeypatch, kinds, draws=(), **overrides):
 
     def draw(resample):
         extra = draws[resample - 1]
-        return [{"kind": k, "winner": "model_a"} for k in extra], [[40 + i, 6, 7] for i in range(len(extra))]
-    records = [{"kind": k, "winner": "model_a"} for k in kinds]
+        return [{"kind": k, "label": "model_a"} for k in extra], [[40 + i, 6, 7] for i in range(len(extra))]
+    records = [{"kind": k, "label": "model_a"} for k in kinds]
     m = grpo.grpo_step(model, None, optimizer, tokenizer, records, prompts, 0, list(range(len(kinds))), cfg,
                        ctx, score=by_kind, draw=draw)
     return m, trained
@@ -125,7 +126,7 @@ def test_overlong_mask_drops_truncated_traces_from_the_loss(tiny_policy, monkeyp
 def test_traces_checkpoints_and_exports_during_a_run(tiny_policy, tmp_path):
     path, _ = tiny_policy
     records = tmp_path / "rlvr.jsonl"
-    records.write_text("".join(json.dumps(r) + "\n" for r in demo.rlvr_records(24, seed=0)))
+    data.write_records(records, demo.rlvr_records(24, seed=0))
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "grpo.py", "--model", path, "--data", str(records), "--out", str(out),

@@ -43,16 +43,16 @@ def tokenizer(tmp_path_factory):
 
 def test_loss_mask_covers_exactly_the_trace_and_its_end(tokenizer):
     record = demo.sft_records(1, seed=3)[0]
-    ids, mask = data.encode_sft(tokenizer, record["context_messages"], record["winner"], 4096)
+    ids, mask = data.encode_sft(tokenizer, record["context_messages"], record["trace"], 4096)
     trained = [t for t, m in zip(ids, mask) if m]
-    assert tokenizer.decode(trained) == record["winner"] + "<|im_end|>"
+    assert tokenizer.decode(trained) == record["trace"] + "<|im_end|>"
 
 
 def test_packed_and_unpacked_batches_give_the_same_loss(tokenizer):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
-    examples = [data.encode_sft(tokenizer, r["context_messages"], r["winner"], 4096)
+    examples = [data.encode_sft(tokenizer, r["context_messages"], r["trace"], 4096)
                 for r in demo.sft_records(3, seed=1)]
     n_tokens = sum(sum(m[1:]) for _, m in examples)
     packed = data.pack(examples, max_len=4096)
