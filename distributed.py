@@ -370,6 +370,17 @@ def start_run(run_dir, config: dict, resume: bool, preset: str = ""):
 
 # ---- resumable training state ----
 
+def run_rules(cfg) -> list:
+    """check_fields rules of the settings run_steps reads (and init's timeout), for both trainers."""
+    return [
+        ("max_steps", cfg.max_steps >= 0, "must be >= 0 (0: no limit)"),
+        ("save_every", cfg.save_every >= 0, "must be >= 0 (0: at the end only)"),
+        ("keep_last", cfg.keep_last >= 0, "must be >= 0 (0: keep every checkpoint)"),
+        ("export_every", cfg.export_every >= 0, "must be >= 0 (0: at the end only)"),
+        ("dist_timeout_min", cfg.dist_timeout_min > 0, "must be > 0"),
+    ]
+
+
 def run_steps(cfg, model, optimizer, tokenizer, total_steps, step_fn, export, show=("loss", "lr"),
               on_start=None) -> int:
     """The loop both trainers run, around their step_fn(step) -> metrics dict:

@@ -338,8 +338,6 @@ def check_config(cfg: GRPOConfig, world_size):
         ("overlong", cfg.overlong in ("keep", "mask", "penalty"), "must be keep, mask or penalty"),
         ("overlong_buffer", cfg.overlong != "penalty" or 1 <= cfg.overlong_buffer <= cfg.max_response_len,
          f"must be in [1, --max_response_len ({cfg.max_response_len})] for --overlong penalty"),
-        ("keep_last", cfg.keep_last >= 0, "must be >= 0 (0: keep every checkpoint)"),
-        ("export_every", cfg.export_every >= 0, "must be >= 0 (0: at the end only)"),
         ("log_traces_every", cfg.log_traces_every >= 0, "must be >= 0 (0: never)"),
         ("kl_coef", cfg.kl_coef >= 0, "must be >= 0 (0 drops the KL term and the reference model)"),
         ("kl_estimator", cfg.kl_estimator in ("k1", "mse", "low_var_kl"), "must be k1, mse or low_var_kl"),
@@ -348,8 +346,6 @@ def check_config(cfg: GRPOConfig, world_size):
         ("style", cfg.style in data.STYLES, f"must be one of {data.STYLES}"),
         ("grad_clip", cfg.grad_clip > 0, "must be > 0"),
         ("epochs", cfg.epochs >= 1, "must be >= 1"),
-        ("max_steps", cfg.max_steps >= 0, "must be >= 0 (0: no limit)"),
-        ("save_every", cfg.save_every >= 0, "must be >= 0 (0: at the end only)"),
         ("eval_every", cfg.eval_every >= 0, "must be >= 0 (0: at the start and end only)"),
         ("eval_limit", cfg.eval_limit >= 1, "must be >= 1"),
         ("micro_batch_tokens", cfg.micro_batch_tokens >= 2, "must be >= 2"),
@@ -357,9 +353,7 @@ def check_config(cfg: GRPOConfig, world_size):
         ("max_response_len", cfg.max_response_len >= 1, "must be >= 1"),
         ("rollout_slots", cfg.rollout_slots >= 1, "must be >= 1"),
         ("kv_budget_gib", cfg.kv_budget_gib >= 0, "must be >= 0 (0: what is free at rollout time)"),
-        ("dist_timeout_min", cfg.dist_timeout_min > 0, "must be > 0"),
-        ("plan_world_size", cfg.plan_world_size >= 1, "must be >= 1"),
-        ("plan_gpu_gib", cfg.plan_gpu_gib > plan.CONTEXT_GIB, f"must be > {plan.CONTEXT_GIB} GiB"),
+        *D.run_rules(cfg), *plan.rules(cfg),
     ])
 
 

@@ -35,6 +35,12 @@ import distributed as D
 
 GiB = 2**30
 CONTEXT_GIB = 3.0  # per GPU, outside torch's tensors: CUDA context, NCCL buffers, cuBLAS workspaces
+def rules(cfg) -> list:
+    """check_fields rules of the --plan_* settings, for both trainers."""
+    return [("plan_world_size", cfg.plan_world_size >= 1, "must be >= 1"),
+            ("plan_gpu_gib", cfg.plan_gpu_gib > CONTEXT_GIB, f"must be > {CONTEXT_GIB} GiB")]
+
+
 MORE_RANKS = "more ranks (--plan_world_size) shrink every rank's shards"  # advice for what is sharded
 
 

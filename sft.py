@@ -186,11 +186,7 @@ def check_config(cfg: SFTConfig):
         ("max_len", cfg.max_len >= 2, "must be >= 2"),
         ("epochs", cfg.epochs >= 1, "must be >= 1"),
         ("grad_clip", cfg.grad_clip > 0, "must be > 0"),
-        ("save_every", cfg.save_every >= 0, "must be >= 0 (0: at the end only)"),
-        ("max_steps", cfg.max_steps >= 0, "must be >= 0 (0: no limit)"),
-        ("dist_timeout_min", cfg.dist_timeout_min > 0, "must be > 0"),
-        ("plan_world_size", cfg.plan_world_size >= 1, "must be >= 1"),
-        ("plan_gpu_gib", cfg.plan_gpu_gib > plan.CONTEXT_GIB, f"must be > {plan.CONTEXT_GIB} GiB"),
+        *D.run_rules(cfg), *plan.rules(cfg),
     ])
 
 

@@ -110,6 +110,8 @@ def test_grpo_settings_are_checked_by_flag(argv, match):
     (["--epochs", "0"], "--epochs 0: must be >= 1"),
     (["--max_steps", "-1"], "--max_steps -1: must be >= 0"),
     (["--schedule", "linear"], "--schedule 'linear': must be constant or cosine"),
+    (["--keep_last", "-1"], "--keep_last -1: must be >= 0"),
+    (["--export_every", "-2"], "--export_every -2: must be >= 0"),
 ])
 def test_sft_settings_are_checked_by_flag(argv, match):
     cfg, _ = parse_config(SFTConfig, argv)
