@@ -41,6 +41,22 @@ class Context:
     device: torch.device
     gpu: bool = False  # a CUDA run, or the memory plan's simulation of one (bf16 reference, varlen)
     mesh: DeviceMesh | None = None  # the ranks FSDP2 shards over; None: a world of one, unsharded
+    decode_mesh: DeviceMesh | None = None  # (dp, tp) ranks of a tensor-parallel rollout (tp.py); None: no TP
+    host: torch.device = torch.device("cpu")  # where offloaded state waits (the memory plan: meta, off its GPU)
+
+    @property
+    def tp_mesh(self) -> DeviceMesh | None:
+        """This rank's tensor-parallel group (a 1-D mesh), or None without TP."""
+        return self.decode_mesh["tp"] if self.decode_mesh is not None else None
+
+    @property
+    def dp(self) -> tuple[int, int]:
+        """(index, count) of this rank's data-parallel group: the ranks of a TP group decode the
+        same prompts, so decoding work splits over the groups, not the ranks."""
+        if self.decode_mesh is None:
+            return self.rank, self.world_size
+        dp = self.decode_mesh["dp"]
+        return dp.get_local_rank(), dp.size()
 
     @property
     def distributed(self):
@@ -48,8 +64,9 @@ class Context:
         return self.mesh is not None
 
 
-def init(timeout_min: float = 60.0) -> Context:
+def init(timeout_min: float = 60.0, tp: int = 1) -> Context:
     """Join the process group that torchrun describes; a plain `python x.py` is a world of one.
+    tp > 1 also makes the (dp, tp) mesh of a tensor-parallel rollout (decode_mesh).
 
     timeout_min bounds how long a rank waits at a collective. NCCL's default (10 minutes) is
     shorter than the gap between ranks whose rollouts end minutes apart, so it is a setting.
@@ -74,11 +91,25 @@ def init(timeout_min: float = 60.0) -> Context:
             dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
                                     timeout=timeout)
     mesh = init_device_mesh(device.type, (world,)) if dist.is_initialized() else None
-    return Context(rank, world, device, gpu=device.type == "cuda", mesh=mesh)
+    return Context(rank, world, device, gpu=device.type == "cuda", mesh=mesh,
+                   decode_mesh=make_decode_mesh(device.type, world, tp))
+
+
+def make_decode_mesh(device_type: str, world: int, tp: int) -> DeviceMesh | None:
+    """The (dp, tp) mesh of a tensor-parallel rollout, TP ranks adjacent (within a node); None for
+    tp 1. Every rank must call it (it makes the groups)."""
+    if tp == 1:
+        return None
+    if world % tp:
+        raise ValueError(f"tensor parallelism of {tp} needs the {world} ranks to divide by {tp}")
+    return init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
 
 
 def shutdown():
     if dist.is_initialized():
+        # Every rank done first: a rank that tore down its groups while a peer still used them
+        # aborted at exit (2 of 10 two-rank tensor-parallel runs under gloo, none with the barrier).
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -94,22 +125,31 @@ def comm_device() -> torch.device:
     return torch.device("cpu") if "cpu:" in config or ":" not in config else torch.device("cuda")
 
 
-def _all_reduce(x: torch.Tensor, op) -> torch.Tensor:
-    """x reduced over ranks, as a new tensor on x's device; the collective itself runs on the
-    backend's device, so callers may pass host tensors under NCCL."""
+def _all_reduce(x: torch.Tensor, op, group=None) -> torch.Tensor:
+    """x reduced over ranks (of `group`, default all), as a new tensor on x's device; the
+    collective itself runs on the backend's device, so callers may pass host tensors under NCCL."""
     if not dist.is_initialized():
         return x.clone()
     y = x.detach().to(comm_device(), copy=True)
-    dist.all_reduce(y, op=op)
+    dist.all_reduce(y, op=op, group=group)
     return y.to(x.device)
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    return _all_reduce(x, dist.ReduceOp.SUM)
+def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
+    return _all_reduce(x, dist.ReduceOp.SUM, group)
 
 
-def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
-    return _all_reduce(x, dist.ReduceOp.MAX)
+def all_reduce_max(x: torch.Tensor, group=None) -> torch.Tensor:
+    return _all_reduce(x, dist.ReduceOp.MAX, group)
+
+
+def all_gather_objects(obj, group=None) -> list:
+    """Every rank's picklable `obj` (of `group`, default all), in rank order."""
+    if not dist.is_initialized():
+        return [obj]
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, obj, group=group)
+    return every
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
@@ -270,6 +310,15 @@ def full_weights(model):
     finally:
         for m in fsdp:
             m.reshard()
+
+
+def place(optimizer, where):
+    """Move an optimizer's state (AdamW's moments, not its step counts) to device `where`: GRPO's
+    --offload_states keeps it in host memory outside the updates."""
+    for state in optimizer.state.values():
+        for k, v in state.items():
+            if k != "step" and torch.is_tensor(v):
+                state[k] = v.to(where)
 
 
 def adamw(model, ctx: Context, **kw):

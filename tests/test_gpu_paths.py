@@ -104,6 +104,28 @@ def test_prefill_and_decode_on_fake_cuda_tensors(monkeypatch):
         assert model(torch.zeros(2, 7, dtype=torch.long, device=cuda)).shape == (2, 7, TINY.vocab_size)
 
 
+@pytest.mark.skipif(not CUDA_BUILD, reason=NEEDS_CUDA_BUILD)
+def test_tensor_parallel_prefill_and_decode_on_fake_cuda_tensors(monkeypatch, nccl_device_map):
+    # Rank 0 of 8 in TP groups of 2, as under NCCL: the DTensor layout, the KV cache of 1/2 of the
+    # KV heads, a prefill and a decode step whose all-reduces and all-gathers take CUDA tensors.
+    import tp
+    from torch.distributed.device_mesh import init_device_mesh
+    monkeypatch.setattr(F, "scaled_dot_product_attention", efficient_attention_meta)
+    mesh = init_device_mesh("cuda", (4, 2), mesh_dim_names=("dp", "tp"))["tp"]
+    cuda = torch.device("cuda")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        decoder = tp.build(TINY, mesh, torch.bfloat16, cuda)
+        assert decoder.layers[0].self_attn.k_proj.weight.to_local().shape[0] == TINY.num_key_value_heads // 2 * TINY.head_dim
+        cache = rollout.new_cache(decoder, 3, 32, page_size=4, n_pages=12)
+        assert cache.k.shape[3] == TINY.num_key_value_heads // 2 and cache.k.device.type == "cuda"
+        pages = cache.take(3)
+        rollout.prefill(decoder, cache, [([1] * 9, pages)])
+        cache.sync()
+        state = torch.zeros(4, 3, dtype=torch.long, device=cuda)
+        next_ids, logprobs = rollout.decode(decoder, cache, state, SamplingParams(), 16)
+        assert next_ids.shape == logprobs.shape == (3,) and next_ids.device.type == "cuda"
+
+
 @pytest.fixture
 def nccl_device_map():
     """A process group with NCCL's device map (CUDA tensors only), this process as rank 0 of 8."""

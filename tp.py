@@ -1,0 +1,189 @@
+"""Tensor-parallel decoding: the rollout and eval.py split every matrix over the ranks of a
+tensor-parallel (TP) group, so that a 14B or 32B judge's weights and KV cache fit beside the
+trainer's shards.
+
+    ctx = D.init(tp=2)                               # a (dp, tp) mesh from the torchrun environment
+    with tp.weights(model, ctx.decode_mesh) as decoder:       # from the FSDP2 shards, 1/tp each
+        completions = generate(decoder, prompts, params)      # every rank of a TP group: the same prompts
+    decoder = tp.load(path, ctx.decode_mesh, dtype, device)   # eval.py: straight from safetensors
+
+The layout is Megatron's, applied with torch.distributed.tensor.parallel: q, k, v, gate and up
+are split by output rows (ColwiseParallel), o and down by input columns (RowwiseParallel), so each
+rank holds heads / tp query heads and KV heads / tp KV heads, and a block costs two all-reduces;
+the embedding is split by vocabulary rows and the LM head by its output rows, gathered into full
+logits, so every rank of a group samples the same token from the same numbers. A TP rank's model
+holds the config of its shard (`decoder.config`: heads and intermediate size divided by tp), which
+is what its KV cache and the memory plan's page count read.
+
+The mesh is (data parallel, tensor parallel) with the TP ranks adjacent (one node's NVLink); the
+trainer's FSDP2 shards stay on the flat world mesh, and the rollout copies them into the TP layout
+once per rollout, one FSDP2 unit at a time: no rank ever holds more than one block's full weights
+beside its 1/tp of the model.
+"""
+
+import contextlib
+import dataclasses
+import zlib
+
+import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+import distributed as D
+from checkpoint import iter_checkpoint, load_config
+from model import ModelConfig, Transformer
+from rollout import device_kv_budget, generate
+
+
+def check_divisible(config: ModelConfig, tp: int):
+    """Heads, KV heads and the MLP's width split evenly (the vocabulary may not: DTensor gives the
+    last rank fewer rows)."""
+    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        if getattr(config, name) % tp:
+            raise ValueError(f"tensor parallelism of {tp} needs {name} ({getattr(config, name)}) to divide "
+                             f"by {tp}; pick a tp that divides it")
+
+
+def shard_config(config: ModelConfig, tp: int) -> ModelConfig:
+    """The config of one TP rank's shard: what its KV cache holds (vocab_size stays whole: the
+    logits are gathered)."""
+    return dataclasses.replace(config, num_attention_heads=config.num_attention_heads // tp,
+                               num_key_value_heads=config.num_key_value_heads // tp,
+                               intermediate_size=config.intermediate_size // tp, head_dim=config.head_dim)
+
+
+def parallelize(model: Transformer, mesh: DeviceMesh) -> Transformer:
+    """Split a (meta-device) model over a 1-D TP mesh in place; see the module docstring."""
+    tp = mesh.size()
+    config = model.config
+    check_divisible(config, tp)
+    plan = {"embed_tokens": RowwiseParallel(input_layouts=Replicate()),
+            "lm_head": ColwiseParallel(output_layouts=Replicate())}
+    for i in range(config.num_hidden_layers):
+        plan.update({f"layers.{i}.self_attn.{p}": ColwiseParallel() for p in ("q_proj", "k_proj", "v_proj")})
+        plan.update({f"layers.{i}.mlp.{p}": ColwiseParallel() for p in ("gate_proj", "up_proj")})
+        plan.update({f"layers.{i}.self_attn.o_proj": RowwiseParallel(), f"layers.{i}.mlp.down_proj": RowwiseParallel()})
+    parallelize_module(model, mesh, plan)
+    if config.tie_word_embeddings:  # both are split by vocabulary rows (Shard(0)): one tensor again
+        model.lm_head.weight = model.embed_tokens.weight
+    for block in model.layers:
+        block.self_attn.n_heads //= tp
+        block.self_attn.n_kv_heads //= tp
+    model.config = shard_config(config, tp)
+    return model
+
+
+def build(config: ModelConfig, mesh: DeviceMesh, dtype, device) -> Transformer:
+    """An empty TP model: built on the meta device, split, then given storage for its shards only."""
+    with unset_fake_temporarily(), torch.device("meta"):
+        model = Transformer(config).to(dtype)
+    parallelize(model, mesh)
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.materialize_buffers(device)
+    return model.eval().requires_grad_(False)
+
+
+def copy_shard(dst: torch.Tensor, full):
+    """Copy this rank's part of `full` (a whole tensor, or a safetensors slice, which then reads only
+    that part from disk) into a TP parameter: a DTensor split on one dimension, or a replicated one."""
+    local = dst.to_local() if isinstance(dst, DTensor) else dst
+    index = [slice(None)] * local.dim()
+    if isinstance(dst, DTensor) and dst.placements[0].is_shard():
+        d = dst.placements[0].dim
+        start = dst.device_mesh.get_local_rank() * -(-dst.shape[d] // dst.device_mesh.size())  # torch.chunk's split
+        index[d] = slice(start, start + local.shape[d])
+    local.copy_(full[tuple(index)].to(local.dtype))
+
+
+def load(path, mesh: DeviceMesh, dtype, device) -> Transformer:
+    """A judge for decoding, each rank reading only its 1/tp of every matrix from safetensors."""
+    config = load_config(path)
+    model = build(config, mesh, dtype, device)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, weight in iter_checkpoint(path, set(params), config.tie_word_embeddings):
+            copy_shard(params[name], weight)
+    return model
+
+
+def fill_from_fsdp(decoder: Transformer, model):
+    """Copy the trainer's weights (FSDP2 shards) into the TP model: each FSDP2 unit (the root's
+    embedding, norm and LM head, then each block) is gathered, copied from, and resharded in turn."""
+    params = dict(decoder.named_parameters())
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    with torch.no_grad():
+        for unit in units or [model]:
+            owned = {id(p) for m in unit.modules() if m is not unit and isinstance(m, FSDPModule)
+                     for p in m.parameters()}
+            if units:
+                unit.unshard()
+            prefix = next(name for name, m in model.named_modules() if m is unit)
+            for name, p in unit.named_parameters():
+                full_name = f"{prefix}.{name}" if prefix else name
+                if full_name in params and id(p) not in owned:
+                    copy_shard(params[full_name], p.detach())
+            if units:
+                unit.reshard()
+
+
+@contextlib.contextmanager
+def weights(model, mesh: DeviceMesh, dtype, device):
+    """The trainer's current weights (an FSDP2 model, or a plain one) as a TP model on `mesh`, in
+    `dtype` (the rollout's: bf16 on GPUs), for one rollout; freed on exit."""
+    decoder = build(model.config, mesh, dtype, device)
+    fill_from_fsdp(decoder, model)
+    try:
+        yield decoder
+    finally:
+        del decoder
+
+
+def gather_group(items: list, mesh: DeviceMesh) -> tuple[list, int]:
+    """Every TP rank's items, in rank order, and where this rank's own start: a TP group decodes
+    its ranks' prompts together, each rank then keeping its own completions."""
+    every = D.all_gather_objects(list(items), mesh.get_group())
+    mine = mesh.get_local_rank()
+    return [x for part in every for x in part], sum(len(part) for part in every[:mine])
+
+
+def check_same(token_lists, mesh: DeviceMesh):
+    """Every rank of a TP group must have sampled the same tokens (they sample from the same gathered
+    logits); a difference would silently train on mismatched traces, so it is an error."""
+    h = zlib.crc32(repr(token_lists).encode())
+    highest = D.all_reduce_max(torch.tensor([h, -h]), mesh.get_group())
+    if int(highest[0]) != -int(highest[1]):  # max == min: every rank's hash is the same
+        raise RuntimeError("the ranks of a tensor-parallel group sampled different tokens from what should be "
+                           "the same logits; this is a bug, please report it with the command")
+
+
+def agreed_budget(kv_budget_bytes, device, mesh: DeviceMesh | None):
+    """The KV budget every rank of a TP group decodes with: the smallest of theirs (each rank's
+    default is what its own device has free). The ranks must schedule alike, step for step, since
+    every step's all-reduces pair them up; a rank with a larger pool would admit more and fall out
+    of step."""
+    budget = device_kv_budget(device) if kv_budget_bytes is None else kv_budget_bytes
+    if mesh is None or budget is None:
+        return budget
+    return -int(D.all_reduce_max(torch.tensor([-budget]), mesh.get_group()))
+
+
+def generate_in_group(model, prompts, params, mesh: DeviceMesh | None, prompt_keys, kv_budget_bytes=None, **kw):
+    """rollout.generate over the prompts of every rank of the TP group `mesh` (None: this rank's
+    alone), decoded together under one KV budget (agreed_budget); returns this rank's completions
+    (prompt_index local to `prompts` again) and the sampler's RolloutStats."""
+    if mesh is None:
+        return generate(model, prompts, params, prompt_keys=prompt_keys, kv_budget_bytes=kv_budget_bytes,
+                        return_stats=True, **kw)
+    every, start = gather_group(list(zip(prompts, prompt_keys)), mesh)
+    budget = agreed_budget(kv_budget_bytes, model.embed_tokens.weight.device, mesh)
+    completions, stats = generate(model, [p for p, _ in every], params, prompt_keys=[k for _, k in every],
+                                  kv_budget_bytes=budget, return_stats=True, **kw)
+    check_same([c.token_ids for c in completions], mesh)
+    n = params.n
+    mine = completions[start * n:(start + len(prompts)) * n]
+    return [dataclasses.replace(c, prompt_index=c.prompt_index - start) for c in mine], stats
