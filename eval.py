@@ -5,6 +5,13 @@
     python eval.py --model Qwen2.5-7B-Instruct-RM --bench rm-bench --data ../shared/data/rm-bench
     python eval.py --model DeepSeek-R1-Distill-Qwen-7B-RM --style reasoning --bench rmb-pairwise \\
         --data RMB/Pairwise_set --limit 500           # one GPU; --limit for a quick look
+    torchrun --nproc_per_node=8 eval.py --model RM-R1-32B --tp 4 --bench rm-bench --data rm-bench/
+                                                       # 2 data-parallel groups of 4 tensor-parallel ranks
+
+Under torchrun the comparisons are dealt out, chunk by chunk, over the data-parallel groups (each
+of --tp ranks that hold 1/tp of every matrix, tp.py, or one rank with the whole judge); rank 0
+gathers each chunk's records and appends them to one samples.jsonl, so a log holds the same lines
+whatever the number of ranks, and resumes the same way.
 
 Every comparison is judged once, greedily (as the RM-R1 authors did), with the chosen answer at
 position A or B by a coin that is a hash of (seed, comparison uid): seeded, recorded in the log,
@@ -26,6 +33,7 @@ Departures from the RM-R1 harness and choices it leaves open:
   because RM-Bench (9 comparisons per item) and RMB best-of-N (one per loser) score whole items.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,8 +47,10 @@ from tqdm import tqdm
 import benchmarks
 import data
 import demo.recipe
+import distributed as D
 import rollout
-from checkpoint import load_pretrained, write_atomic
+import tp
+from checkpoint import load_config, load_pretrained, write_atomic
 from cli import parse_config
 from reward import LETTERS, label, place
 
@@ -58,6 +68,7 @@ class EvalConfig:
     seed: int = 0                    # A/B coin of every comparison
     out: str = ""                    # default runs/eval-<bench>
     demo_pairs: int = 1000           # held-out demo pairs to judge (--bench demo): 1 SE ~1.3 points
+    tp: int = 1                      # tensor-parallel ranks per judge under torchrun (14B: 2, 32B: 4-8)
 
 
 BENCHES = tuple(benchmarks.BENCHMARKS)
@@ -75,7 +86,7 @@ def check_config(cfg: EvalConfig):
         raise ValueError(f"--style must be one of {data.STYLES}, got {cfg.style!r}")
     if cfg.bench != "demo" and not cfg.data:
         raise ValueError(f"--bench {cfg.bench} needs --data (a file or a folder of the benchmark's files)")
-    for name in ("max_new_tokens", "max_prompt_len", "batch_size", "demo_pairs"):
+    for name in ("max_new_tokens", "max_prompt_len", "batch_size", "demo_pairs", "tp"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.limit < 0:
@@ -113,18 +124,22 @@ def chosen_is_a(seed: int, uid: str) -> bool:
 
 # ---- judging ----
 
-def judge(model, tokenizer, comparisons, cfg: EvalConfig, log=None) -> list[dict]:
+def judge(model, tokenizer, comparisons, cfg: EvalConfig, log=None, ctx=None) -> list[dict]:
     """Judge every comparison greedily; returns one log record per comparison, in order.
 
-    When `log` (an open text file) is given, each chunk's records are written to it as JSON lines
-    and flushed as soon as the chunk is judged.
+    Under torchrun (ctx) each chunk is dealt out over the data-parallel groups, which judge their
+    parts at once; every rank then gathers the chunk's records back in order and returns them all.
+    When `log` (an open text file, rank 0's) is given, each chunk's records are written to it as
+    JSON lines and flushed as soon as the chunk is judged.
     """
-    chunk = cfg.batch_size * CHUNK_BATCHES
+    group, groups = ctx.dp if ctx is not None else (0, 1)
+    lead = ctx is None or ctx.tp_mesh is None or ctx.tp_mesh.get_local_rank() == 0
+    chunk = cfg.batch_size * CHUNK_BATCHES * groups
     records = []
-    with tqdm(total=len(comparisons), desc=f"judging ({cfg.bench})", unit="pair") as bar:
+    with tqdm(total=len(comparisons), desc=f"judging ({cfg.bench})", unit="pair", disable=not D.is_main()) as bar:
         for start in range(0, len(comparisons), chunk):
             todo = []
-            for c in comparisons[start:start + chunk]:
+            for c in comparisons[start:start + chunk][group::groups]:
                 a_first = chosen_is_a(cfg.seed, c.uid)
                 a, b = place(c.chosen, c.rejected, a_first)
                 ids = data.chat_ids(tokenizer, data.build_judge_messages(a, b, cfg.style), add_generation_prompt=True)
@@ -134,16 +149,23 @@ def judge(model, tokenizer, comparisons, cfg: EvalConfig, log=None) -> list[dict
                 todo.append((record, ids if len(ids) <= cfg.max_prompt_len else None))
             judged = [(r, ids) for r, ids in todo if ids is not None]
             if judged:
+                # a TP group's ranks must schedule alike: one KV budget for all of them
+                budget = tp.agreed_budget(None, ctx.device, ctx.tp_mesh) if ctx is not None else None
                 verdicts = rollout.greedy_verdicts(model, tokenizer, [ids for _, ids in judged], cfg.max_new_tokens,
-                                                   cfg.batch_size)
+                                                   cfg.batch_size, budget)
                 for (record, _), (text, verdict, finish_reason) in zip(judged, verdicts):
                     record.update(judgment=text, verdict=verdict, correct=verdict == record["chosen_position"],
                                   finish_reason=finish_reason)
+            # group g judged the chunk's comparisons g, g + groups, ...: interleave them back
+            parts = [p for p in D.all_gather_objects((group, [r for r, _ in todo]) if lead else None) if p]
+            done = [None] * sum(len(p) for _, p in parts)
+            for g, part in parts:
+                done[g::groups] = part
             if log is not None:
-                log.write("".join(json.dumps(r) + "\n" for r, _ in todo))
+                log.write("".join(json.dumps(r) + "\n" for r in done))
                 log.flush()
-            records += [r for r, _ in todo]
-            bar.update(len(todo))
+            records += done
+            bar.update(len(done))
     return records
 
 
@@ -220,31 +242,59 @@ def summary(scores) -> str:
 
 # ---- entry point ----
 
-def load_judge(path):
+def load_judge(path, ctx):
+    """The judge, whole on this rank, or with --tp this rank's 1/tp of it (read from safetensors)."""
     if not os.path.isdir(path):
         hint = " (train the demo judge with `python sft.py`)" if path == demo.SHIPPED else ""
         raise ValueError(f"--model {path}: no such model directory{hint}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return load_pretrained(path, dtype=dtype, device=device), data.load_tokenizer(path)
+    dtype = torch.bfloat16 if ctx.gpu else torch.float32
+    if ctx.tp_mesh is not None:
+        return tp.load(path, ctx.tp_mesh, dtype, ctx.device), data.load_tokenizer(path)
+    return load_pretrained(path, dtype=dtype, device=ctx.device), data.load_tokenizer(path)
+
+
+def on_main(fn):
+    """fn() on rank 0 alone (the one that reads and writes `out`), its result shared with every
+    rank; a ValueError it raises is raised on every rank, so none waits for a rank that stopped."""
+    result = error = None
+    if D.is_main():
+        try:
+            result = fn()
+        except ValueError as e:
+            error = str(e)
+    result, error = D.all_gather_objects((result, error))[0]
+    if error is not None:
+        raise ValueError(error)
+    return result
 
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Judge what the log lacks, append it, and return (and write) the scores of the whole log."""
     check_config(cfg)
+    ctx = D.init(tp=cfg.tp)
+    if cfg.tp > 1:
+        tp.check_divisible(load_config(cfg.model), cfg.tp)
     out = cfg.out or f"runs/eval-{cfg.bench}"
     comparisons = ordered(load_comparisons(cfg), cfg.limit)
-    os.makedirs(out, exist_ok=True)
-    check_resume(cfg, out)
     log_path = os.path.join(out, "samples.jsonl")
-    done = {r["uid"] for r in read_log(log_path)}
+
+    def resume():
+        os.makedirs(out, exist_ok=True)
+        check_resume(cfg, out)
+        return {r["uid"] for r in read_log(log_path)}
+    done = on_main(resume)
     todo = [c for c in comparisons if c.uid not in done]
-    print(f"{len(comparisons)} comparisons, {len(comparisons) - len(todo)} already in {log_path}, "
-          f"{len(todo)} to judge")
+    D.log(f"{len(comparisons)} comparisons, {len(comparisons) - len(todo)} already in {log_path}, "
+          f"{len(todo)} to judge" + (f" on {ctx.dp[1]} data-parallel groups" if ctx.world_size > 1 else ""))
     if todo:
-        model, tokenizer = load_judge(cfg.model)
-        with open(log_path, "a", encoding="utf-8") as log:
-            judge(model, tokenizer, todo, cfg, log)
+        model, tokenizer = load_judge(cfg.model, ctx)
+        with open(log_path, "a", encoding="utf-8") if D.is_main() else contextlib.nullcontext() as log:
+            judge(model, tokenizer, todo, cfg, log, ctx)
+    return on_main(lambda: score_log(cfg, out, log_path))
+
+
+def score_log(cfg: EvalConfig, out, log_path) -> dict:
+    """The scores of the whole log, written to out/scores.json once and printed."""
     scores = scores_of(read_log(log_path), cfg.bench)
     write_atomic(os.path.join(out, "scores.json"), json.dumps(scores, indent=2) + "\n")
     print(summary(scores))
@@ -259,7 +309,9 @@ def main(argv=None):
     cfg, given = parse_config(EvalConfig, argv, __doc__)
     if cfg.bench == "demo":
         cfg = demo.recipe.apply(cfg, demo.recipe.EVAL, given, "eval.py --bench demo")
-    return evaluate(cfg)
+    scores = evaluate(cfg)
+    D.shutdown()
+    return scores
 
 
 if __name__ == "__main__":

@@ -241,3 +241,40 @@ def test_rmb_bon_and_demo_scores_from_a_hand_made_log_written_to_disk(tmp_path):
     want = {"accuracy": 0.75} | {k: sum(v) / len(v) for k, v in by_kind.items()}
     torch.testing.assert_close(scores["scores"], want, msg=lambda m: f"demo {scores['scores']} != {want}: {m}")
     assert json.loads((tmp_path / "scores.json").read_text())["scores"] == scores["scores"]
+
+
+# ---- under torchrun: data-parallel groups, tensor parallelism, one merged log ----
+
+def torchrun_eval(out, judge_dir, *flags):
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "eval.py",
+                          "--model", str(judge_dir), "--out", str(out), "--max_new_tokens", "8", *flags],
+                         cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def test_two_ranks_write_the_lines_of_one_and_resume_after_a_kill(tmp_path, judge_dir):
+    flags = ["--demo_pairs", "30", "--batch_size", "2"]
+    run(tmp_path / "one", judge_dir, *flags)
+    one = (tmp_path / "one" / "samples.jsonl").read_text().splitlines()
+    assert len(one) == 30
+    for name, extra in (("dp", []), ("tp", ["--tp", "2"])):  # 2 groups of 1 rank; 1 group of 2 TP ranks
+        torchrun_eval(tmp_path / name, judge_dir, *flags, *extra)
+        lines = (tmp_path / name / "samples.jsonl").read_text().splitlines()
+        assert lines == one, name  # the same lines, in the same order
+        assert json.loads((tmp_path / name / "scores.json").read_text()) == \
+            json.loads((tmp_path / "one" / "scores.json").read_text()), name
+    # What a kill leaves: the chunks written so far and a torn line. The rerun judges the rest.
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "config.json").write_text((tmp_path / "dp" / "config.json").read_text())
+    dp = (tmp_path / "dp" / "samples.jsonl").read_text().splitlines()
+    (killed / "samples.jsonl").write_text("".join(line + "\n" for line in dp[:16]) + dp[16][:40])
+    stdout = torchrun_eval(killed, judge_dir, *flags)
+    assert "30 comparisons, 16 already in" in stdout and "14 to judge on 2 data-parallel groups" in stdout
+    assert sorted((killed / "samples.jsonl").read_text().splitlines()) == sorted(one)
