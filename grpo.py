@@ -2,6 +2,8 @@
 
     torchrun --nproc_per_node=2 grpo.py                     # CPU demo: GRPO on the shipped judge
     torchrun --nproc_per_node=8 grpo.py --model runs/sft7b/hf --data rm_r1_rlvr.jsonl --out runs/grpo7b
+    torchrun --nproc_per_node=8 grpo.py --model runs/sft14b/hf --data ... --lr 7e-7 --rollout_tp 2   # 14B
+    torchrun --nnodes=4 --nproc_per_node=8 ... grpo.py --model R1-Distill-Qwen-32B --lr 8e-7 --rollout_tp 8  # 32B
 
 For each rollout batch of judge prompts: sample n traces per prompt from the current policy,
 score each with reward.rlvr_reward (+1 if the verdict in the last 80 characters matches the
@@ -30,6 +32,9 @@ Options the paper did not use, all off by default:
 - --log_traces_every N: sample prompts, traces, verdicts and rewards to out/rollouts/step_N.jsonl.
 - --keep_last K: only the newest K step_N checkpoints; --export_every N: a HF export at
   out/hf/step_N during the run (export.py makes one from any step_N afterwards).
+- --rollout_tp N: the rollout decodes tensor-parallel (tp.py), each rank 1/N of every matrix;
+  the same traces as without it. --offload_states: AdamW's state waits in host memory outside
+  the updates, and the reference is read from --model for its log-probs only (32B on one node).
 Failing safely: every setting is checked before any data or model is read; a non-finite loss or
 gradient norm stops the run before the optimizer step, naming the last good checkpoint, and no
 checkpoint or export is ever written from non-finite weights; --resume refuses other settings
@@ -38,6 +43,7 @@ than the run's (out/config.json) but those safe to change, and a fresh run refus
 
 import contextlib
 import functools
+import gc
 import json
 import os
 import sys
@@ -53,12 +59,13 @@ import demo.recipe
 import distributed as D
 import plan
 import reward
+import tp
 from checkpoint import load_config, write_atomic
 from cli import check_fields, parse_config
 from objective import equal_groups, group_advantages, overlong_penalty
 from passes import backward_rows, old_and_ref_logprobs, pack_rows, sequences, update
 from plan import MORE_RANKS
-from rollout import (PAGE_SIZE, PREFILL_TOKENS, SamplingParams, cache_pages, decode, generate, greedy_verdicts,
+from rollout import (PAGE_SIZE, PREFILL_TOKENS, SamplingParams, cache_pages, decode, greedy_verdicts,
                      kv_budget, new_cache, prefill)
 
 
@@ -96,7 +103,9 @@ class GRPOConfig:
     epochs: int = 1                    # passes over the prompts
     bf16: bool = True                  # CUDA: bf16 compute, fp32 master weights and reductions
     activation_checkpointing: bool = True
-    rollout_slots: int = 256           # most sequences decoded at once per rank (the KV budget may allow fewer)
+    rollout_slots: int = 256           # most sequences decoded at once per rank, or per TP group (the KV budget may allow fewer)
+    offload_states: bool = False       # AdamW state in host memory outside the updates; the reference re-read for its log-probs only
+    rollout_tp: int = 1                # tensor-parallel ranks per rollout (tp.py): each holds 1/tp of the weights and KV heads
     kv_budget_gib: float = 0.0         # rollout KV-cache memory per rank; 0: what is free then, less 5%
     eval_every: int = 0                # rollout steps between held-out evaluations; 0: start and end only
     eval_limit: int = 512              # held-out pairs per evaluation
@@ -117,20 +126,34 @@ class GRPOConfig:
 
 # ---- rollouts ----
 
-def rollout(model, tokenizer, prompts, step, cfg: GRPOConfig, prompt_keys, resample=0):
-    """Sample n traces per prompt with the current policy, full weights gathered once. Seeds
-    derive from (seed, step, oversampling round, global prompt index, sample index), so a
-    resumed run draws the same traces and the number of ranks does not change them. Returns
-    the completions, their texts and the sampler's RolloutStats."""
+def rollout(model, tokenizer, prompts, step, cfg: GRPOConfig, ctx, prompt_keys, resample=0):
+    """Sample n traces per prompt with the current policy (decoding()). Seeds derive from (seed,
+    step, oversampling round, global prompt index, sample index), so a resumed run draws the same
+    traces and neither the number of ranks nor --rollout_tp changes them. With --rollout_tp the
+    ranks of a TP group sample their prompts together. Returns this rank's completions, their
+    texts and the sampler's RolloutStats."""
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
                             max_new_tokens=cfg.max_response_len, n=cfg.n_samples,
                             stop_token_ids=(tokenizer.eos_token_id,),
                             seed=(cfg.seed * 1_000_003 + step + resample * 1_000_000_007) % 2**32)
-    with D.full_weights(model) as plain, torch.no_grad():
-        completions, stats = generate(plain, prompts, params, max_batch_size=cfg.rollout_slots,
-                                      prompt_keys=prompt_keys, kv_budget_bytes=kv_budget_bytes(cfg),
-                                      return_stats=True)
+    with decoding(model, cfg, ctx) as decoder, torch.no_grad():
+        completions, stats = tp.generate_in_group(decoder, prompts, params, ctx.tp_mesh, prompt_keys,
+                                                  max_batch_size=cfg.rollout_slots,
+                                                  kv_budget_bytes=kv_budget_bytes(cfg))
     return completions, [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions], stats
+
+
+@contextlib.contextmanager
+def decoding(model, cfg: GRPOConfig, ctx):
+    """The policy as the sampler decodes it: the full weights gathered once from the FSDP2 shards,
+    or with --rollout_tp a tensor-parallel copy (each rank 1/tp of every matrix, tp.py)."""
+    if ctx.tp_mesh is None:
+        with D.full_weights(model) as plain:
+            yield plain
+    else:
+        dtype = torch.bfloat16 if ctx.gpu and cfg.bf16 else torch.float32
+        with tp.weights(model, ctx.tp_mesh, dtype, ctx.device) as decoder:
+            yield decoder
 
 
 def kv_budget_bytes(cfg: GRPOConfig):
@@ -184,11 +207,14 @@ def grpo_step(model, ref_model, optimizer, tokenizer, records, prompts, step, pr
     t0 = time.time()
     model.eval()
     # Per resample: this rank's groups and the sampler's stats; then the (resample, position)s kept.
+    # AdamW's state serves only the updates: with --offload_states it waits on the host until then.
+    if cfg.offload_states:
+        D.place(optimizer, ctx.host)
     groups, engine, kept = [], [], []
     for resample in range(1 + (cfg.oversample if cfg.filter_equal_groups else 0)):
         if resample:
             records, prompts = draw(resample)
-        completions, texts, rollout_stats = rollout(model, tokenizer, prompts, step, cfg, prompt_keys,
+        completions, texts, rollout_stats = rollout(model, tokenizer, prompts, step, cfg, ctx, prompt_keys,
                                                     resample)
         rewards = score(completions, texts, records)
         train_rewards = rewards
@@ -224,10 +250,17 @@ def grpo_step(model, ref_model, optimizer, tokenizer, records, prompts, step, pr
             seqs += [s for s, c in zip(sequences(prompts_r, completions[block], advantages), completions[block])
                      if not (cfg.overlong == "mask" and c.finish_reason == "length")]
         minis.append(pack_rows(seqs, cfg.micro_batch_tokens))
+    if cfg.offload_states:  # the reference never changes: re-read from --model for these passes
+        ref_model = build_reference(cfg, ctx)
     gap = old_and_ref_logprobs(model, ref_model, [r for rows in minis for r in rows], cfg, ctx)
+    if cfg.offload_states:
+        ref_model = None
+        gc.collect()  # FSDP2's modules hold reference cycles: free the shards now, not at a later collection
     t_logprobs = time.time()
 
     model.train()
+    if cfg.offload_states:
+        D.place(optimizer, ctx.device)
     updates = [u for u in (update(model, optimizer, rows, cfg, ctx) for rows in minis) if u is not None]
     t_update = time.time()
 
@@ -274,11 +307,15 @@ def write_traces(path, tokenizer, records, prompts, completions, texts, rewards,
 
 
 def evaluate(model, tokenizer, records, prompts, cfg: GRPOConfig, ctx):
-    """Greedy verdict accuracy on held-out judge prompts (this rank's share, summed over ranks)."""
-    mine = list(range(ctx.rank, len(prompts), ctx.world_size))
-    with D.full_weights(model) as plain, torch.no_grad():
-        verdicts = greedy_verdicts(plain, tokenizer, [prompts[i] for i in mine], cfg.max_response_len,
-                                   cfg.rollout_slots, kv_budget_bytes(cfg)) if mine else []
+    """Greedy verdict accuracy on held-out judge prompts (this rank's data-parallel group's share;
+    the ranks of a TP group judge the same prompts, so every count is tp times over, and the
+    ratio is the same)."""
+    index, groups = ctx.dp
+    mine = list(range(index, len(prompts), groups))
+    with decoding(model, cfg, ctx) as decoder, torch.no_grad():
+        budget = tp.agreed_budget(kv_budget_bytes(cfg), ctx.device, ctx.tp_mesh)
+        verdicts = greedy_verdicts(decoder, tokenizer, [prompts[i] for i in mine], cfg.max_response_len,
+                                   cfg.rollout_slots, budget) if mine else []
     right = sum(verdict == reward.LETTERS[records[i]["label"]] for i, (_, verdict, _) in zip(mine, verdicts))
     counts = D.all_reduce_sum(torch.tensor([float(right), float(len(mine))]))
     return float(counts[0] / counts[1])
@@ -352,6 +389,8 @@ def check_config(cfg: GRPOConfig, world_size):
         ("max_prompt_len", cfg.max_prompt_len >= 1, "must be >= 1"),
         ("max_response_len", cfg.max_response_len >= 1, "must be >= 1"),
         ("rollout_slots", cfg.rollout_slots >= 1, "must be >= 1"),
+        ("rollout_tp", cfg.rollout_tp >= 1 and world_size % cfg.rollout_tp == 0,
+         f"must be >= 1 and divide the {world_size} ranks"),
         ("kv_budget_gib", cfg.kv_budget_gib >= 0, "must be >= 0 (0: what is free at rollout time)"),
         *D.run_rules(cfg), *plan.rules(cfg),
     ])
@@ -374,7 +413,7 @@ def plan_walk(cfg: GRPOConfig, ctx, plan):
     prompt and response, the trainer's passes over one packed row of the longest sequences."""
     model, optimizer = build_policy(cfg, ctx, fill=False)
     plan.track(model, optimizer)
-    config, W = model.config, ctx.world_size
+    W = ctx.world_size
     prompts_per_rank = cfg.rollout_batch_size // W
     seq_len = cfg.max_prompt_len + cfg.max_response_len
     seqs = [{"input_ids": [0] * seq_len, "prompt_len": cfg.max_prompt_len, "advantage": 1.0,
@@ -384,23 +423,31 @@ def plan_walk(cfg: GRPOConfig, ctx, plan):
                    f"{cfg.max_prompt_len:,} + {cfg.max_response_len:,} tokens",
                    f"trainer: {len(rows)} packed rows of {len(rows[0]['ids']):,} tokens per mini-batch "
                    f"per rank (one measured: each is alike)"]
-    with plan.phase("load: policy shards, bf16 reference, AdamW state",
-                    MORE_RANKS + ", or a smaller model"):
-        ref_model = build_reference(cfg, ctx, fill=False)
+    with plan.phase("load: policy shards, AdamW state (then to the host)" if cfg.offload_states else
+                    "load: policy shards, bf16 reference, AdamW state",
+                    MORE_RANKS + ", or a smaller model" + ("" if cfg.offload_states else ", or --offload_states")):
+        ref_model = None if cfg.offload_states else build_reference(cfg, ctx, fill=False)
         plan.make_optimizer_state(model, optimizer)
+        if cfg.offload_states:
+            D.place(optimizer, ctx.host)
 
+    tp_size = cfg.rollout_tp
     with contextlib.ExitStack() as rollout_weights:
-        with plan.phase("rollout: gather full weights", MORE_RANKS + "; the full weights are gathered "
-                        "on every rank (a tensor-parallel rollout would split them)"):
-            plain = rollout_weights.enter_context(D.full_weights(model))
-        slots, cache = min(cfg.rollout_slots, prompts_per_rank * cfg.n_samples), None
+        weights = (f"rollout: tensor-parallel weights (1/{tp_size} of every matrix)" if tp_size > 1 else
+                   "rollout: gather full weights")
+        with plan.phase(weights, MORE_RANKS + ("; a larger --rollout_tp splits them further" if tp_size > 1 else
+                        "; the full weights are gathered on every rank (--rollout_tp splits them)")):
+            plain = rollout_weights.enter_context(decoding(model, cfg, ctx))
+        # A TP group decodes its ranks' prompts together, each rank holding 1/tp of every KV head.
+        group_prompts = prompts_per_rank * tp_size
+        slots, cache = min(cfg.rollout_slots, group_prompts * cfg.n_samples), None
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.n_samples,
                                 max_new_tokens=cfg.max_response_len)
         with plan.phase("rollout: KV pool", "") as phase:
             dtype = plain.embed_tokens.weight.dtype
             budget = kv_budget_bytes(cfg) or kv_budget(plan.free(), plan.total)
             try:
-                n_pages = cache_pages(config, [[0] * cfg.max_prompt_len] * prompts_per_rank, params, dtype,
+                n_pages = cache_pages(plain.config, [[0] * cfg.max_prompt_len] * group_prompts, params, dtype,
                                       budget, slots)
                 cache = new_cache(plain, slots, seq_len, PAGE_SIZE, n_pages)
                 phase.name += (f" ({n_pages:,} pages of {PAGE_SIZE}: {n_pages * PAGE_SIZE // seq_len} "
@@ -409,7 +456,7 @@ def plan_walk(cfg: GRPOConfig, ctx, plan):
                 phase.error = str(e)  # the trainer's phases below are still measured
         advice = "lower --rollout_slots, or --kv_budget_gib below the default"
         if cache is not None:
-            n = max(1, min(PREFILL_TOKENS // cfg.max_prompt_len, prompts_per_rank))
+            n = max(1, min(PREFILL_TOKENS // cfg.max_prompt_len, group_prompts))
             with plan.phase(f"rollout: prefill ({n} prompts of {cfg.max_prompt_len:,} tokens)", advice):
                 prompt_pages = cache.pages_for(cfg.max_prompt_len - 1)
                 prefill(plain, cache, [([0] * (cfg.max_prompt_len - 1), cache.take(prompt_pages))
@@ -422,10 +469,19 @@ def plan_walk(cfg: GRPOConfig, ctx, plan):
             del plain, cache
             rollout_weights.close()  # reshard inside the phase, where the tracker sees it
     advice = f"lower --micro_batch_tokens (now {cfg.micro_batch_tokens:,})"
-    with plan.phase("old + reference log-probs (one row)", advice):
+    with plan.phase("old + reference log-probs (one row)" + (", the reference read for them" if cfg.offload_states
+                                                              else ""), advice):
+        if cfg.offload_states:
+            ref_model = build_reference(cfg, ctx, fill=False)
         old_and_ref_logprobs(model, ref_model, rows[:1], cfg, ctx)
+        if cfg.offload_states:
+            ref_model = None
+            gc.collect()
     model.train()
-    with plan.phase("update: forward + backward (one row)", advice):
+    with plan.phase("update: forward + backward (one row)" + (", AdamW state back" if cfg.offload_states else ""),
+                    advice + ("" if cfg.offload_states else ", or --offload_states")):
+        if cfg.offload_states:
+            D.place(optimizer, ctx.device)
         backward_rows(model, rows[:1], cfg, ctx)
     with plan.phase("update: clip + AdamW step", MORE_RANKS):
         D.clip_and_step(model, optimizer, cfg.grad_clip)
@@ -459,11 +515,11 @@ def train(cfg: GRPOConfig, preset="", records=None, eval_records=None):
     if cfg.plan:
         check_config(cfg, cfg.plan_world_size)
         return plan.run(plan_walk, cfg, cfg.plan_world_size, cfg.plan_gpu_gib,
-                        f"memory plan of grpo.py --model {cfg.model}, per rank")
-    ctx = D.init(cfg.dist_timeout_min)
+                        f"memory plan of grpo.py --model {cfg.model}, per rank", tp=cfg.rollout_tp)
+    ctx = D.init(cfg.dist_timeout_min, cfg.rollout_tp)
     check_config(cfg, ctx.world_size)
     # Settings, data and the run directory are checked before any model is loaded.
-    load_config(cfg.model)
+    tp.check_divisible(load_config(cfg.model), cfg.rollout_tp)
     tokenizer = data.load_tokenizer(cfg.model)
     records, prompts = encode_all(tokenizer, load_records(cfg.data, cfg) if records is None else records(),
                                   cfg.max_prompt_len, "train")
@@ -483,7 +539,7 @@ def train(cfg: GRPOConfig, preset="", records=None, eval_records=None):
         plan.check_before_training()
 
     model, optimizer = build_policy(cfg, ctx)
-    ref_model = build_reference(cfg, ctx)
+    ref_model = None if cfg.offload_states else build_reference(cfg, ctx)  # offloaded: read per step
     share = rank_share(cfg, ctx)
 
     def step_fn(step):

@@ -170,23 +170,28 @@ class Plan:
 
 
 @contextlib.contextmanager
-def fake_world(world_size: int):
-    """This process as rank 0 of world_size ranks: a fake process group and fake tensors. Yields
-    the Context the trainers take; it marks the run as a GPU run (CUDA code paths)."""
+def fake_world(world_size: int, tp: int = 1):
+    """This process as rank 0 of world_size ranks (in TP groups of tp): a fake process group and
+    fake tensors. Yields the Context the trainers take; it marks the run as a GPU run (CUDA code
+    paths)."""
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
-        mesh = init_device_mesh("cpu", (world_size,))  # outside fake mode: it reads real rank ids
+        # outside fake mode: the meshes read real rank ids
+        mesh, decode_mesh = init_device_mesh("cpu", (world_size,)), D.make_decode_mesh("cpu", world_size, tp)
         # Real tensors made on the host (token lists, counts) become fake when they meet fake ones.
         with FakeTensorMode(allow_non_fake_inputs=True):
-            yield D.Context(rank=0, world_size=world_size, device=torch.device("cpu"), gpu=True, mesh=mesh)
+            # Offloaded state goes to the meta device, which holds nothing: off the simulated GPU.
+            yield D.Context(rank=0, world_size=world_size, device=torch.device("cpu"), gpu=True, mesh=mesh,
+                            decode_mesh=decode_mesh, host=torch.device("meta"))
     finally:
         dist.destroy_process_group()
 
 
-def run(walk, cfg, world_size, gpu_gib, title) -> Plan:
-    """Walk one step of `walk(cfg, ctx, plan)` at world_size ranks of gpu_gib each; print the table."""
+def run(walk, cfg, world_size, gpu_gib, title, tp=1) -> Plan:
+    """Walk one step of `walk(cfg, ctx, plan)` at world_size ranks of gpu_gib each (TP groups of tp
+    for the rollout); print the table."""
     plan = Plan(world_size, gpu_gib)
-    with fake_world(world_size) as ctx:
+    with fake_world(world_size, tp) as ctx:
         walk(cfg, ctx, plan)
     print(plan.table(title), flush=True)
     return plan

@@ -12,7 +12,9 @@ and lands in one JSON of results (pass/fail, numbers, the error). Exit status 1 
 3. a Qwen2.5-0.5B-shaped random model in bf16: prefill + decode through the fused kernels against
    a full forward, packed documents against separate forwards, CUDA-graph generate against eager.
 4. one FSDP2 GRPO step on one GPU (NCCL, a world of one) on that model, graphs on, with its time
-   split and peak memory, against the memory plan of the same run (grpo.py --plan).
+   split and peak memory, against the memory plan of the same run (grpo.py --plan); then the
+   tensor-parallel decoder (DTensor over NCCL, tp = 1) under CUDA graphs against the plain model,
+   and a GRPO step with --offload_states against one without (same losses, its peak memory).
 5. the CUDA sections of bench/kernels.py and bench/rollout.py, their output kept.
 
     python bench/gpu_check.py --smoke      # sections 3 and 4 on the CPU, tiny shape (tests/test_gpu_check.py)
@@ -30,11 +32,13 @@ import traceback
 from pathlib import Path
 
 import torch
+from torch.distributed.device_mesh import init_device_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import distributed as D  # noqa: E402
 import grpo  # noqa: E402
+import tp  # noqa: E402
 from checkpoint import save_pretrained  # noqa: E402
 from kvcache import KVCache  # noqa: E402
 from model import ModelConfig, Transformer, packed_attention  # noqa: E402
@@ -211,6 +215,56 @@ def grpo_step_one_gpu(tmp):
     return out
 
 
+def tp_and_offload_one_gpu(tmp):
+    """The tensor-parallel decoder (DTensor, NCCL) at tp = 1 under CUDA graphs against the plain
+    model, and a GRPO step with --offload_states (AdamW state and reference sent to the host and
+    back) against one without: the same losses, less peak memory."""
+    on_gpu = TARGET["device"] == "cuda"
+    ctx = D.init()
+    out = {}
+    config = ModelConfig(**TARGET["shape"])
+    model = random_model(config)
+    if not torch.distributed.is_initialized():  # the CPU smoke run: a gloo world of one for DTensor
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh(TARGET["device"], (1,))
+    decoder = tp.build(config, mesh, TARGET["dtype"], ctx.device)
+    tp.fill_from_fsdp(decoder, model)
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, config.vocab_size, (6, 40), generator=g).tolist()
+    params = SamplingParams(temperature=1.0, max_new_tokens=48, n=2, seed=7)
+    got, want = generate(decoder, prompts, params, max_batch_size=8), generate(model, prompts, params, max_batch_size=8)
+    same = [a.token_ids == b.token_ids for a, b in zip(got, want)]
+    out["tp1_graph_decode_equals_plain"] = sum(same) / len(same)
+    check(out["tp1_graph_decode_equals_plain"] == 1.0, f"TP decode differs from the plain model on {same}")
+    del decoder
+    model_dir = Path(tmp) / "offload-model"
+    save_pretrained(model, model_dir)
+    del model
+    vocab = config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, vocab, (256,), generator=g).tolist() for _ in range(8)]
+    runs = {}
+    for offload in (False, True):
+        cfg = grpo.GRPOConfig(model=str(model_dir), rollout_batch_size=8, mini_batch_size=8, n_samples=2,
+                              max_prompt_len=256, max_response_len=64 if on_gpu else 8, micro_batch_tokens=4096,
+                              lr=1e-6, bf16=on_gpu, offload_states=offload)
+        policy, optimizer = grpo.build_policy(cfg, ctx)
+        ref_model = grpo.build_reference(cfg, ctx)
+        if on_gpu:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        losses = [grpo.grpo_step(policy, ref_model, optimizer, NoTokenizer(), [{"label": "model_a"}] * 8, prompts,
+                                 step, list(range(8)), cfg, ctx, score=first_token_even)["loss"] for step in range(2)]
+        runs[offload] = {"losses": losses,
+                         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if on_gpu else None}
+        del policy, optimizer, ref_model
+    out["offload"] = runs
+    gap = max(abs(a - b) / max(abs(b), 1e-6) for a, b in zip(runs[True]["losses"], runs[False]["losses"]))
+    check(gap < 1e-3, f"--offload_states changes the losses: {runs}")
+    D.shutdown()
+    return out
+
+
 def bench(script):
     res = child([sys.executable, script, "--cuda"], 420)
     check(res["returncode"] == 0, f"{script} exited {res['returncode']}")
@@ -226,7 +280,7 @@ def main():
     args = parser.parse_args()
     if args.smoke:
         TARGET.update(device="cpu", dtype=torch.float32, shape=TINY)
-        args.only = args.only or "model_paths,grpo_step_one_gpu"
+        args.only = args.only or "model_paths,grpo_step_one_gpu,tp_and_offload_one_gpu"
     elif not torch.cuda.is_available():
         sys.exit("no GPU visible: this check is for a machine with one (--smoke runs part of it on the CPU)")
     sections = {"pytest_on_gpu": pytest_on_gpu, "varlen_attention": varlen_attention,
@@ -237,6 +291,7 @@ def main():
                "triton": __import__("triton").__version__, "sections": {}}
     with tempfile.TemporaryDirectory() as tmp:
         sections["grpo_step_one_gpu"] = lambda: grpo_step_one_gpu(tmp)
+        sections["tp_and_offload_one_gpu"] = lambda: tp_and_offload_one_gpu(tmp)
         for name, fn in sections.items():
             if args.only and name not in args.only.split(","):
                 continue

@@ -25,11 +25,11 @@ def even_first_token(completions, texts, records):
 
 
 def main(model_dir, out, steps, lr, overrides=None):
-    ctx = D.init()
     cfg = GRPOConfig(model=model_dir, lr=lr, rollout_batch_size=8, mini_batch_size=4, n_samples=4,
                      max_response_len=6, micro_batch_tokens=40, kl_coef=0.01, bf16=False,
                      activation_checkpointing=False, rollout_slots=32, entropy_coef=0.001)
     cfg = replace(cfg, **json.loads(overrides or "{}"))
+    ctx = D.init(tp=cfg.rollout_tp)
     tokenizer = data.load_tokenizer(model_dir)
     model = D.load_model(model_dir, ctx)
     ref = D.load_model(model_dir, ctx, frozen=True)

@@ -17,6 +17,8 @@ def test_gpu_check_smoke_runs_on_the_cpu(tmp_path):
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     sections = json.loads(out.read_text())["sections"]
-    assert set(sections) == {"model_paths", "grpo_step_one_gpu"} and all(s["ok"] for s in sections.values())
+    assert set(sections) == {"model_paths", "grpo_step_one_gpu", "tp_and_offload_one_gpu"}, sections
+    assert all(s["ok"] for s in sections.values()), sections
     assert sections["model_paths"]["decode_vs_full_forward"] < 1e-5
     assert sections["grpo_step_one_gpu"]["steps"][0]["rollout_logprob_gap"] < 1e-4
+    assert sections["tp_and_offload_one_gpu"]["tp1_graph_decode_equals_plain"] == 1.0

@@ -17,23 +17,44 @@ def model_dir(tiny_policy):
     return tiny_policy[0]
 
 
-def run_worker(model_dir, out, steps, lr, nproc=1):
+def run_worker(model_dir, out, steps, lr, nproc=1, **overrides):
     launcher = [sys.executable] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(launcher + [WORKER, model_dir, str(out), str(steps), str(lr)], cwd=ROOT,
+    res = subprocess.run(launcher + [WORKER, model_dir, str(out), str(steps), str(lr), json.dumps(overrides)], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(Path(out).read_text())
 
 
-def test_two_ranks_match_one_rank(model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(model_dir, tmp_path_factory):
+    """Two steps on 2 ranks, the FSDP2 run the variants below are held to."""
+    return run_worker(model_dir, tmp_path_factory.mktemp("two") / "two.json", steps=2, lr=1e-3, nproc=2)
+
+
+def test_two_ranks_match_one_rank(model_dir, tmp_path, two_ranks):
     one = run_worker(model_dir, tmp_path / "one.json", steps=2, lr=1e-3)
-    two = run_worker(model_dir, tmp_path / "two.json", steps=2, lr=1e-3, nproc=2)
+    two = two_ranks
     for key in ("reward", "loss", "kl", "clip_frac", "entropy", "grad_norm"):
         for step, (a, b) in enumerate(zip(one["history"], two["history"])):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), f"{key} at step {step}"
     assert two["checksum"] == pytest.approx(one["checksum"], rel=1e-6)
+
+
+@pytest.mark.parametrize("variant", [
+    # rolling out through a TP = 2 copy of the shards (1/2 of every matrix, the vocabulary split
+    # unevenly: 945 rows) instead of the full weights
+    {"rollout_tp": 2},
+    # AdamW's state sent to the host and back around the updates, the reference re-read per step
+    {"offload_states": True},
+])
+def test_tensor_parallel_rollout_and_offloading_take_the_same_steps(model_dir, tmp_path, two_ranks, variant):
+    other = run_worker(model_dir, tmp_path / "variant.json", steps=2, lr=1e-3, nproc=2, **variant)
+    for key in ("reward", "response_len", "loss", "kl", "entropy", "grad_norm", "rollout_logprob_gap"):
+        for step, (a, b) in enumerate(zip(two_ranks["history"], other["history"])):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), f"{key} at step {step}"
+    assert other["checksum"] == pytest.approx(two_ranks["checksum"], rel=1e-5)
 
 
 def test_first_mini_batch_has_ratio_one_and_rollout_logprobs_match(model_dir, tmp_path):

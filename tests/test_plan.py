@@ -21,6 +21,17 @@ QWEN25_7B = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_
                  rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768)
 
 
+QWEN25_14B = dict(QWEN25_7B, hidden_size=5120, num_hidden_layers=48, num_attention_heads=40,
+                  num_key_value_heads=8, intermediate_size=13824)
+QWEN25_32B = dict(QWEN25_14B, num_hidden_layers=64, intermediate_size=27648)
+
+
+def config_dir(tmp_path_factory, name, config):
+    path = tmp_path_factory.mktemp(name)
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def qwen7b(tmp_path_factory):
     """A model directory that holds nothing but Qwen2.5-7B-Instruct's config.json."""
@@ -77,3 +88,30 @@ def test_a_cuda_run_checks_the_plan_before_its_first_step(monkeypatch):
         else:
             with pytest.raises(SystemExit, match="does not fit"):
                 plan.check_before_training(argv)
+
+
+def full_length_sequences(stdout):
+    return int(re.search(r"KV pool \([\d,]+ pages of 16: (\d+) sequences at full length", stdout).group(1))
+
+
+def test_grpo_14b_fits_one_node_with_a_tensor_parallel_rollout(tmp_path_factory):
+    res, peaks = run_plan("grpo.py", "--model", config_dir(tmp_path_factory, "q14b", QWEN25_14B), "--rollout_tp", "2",
+                          "--plan_world_size", "8", "--plan_gpu_gib", "80")
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    assert any(n.startswith("rollout: tensor-parallel weights (1/2 of every matrix)") for n in peaks), peaks
+    assert max(peaks.values()) <= 77.0, peaks
+    # gathering the full weights left room for 9 (README); half of them leave more than 3 times that
+    assert full_length_sequences(res.stdout) >= 28, res.stdout
+
+
+def test_grpo_32b_fits_four_nodes_with_tp_8_and_one_with_offloaded_states(tmp_path_factory):
+    model = config_dir(tmp_path_factory, "q32b", QWEN25_32B)
+    res, peaks = run_plan("grpo.py", "--model", model, "--rollout_tp", "8", "--plan_world_size", "32",
+                          "--plan_gpu_gib", "80")
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    assert max(peaks.values()) <= 77.0 and full_length_sequences(res.stdout) >= 64, res.stdout
+    res, peaks = run_plan("grpo.py", "--model", model, "--rollout_tp", "8", "--offload_states",
+                          "--plan_world_size", "8", "--plan_gpu_gib", "80")
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    assert any("AdamW state back" in n for n in peaks) and any("reference read for them" in n for n in peaks), peaks
+    assert max(peaks.values()) <= 77.0, res.stdout
