@@ -21,4 +21,6 @@ def test_gpu_check_smoke_runs_on_the_cpu(tmp_path):
     assert all(s["ok"] for s in sections.values()), sections
     assert sections["model_paths"]["decode_vs_full_forward"] < 1e-5
     assert sections["grpo_step_one_gpu"]["steps"][0]["rollout_logprob_gap"] < 1e-4
-    assert sections["tp_and_offload_one_gpu"]["tp1_graph_decode_equals_plain"] == 1.0
+    tp_offload = sections["tp_and_offload_one_gpu"]
+    assert tp_offload["tp1_graph_decode_equals_plain"] == 1.0
+    assert all(g > 0 for g in tp_offload["offload"]["true"]["grad_norms"]), tp_offload  # a comparison that can fail
