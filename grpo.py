@@ -152,8 +152,7 @@ def decoding(model, cfg: GRPOConfig, ctx):
             yield plain
     else:
         dtype = torch.bfloat16 if ctx.gpu and cfg.bf16 else torch.float32
-        with tp.weights(model, ctx.tp_mesh, dtype, ctx.device) as decoder:
-            yield decoder
+        yield tp.weights(model, ctx.tp_mesh, dtype, ctx.device)
 
 
 def kv_budget_bytes(cfg: GRPOConfig):
@@ -250,12 +249,7 @@ def grpo_step(model, ref_model, optimizer, tokenizer, records, prompts, step, pr
             seqs += [s for s, c in zip(sequences(prompts_r, completions[block], advantages), completions[block])
                      if not (cfg.overlong == "mask" and c.finish_reason == "length")]
         minis.append(pack_rows(seqs, cfg.micro_batch_tokens))
-    if cfg.offload_states:  # the reference never changes: re-read from --model for these passes
-        ref_model = build_reference(cfg, ctx)
-    gap = old_and_ref_logprobs(model, ref_model, [r for rows in minis for r in rows], cfg, ctx)
-    if cfg.offload_states:
-        ref_model = None
-        gc.collect()  # FSDP2's modules hold reference cycles: free the shards now, not at a later collection
+    gap = logprob_passes(model, ref_model, [r for rows in minis for r in rows], cfg, ctx)
     t_logprobs = time.time()
 
     model.train()
@@ -408,6 +402,18 @@ def build_reference(cfg: GRPOConfig, ctx, fill=True):
     return D.load_model(cfg.model, ctx, bf16=cfg.bf16, frozen=True, fill=fill) if cfg.kl_coef else None
 
 
+def logprob_passes(model, ref_model, rows, cfg: GRPOConfig, ctx, fill=True):
+    """passes.old_and_ref_logprobs; with --offload_states the reference (which never changes) is
+    read from --model for them and freed after (fill=False: the plan's unfilled build)."""
+    if not cfg.offload_states:
+        return old_and_ref_logprobs(model, ref_model, rows, cfg, ctx)
+    ref_model = build_reference(cfg, ctx, fill=fill)
+    gap = old_and_ref_logprobs(model, ref_model, rows, cfg, ctx)
+    del ref_model
+    gc.collect()  # FSDP2's modules hold reference cycles: free the shards now, not at a later collection
+    return gap
+
+
 def plan_walk(cfg: GRPOConfig, ctx, plan):
     """One GRPO step in train()'s order on fake tensors (plan.py): the rollout at the longest
     prompt and response, the trainer's passes over one packed row of the longest sequences."""
@@ -471,12 +477,7 @@ def plan_walk(cfg: GRPOConfig, ctx, plan):
     advice = f"lower --micro_batch_tokens (now {cfg.micro_batch_tokens:,})"
     with plan.phase("old + reference log-probs (one row)" + (", the reference read for them" if cfg.offload_states
                                                               else ""), advice):
-        if cfg.offload_states:
-            ref_model = build_reference(cfg, ctx, fill=False)
-        old_and_ref_logprobs(model, ref_model, rows[:1], cfg, ctx)
-        if cfg.offload_states:
-            ref_model = None
-            gc.collect()
+        logprob_passes(model, ref_model, rows[:1], cfg, ctx, fill=False)
     model.train()
     with plan.phase("update: forward + backward (one row)" + (", AdamW state back" if cfg.offload_states else ""),
                     advice + ("" if cfg.offload_states else ", or --offload_states")):

@@ -3,9 +3,9 @@ tensor-parallel (TP) group, so that a 14B or 32B judge's weights and KV cache fi
 trainer's shards.
 
     ctx = D.init(tp=2)                               # a (dp, tp) mesh from the torchrun environment
-    with tp.weights(model, ctx.decode_mesh) as decoder:       # from the FSDP2 shards, 1/tp each
-        completions = generate(decoder, prompts, params)      # every rank of a TP group: the same prompts
-    decoder = tp.load(path, ctx.decode_mesh, dtype, device)   # eval.py: straight from safetensors
+    decoder = tp.weights(model, ctx.tp_mesh, dtype, device)   # from the FSDP2 shards, 1/tp each
+    completions, stats = tp.generate_in_group(decoder, prompts, params, ctx.tp_mesh, keys)  # the group's prompts together
+    decoder = tp.load(path, ctx.tp_mesh, dtype, device)       # eval.py: straight from safetensors
 
 The layout is Megatron's, applied with torch.distributed.tensor.parallel: q, k, v, gate and up
 are split by output rows (ColwiseParallel), o and down by input columns (RowwiseParallel), so each
@@ -21,7 +21,6 @@ once per rollout, one FSDP2 unit at a time: no rank ever holds more than one blo
 beside its 1/tp of the model.
 """
 
-import contextlib
 import dataclasses
 import zlib
 
@@ -131,16 +130,12 @@ def fill_from_fsdp(decoder: Transformer, model):
                 unit.reshard()
 
 
-@contextlib.contextmanager
-def weights(model, mesh: DeviceMesh, dtype, device):
+def weights(model, mesh: DeviceMesh, dtype, device) -> Transformer:
     """The trainer's current weights (an FSDP2 model, or a plain one) as a TP model on `mesh`, in
-    `dtype` (the rollout's: bf16 on GPUs), for one rollout; freed on exit."""
+    `dtype` (the rollout's: bf16 on GPUs): built empty, then filled from the shards."""
     decoder = build(model.config, mesh, dtype, device)
     fill_from_fsdp(decoder, model)
-    try:
-        yield decoder
-    finally:
-        del decoder
+    return decoder
 
 
 def gather_group(items: list, mesh: DeviceMesh) -> tuple[list, int]:

@@ -36,20 +36,20 @@ def main(out, checkpoint_dir, tied):
     runs = {"greedy": SamplingParams(temperature=0, max_new_tokens=12),
             "sampled": SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12, n=3, seed=1)}
     result = {"rank": ctx.rank}
-    with tp.weights(sharded, ctx.tp_mesh, torch.float32, ctx.device) as decoder:
-        attn = decoder.layers[0].self_attn
-        result["q_rows"] = attn.q_proj.weight.to_local().shape[0]
-        result["k_rows"] = attn.k_proj.weight.to_local().shape[0]
-        result["down_cols"] = decoder.layers[0].mlp.down_proj.weight.to_local().shape[1]
-        result["vocab_rows"] = decoder.lm_head.weight.to_local().shape[0]
-        result["all_dtensor"] = all(isinstance(p, DTensor) for n, p in decoder.named_parameters() if "proj" in n)
-        result["tied"] = decoder.lm_head.weight is decoder.embed_tokens.weight
-        result["cache_kv_heads"] = new_cache(decoder, 2, 16, 16, 3).k.shape[3]
-        for name, params in runs.items():
-            got, want = generate(decoder, prompts, params), generate(whole, prompts, params)
-            result[name] = {"tokens_equal": [c.token_ids for c in got] == [c.token_ids for c in want],
-                            "logprob_gap": max(abs(a - b) for c, w in zip(got, want)
-                                               for a, b in zip(c.logprobs, w.logprobs))}
+    decoder = tp.weights(sharded, ctx.tp_mesh, torch.float32, ctx.device)
+    attn = decoder.layers[0].self_attn
+    result["q_rows"] = attn.q_proj.weight.to_local().shape[0]
+    result["k_rows"] = attn.k_proj.weight.to_local().shape[0]
+    result["down_cols"] = decoder.layers[0].mlp.down_proj.weight.to_local().shape[1]
+    result["vocab_rows"] = decoder.lm_head.weight.to_local().shape[0]
+    result["all_dtensor"] = all(isinstance(p, DTensor) for n, p in decoder.named_parameters() if "proj" in n)
+    result["tied"] = decoder.lm_head.weight is decoder.embed_tokens.weight
+    result["cache_kv_heads"] = new_cache(decoder, 2, 16, 16, 3).k.shape[3]
+    for name, params in runs.items():
+        got, want = generate(decoder, prompts, params), generate(whole, prompts, params)
+        result[name] = {"tokens_equal": [c.token_ids for c in got] == [c.token_ids for c in want],
+                        "logprob_gap": max(abs(a - b) for c, w in zip(got, want)
+                                           for a, b in zip(c.logprobs, w.logprobs))}
     loaded = tp.load(checkpoint_dir, ctx.tp_mesh, torch.float32, ctx.device)
     got, want = generate(loaded, prompts, runs["greedy"]), generate(whole, prompts, runs["greedy"])
     result["loaded_tokens_equal"] = [c.token_ids for c in got] == [c.token_ids for c in want]
