@@ -52,6 +52,9 @@ def kl_penalty(logprobs, ref_logprobs, estimator):
     if estimator == "mse":
         return 0.5 * log_ratio ** 2
     if estimator == "low_var_kl":
+        # exp overflows past ~88 nats, and backward through the outer clamp would then be 0 * inf
+        # = NaN: clamp the exponent first, as verl does (there its gradient is 0, as the outer clamp's).
+        log_ratio = log_ratio.clamp(-20, 20)
         return (torch.exp(-log_ratio) + log_ratio - 1).clamp(-10, 10)
     raise ValueError(f"kl_estimator must be k1, mse or low_var_kl, got {estimator!r}")
 

@@ -111,8 +111,9 @@ def gumbel_noise(seed, prompt_index, sample_index, position, vocab_size):
                 ^ position)
     token = torch.arange(vocab_size, device=position.device)
     bits = mix32(key[:, None] + token * 0x9E3779B9)  # a Weyl sequence over the vocabulary, hashed
-    # 24 random bits fill an fp32 mantissa; +0.5 keeps u strictly inside (0, 1).
-    u = ((bits >> 8).float() + 0.5) * 2.0**-24
+    # 23 random bits: k + 0.5 then needs 24 significant bits, which fp32 holds exactly, so u lies in
+    # [2**-24, 1 - 2**-24] for every pattern (with 24 bits, k = 2**24 - 1 rounds to u = 1: +inf noise).
+    u = ((bits >> 9).float() + 0.5) * 2.0**-23
     return -torch.log(-torch.log(u))
 
 

@@ -32,6 +32,21 @@ def test_kl_estimators_by_hand():
         kl_penalty(logp, ref, "k4")
 
 
+@pytest.mark.parametrize("estimator", ["k1", "mse", "low_var_kl"])
+def test_kl_gradient_is_finite_far_from_the_reference(estimator):
+    """A token 100 nats below (or above) the reference: exp(-log_ratio) overflows fp32 past ~88,
+    and backward through a clamp of inf is 0 * inf = NaN unless the exponent is clamped first."""
+    logp = torch.tensor([-100.0, 0.0, -1.0], requires_grad=True)
+    ref = torch.tensor([0.0, -100.0, -1.5])
+    kl = kl_penalty(logp, ref, estimator)
+    kl.sum().backward()
+    assert torch.isfinite(kl).all() and torch.isfinite(logp.grad).all(), f"{kl} {logp.grad}"
+    if estimator == "low_var_kl":
+        assert kl[:2].tolist() == [10.0, 10.0]  # clamped either way, as verl does
+        # inside the clamps the gradient is k3's own: d/dlogp (e^-d + d - 1) = 1 - e^-d, d = 0.5
+        torch.testing.assert_close(logp.grad[2], torch.tensor(1 - math.exp(-0.5)))
+
+
 def loss_inputs():
     # Two sequences of 3 tokens; the last token of sequence 1 is padding (mask 0).
     logp = torch.tensor([-1.0, -0.5, -2.0, -1.2, -0.8, -9.0])
