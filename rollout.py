@@ -14,8 +14,12 @@ How it works, in the order the code runs (generate's loop: admit, reserve, decod
   prompts are prefilled together, packed as documents, once each: their n samples share the
   prompt's pages by reference and copy only its partly filled last page;
 - preemption: when the pool runs out, the most recently admitted sequence gives its pages back
-  and waits again from its start, regenerating the same tokens (below), so results never
-  depend on the budget;
+  and waits again from its start, regenerating the same tokens (below): on the CPU in fp32
+  results never depend on the budget; on a GPU the regenerated trace runs in other batches and
+  buckets, other kernels, whose bf16 logits may differ in the last bits and flip a near-tied
+  sample (the trace's tokens and log-probs still agree with each other, which is what GRPO
+  needs; bench/gpu_check.py records how often); at any budget cache_pages accepts, the
+  scheduler makes progress (Scheduler's docstring);
 - every step decodes one token for the busy slots (kept at 0..n-1), attending over each one's
   pages up to its own length (the Triton kernel) or the furthest one's (the torch path); on CUDA
   the step (model forward + sampling) is recorded as a CUDA graph once per bucket of n and of
@@ -39,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcache import KVCache
+from kvcache import KVCache, long_tensor
 from reward import parse_verdict
 
 
@@ -256,6 +260,12 @@ def cuda_graph(fn, pool=None):
     return replay
 
 
+def graph_pool(device, use_cuda_graph):
+    """The memory pool the decode step's CUDA graphs share, or None for eager steps (off CUDA, or
+    when not asked for). With a pool, generate rounds each step's batch and length up to buckets."""
+    return torch.cuda.graph_pool_handle() if use_cuda_graph and device.type == "cuda" else None
+
+
 @dataclass
 class RolloutStats:
     peak_sequences: int = 0     # sequences decoding at once, at most
@@ -276,16 +286,28 @@ class Scheduler:
     reference; each sample copies the prefix's partly filled last page, the one it goes on
     writing. When the pool runs out, the most recently admitted sequence gives its pages back
     and waits again from its start: its noise is keyed by position, so it regenerates the same
-    tokens, and results never depend on the budget.
+    tokens (exactly on the CPU in fp32; on a GPU, a step of another batch or length runs other
+    kernels, so bf16 logits may differ in their last bits and flip a near-tied sample).
+
+    Progress, whatever the budget cache_pages accepted: whenever nothing is decoding and a
+    sequence waits, the front one is admitted if the pool could hold it alone (prefixes kept for
+    other prompts' waiting samples are let go, and prefilled again when their turn comes); if it
+    could not, admit raises with the pages it needs and the pages held. While something decodes,
+    the oldest sequence is never preempted, so it advances every step. The busy slots are always
+    0..n-1 (a finished or preempted slot's hole is filled by the highest busy one), so a decode
+    step runs n slots, not all.
     """
 
     def __init__(self, cache, prompts, keys, params, n_slots):
         self.cache, self.prompts, self.keys, self.params = cache, prompts, keys, params
+        self.stop = frozenset(params.stop_token_ids)
         self.waiting = deque((p, s) for p in range(len(prompts)) for s in range(params.n))
-        self.seq = [None] * n_slots             # (prompt, sample) in each slot; None: idle
-        self.token, self.pos = [0] * n_slots, [0] * n_slots
+        # Per slot: the (prompt, sample) it holds (None: idle), the token it feeds next and that
+        # token's position, its noise key, and the tokens and log-probs it has generated so far.
+        self.seq = [None] * n_slots
+        self.token, self.pos, self.key = [0] * n_slots, [0] * n_slots, [0] * n_slots
+        self.ids, self.lps = [None] * n_slots, [None] * n_slots
         self.order = []                         # busy slots, oldest admission first
-        self.out = {}                           # (prompt, sample) -> (token ids, logprobs)
         self.results = [None] * (len(prompts) * params.n)
         self.prefixes = {}                      # prompt -> [its prefix pages, samples yet to admit]
         self.finished, self.finished_tokens = 0, 0
@@ -295,11 +317,11 @@ class Scheduler:
     def busy(self):
         return bool(self.order or self.waiting)
 
-    def expected_pages(self, cached, pos, held=0):
+    def expected_pages(self, cached, pos, held):
         """Pages a sequence whose prompt caches `cached` positions, now at `pos` and holding
-        `held` pages, is counted on to take: up to its next position, and PACE of the way from
-        there to the length sequences have been ending at (the mean of the finished ones; half of
-        max_new_tokens before any has finished)."""
+        `held` pages (shared ones included), is counted on to take beyond them: up to its next
+        position, and PACE of the way from there to the length sequences have been ending at
+        (the mean of the finished ones; half of max_new_tokens before any has finished)."""
         length = self.finished_tokens / self.finished if self.finished else self.params.max_new_tokens / 2
         end = max(pos + 1, min(cached + 1 + round(length), cached + self.params.max_new_tokens))
         end = pos + 1 + round((end - pos - 1) * PACE)
@@ -313,19 +335,28 @@ class Scheduler:
                    for s in self.order)
 
     def admit(self, model):
-        """Fill idle slots from the waiting sequences while pages last; prefill their new prompts
-        together."""
-        P, free = self.cache.page_size, len(self.cache.free)
+        """Fill idle slots from the front of the waiting sequences while pages last (at least the
+        front when nothing decodes: the class's progress rule); prefill their new prompts together."""
+        cache, P = self.cache, self.cache.page_size
+        if not self.waiting or len(self.order) == len(self.seq):
+            return
+        free, growth = len(cache.free), self.growth()
         new, to_prefill, tokens = [], [], 0
-        for slot in range(len(self.seq)):
-            if self.seq[slot] is not None or not self.waiting:
-                continue
+        for slot in range(len(self.order), len(self.seq)):  # the idle slots
+            if not self.waiting:
+                break
             p, s = self.waiting[0]
             cached = len(self.prompts[p]) - 1  # positions the prefill writes
             fresh = p not in self.prefixes and p not in to_prefill
-            need = (-(-cached // P) if fresh else 0) + self.expected_pages(cached, cached)
-            if need + self.growth() > free or fresh and to_prefill and tokens + cached > PREFILL_TOKENS:
+            prefix = cache.pages_for(cached) if fresh else 0
+            # The prefix's full pages are shared: the sample's own pages start at the partial one.
+            need = prefix + self.expected_pages(cached, cached, cached // P)
+            if fresh and to_prefill and tokens + cached > PREFILL_TOKENS:
                 break
+            if need + growth > free:
+                if self.order or new:
+                    break
+                free = self.make_room_for_front(prefix + 1)  # to start: the prefix and one page
             free -= need
             self.waiting.popleft()
             new.append((slot, p, s))
@@ -335,12 +366,31 @@ class Scheduler:
         if to_prefill:
             for p in to_prefill:
                 samples = sum(q == p for q, _ in self.waiting) + sum(q == p for _, q, _ in new)
-                self.prefixes[p] = [self.cache.take(-(-(len(self.prompts[p]) - 1) // P)), samples]
-            prefill(model, self.cache, [(self.prompts[p][:-1], self.prefixes[p][0]) for p in to_prefill])
+                self.prefixes[p] = [cache.take(cache.pages_for(len(self.prompts[p]) - 1)), samples]
+            prefill(model, cache, [(self.prompts[p][:-1], self.prefixes[p][0]) for p in to_prefill])
             self.stats.prefill_tokens += tokens
             self.stats.prefill_forwards += 1
         for slot, p, s in new:
             self.start(slot, p, s)
+
+    def make_room_for_front(self, start):
+        """Nothing decodes and the front waits: let go of the prefixes kept for other prompts if
+        the free pages cannot start it. Returns the free pages; raises if even that is too few."""
+        front = self.waiting[0][0]
+        if start > len(self.cache.free):
+            self.drop_prefixes(keep=front)
+        if start > len(self.cache.free):
+            held = sum(len(pages) for pages, _ in self.prefixes.values())
+            raise RuntimeError(f"the KV pool ({self.cache.n_pages} pages of {self.cache.page_size} positions) cannot "
+                               f"hold prompt {front} alone: it needs {start} pages to start and "
+                               f"{len(self.cache.free)} are free ({held} held by its own prefix); "
+                               f"cache_pages should have refused this budget")
+        return len(self.cache.free)
+
+    def drop_prefixes(self, keep=None):
+        """Give back the prefixes kept for waiting samples (but keep's): those samples prefill again."""
+        for p in [p for p in self.prefixes if p != keep]:
+            self.cache.give(self.prefixes.pop(p)[0])
 
     def start(self, slot, p, s):
         """Slot takes sample s of prompt p: the prefix's full pages by reference, a copy of its
@@ -358,7 +408,7 @@ class Scheduler:
             cache.give(pages)
             del self.prefixes[p]
         self.seq[slot], self.token[slot], self.pos[slot] = (p, s), self.prompts[p][-1], cached
-        self.out[p, s] = ([], [])
+        self.key[slot], self.ids[slot], self.lps[slot] = self.keys[p], [], []
         self.order.append(slot)
 
     def reserve(self):
@@ -367,69 +417,71 @@ class Scheduler:
         cache, P = self.cache, self.cache.page_size
 
         def needy():  # asked again after each preemption: releasing a slot moves another into it
-            return [slot for slot in self.order if self.pos[slot] // P >= len(cache.tables[slot])]
-        while len(needy()) > len(cache.free):
+            return [slot for slot in self.order if self.pos[slot] >= P * len(cache.tables[slot])]
+        slots = needy()
+        while len(slots) > len(cache.free):
             if len(self.order) == 1:  # prefixes kept for waiting samples hold the rest: let go
-                for pages, _ in self.prefixes.values():
-                    cache.give(pages)
-                self.prefixes.clear()
-                if len(needy()) > len(cache.free):
-                    raise RuntimeError("the KV pool cannot hold one sequence (cache_pages checks this)")
+                self.drop_prefixes()
+                if len(slots) > len(cache.free):
+                    raise RuntimeError(f"the KV pool ({cache.n_pages} pages) cannot hold one sequence: it holds "
+                                       f"{len(cache.tables[self.order[0]])} and none is free "
+                                       f"(cache_pages should have refused this budget)")
                 break
             self.preempt(self.order[-1])
-        for slot in needy():
-            cache.set_table(slot, cache.tables[slot] + cache.take(1))
+            slots = needy()
+        for slot in slots:
+            cache.append_page(slot, cache.take(1)[0])
         self.stats.peak_sequences = max(self.stats.peak_sequences, len(self.order))
         self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, cache.used_bytes)
 
     def preempt(self, slot):
         p, s = self.seq[slot]
         self.release(slot)
-        del self.out[p, s]
         self.waiting.appendleft((p, s))
         if p in self.prefixes:
             self.prefixes[p][1] += 1
         self.stats.preemptions += 1
 
     def release(self, slot):
-        """Give the slot's pages back. The busy slots stay 0..n-1 (the last busy one moves into
-        the hole: only its page table and state move), so a decode step runs n slots, not all."""
+        """Give the slot's pages back. The busy slots stay 0..n-1: the last busy one moves into
+        the hole (only its page table and host state move)."""
         cache = self.cache
         cache.give(cache.tables[slot])
         self.order.remove(slot)
         last = len(self.order)  # the highest busy slot, when slot was below it
+        fields = (self.seq, self.token, self.pos, self.key, self.ids, self.lps)
         if slot < last:
             cache.set_table(slot, cache.tables[last])
-            self.seq[slot], self.token[slot], self.pos[slot] = self.seq[last], self.token[last], self.pos[last]
+            for f in fields:
+                f[slot] = f[last]
             self.order[self.order.index(last)] = slot
             slot = last
         cache.set_table(slot, [])
-        self.seq[slot], self.token[slot], self.pos[slot] = None, 0, 0
+        for f, idle in zip(fields, (None, 0, 0, 0, None, None)):
+            f[slot] = idle
 
     def state(self, n):
         """The decode step's inputs (4, n) for slots 0..n-1: token, position, prompt key, sample;
         idle slots decode a dummy token at position 0 of the scratch page."""
-        seqs = [seq or (0, 0) for seq in self.seq[:n]]
-        return torch.tensor([self.token[:n], self.pos[:n], [self.keys[p] for p, _ in seqs],
-                             [s for _, s in seqs]])
+        samples = [seq[1] if seq else 0 for seq in self.seq[:n]]
+        return long_tensor(self.token[:n] + self.pos[:n] + self.key[:n] + samples, (4, n))
 
     def advance(self, next_ids, logprobs):
         """Append each busy slot's token; a finished sequence gives its pages back."""
-        stop = set(self.params.stop_token_ids)
-        for slot in sorted(self.order, reverse=True):  # releasing moves only slots above it
-            ids, lps = self.out[self.seq[slot]]
-            ids.append(next_ids[slot])
-            lps.append(logprobs[slot])
-            finished = ("stop" if next_ids[slot] in stop else
-                        "length" if len(ids) == self.params.max_new_tokens else None)
-            if finished:
-                p, s = self.seq[slot]
-                self.results[p * self.params.n + s] = Completion(p, s, ids, lps, finished)
-                self.finished, self.finished_tokens = self.finished + 1, self.finished_tokens + len(ids)
-                del self.out[p, s]
-                self.release(slot)
-            else:
-                self.token[slot], self.pos[slot] = next_ids[slot], self.pos[slot] + 1
+        n, limit, done = len(self.order), self.params.max_new_tokens, []
+        for slot, t, lp, ids, lps in zip(range(n), next_ids, logprobs, self.ids, self.lps):
+            ids.append(t)
+            lps.append(lp)
+            if t in self.stop or len(ids) == limit:
+                done.append(slot)
+        self.token[:n] = next_ids[:n]
+        self.pos[:n] = [pos + 1 for pos in self.pos[:n]]
+        for slot in reversed(done):  # releasing moves only slots above it, which are done already
+            (p, s), ids = self.seq[slot], self.ids[slot]
+            reason = "stop" if ids[-1] in self.stop else "length"
+            self.results[p * self.params.n + s] = Completion(p, s, ids, self.lps[slot], reason)
+            self.finished, self.finished_tokens = self.finished + 1, self.finished_tokens + len(ids)
+            self.release(slot)
         self.stats.decode_steps += 1
 
 
@@ -470,9 +522,7 @@ def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda
     # A step runs the busy slots (0..n-1) and attends over the first attend_len(...) positions of
     # each one's pages: it costs the live batch and length. With CUDA graphs both are rounded up to
     # powers of two, so that a graph is recorded once per (batch, length) bucket, not once per step.
-    graphs, pool = {}, None
-    if use_cuda_graph and device.type == "cuda":
-        pool = torch.cuda.graph_pool_handle()
+    graphs, pool = {}, graph_pool(device, use_cuda_graph)
 
     def step(n, kv_len):
         if pool is None:

@@ -10,7 +10,8 @@ and lands in one JSON of results (pass/fail, numbers, the error). Exit status 1 
 2. packed-row attention: FlashAttention's varlen kernel against one fp32 SDPA per document,
    forward and backward.
 3. a Qwen2.5-0.5B-shaped random model in bf16: prefill + decode through the fused kernels against
-   a full forward, packed documents against separate forwards, CUDA-graph generate against eager.
+   a full forward, packed documents against separate forwards, CUDA-graph generate against eager,
+   and (a figure, not a check) the share of traces that a forced preemption leaves unchanged.
 4. one FSDP2 GRPO step on one GPU (NCCL, a world of one) on that model, graphs on, with its time
    split and peak memory, against the memory plan of the same run (grpo.py --plan); then the
    tensor-parallel decoder (DTensor over NCCL, tp = 1) under CUDA graphs against the plain model,
@@ -42,7 +43,7 @@ import tp  # noqa: E402
 from checkpoint import save_pretrained  # noqa: E402
 from kvcache import KVCache  # noqa: E402
 from model import ModelConfig, Transformer, packed_attention  # noqa: E402
-from rollout import SamplingParams, generate  # noqa: E402
+from rollout import PAGE_SIZE, SamplingParams, cache_pages, generate  # noqa: E402
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
@@ -153,6 +154,15 @@ def model_paths():
                seconds_eager=round(times[False][1], 2))
     # bf16 ties can flip a sampled token between two kernel orders; graphs replay the same kernels.
     check(out["cuda_graph_equals_eager"] == 1.0, f"CUDA-graph sampling differs from eager on {same}")
+    # A preempted sequence regenerates its trace in other batches and buckets, through other
+    # kernels: in bf16 a near-tied sample can flip (each trace stays self-consistent, which is what
+    # GRPO needs). A figure, not a check: the share of traces a forced preemption leaves unchanged.
+    least = cache_pages(config, prompts, params, TARGET["dtype"], None, 1)
+    page = KVCache.bytes_per_slot(config, PAGE_SIZE, TARGET["dtype"])
+    tight, stats = generate(model, prompts, params, max_batch_size=8, kv_budget_bytes=(least + 2) * page,
+                            return_stats=True)
+    same = [a.token_ids == b.token_ids for a, b in zip(tight, times[True][0])]
+    out.update(preempted_traces_equal=sum(same) / len(same), preemptions=stats.preemptions)
     return out
 
 

@@ -8,6 +8,8 @@ then the floor that the model's weight matmuls alone set at this batch, and one 
 100 live positions in a cache sized for 4k-token traces (whole cache vs live-length bucket).
 GRPO shape (CPU): the shipped demo judge sampling a GRPO step's rollouts at equal KV memory,
 paged cache vs the static one vs transformers (grpo_shape_section).
+Host side (CPU): the engine's own time per decode step at 64 and 256 sequences, everything a
+GPU run does on the host around the CUDA graph replay (host_section).
 CUDA: Qwen2.5-0.5B- and 7B-shaped random models in bf16, batch 1 and 256, 128 new tokens, plus
 the fraction of the memory-bandwidth roofline: (bytes of weights + bytes of the keys/values of
 the real context, read once per step) / HBM bandwidth, over the measured time per step; and one
@@ -15,6 +17,7 @@ layer's decode attention at the 7B shape over 256 sequences of mixed lengths in 
 the Triton paged kernel vs gathering the pages for SDPA (what runs off CUDA).
 """
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -29,6 +32,7 @@ import demo  # noqa: E402
 from checkpoint import hf_to_ours, load_pretrained, set_tensor  # noqa: E402
 from kvcache import KVCache  # noqa: E402
 from model import Layout, ModelConfig, Transformer, build_mask  # noqa: E402
+import rollout  # noqa: E402
 from rollout import SamplingParams, attend_len, generate  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS = 64, 128
@@ -161,6 +165,80 @@ def grpo_shape_section(static_slots=16, repeats=2):
           f"{(n_p / t_p) / (n_s / t_s):.2f}x the tokens/s; paged vs transformers: {(n_p / t_p) / (n_h / t_h):.2f}x")
 
 
+class NullModel(torch.nn.Module):
+    """What generate asks of a model (config, embedding weight for dtype and device, train/eval)
+    and no network: host_section replaces its forwards."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.config = ModelConfig(vocab_size=vocab_size, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                  num_attention_heads=1, num_key_value_heads=1)
+        self.embed_tokens = torch.nn.Embedding(vocab_size, 8)
+
+
+@contextlib.contextmanager
+def device_work_stand_in(vocab_size, stop_id, clock):
+    """rollout.prefill and rollout.decode replaced for host_section: decode's tokens are a hash of
+    (prompt key, sample, position), so lengths vary as sampled ones do (a stop one step in
+    vocab_size), and the stand-ins' own seconds go to clock["device"], to be subtracted."""
+    real = rollout.prefill, rollout.decode
+
+    def prefill(model, cache, prefixes):
+        clock["device"] -= time.perf_counter()
+        clock["device"] += time.perf_counter()
+
+    def decode(model, cache, state, params, kv_len):
+        clock["device"] -= time.perf_counter()
+        key = rollout.mix32(state[2] * 0x9E3779B9 + state[3] * 0x85EBCA6B + state[1])
+        next_ids = key % vocab_size
+        next_ids = torch.where(next_ids == stop_id, next_ids, next_ids.clamp(min=1))
+        out = next_ids, torch.zeros(state.shape[1])
+        clock["device"] += time.perf_counter()
+        return out
+    rollout.prefill, rollout.decode = prefill, decode
+    try:
+        yield
+    finally:
+        rollout.prefill, rollout.decode = real
+
+
+def host_step_ms(batch, n=7, vocab_size=500, max_new_tokens=1024, repeats=3):
+    """Milliseconds of host time per decode step with `batch` sequences decoding together:
+    prompts of 200..600 tokens, n samples each, lengths ending at a stop token one step in
+    vocab_size (a mean of ~500) or at max_new_tokens; no KV budget (no preemption). Best of
+    `repeats`: the admission, page bookkeeping, page-table upload, step inputs and reading
+    finished sequences; not the model, the sampling (inside the CUDA graph on a GPU)."""
+    g = torch.Generator().manual_seed(0)
+    n_prompts = -(-2 * batch // n)  # two batches' worth: admission refills slots mid-flight
+    prompts = [torch.randint(1, vocab_size, (int(L),), generator=g).tolist()
+               for L in torch.randint(200, 601, (n_prompts,), generator=g)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, n=n, stop_token_ids=(0,), seed=0)
+    model = NullModel(vocab_size)
+    best = None
+    for _ in range(repeats):
+        clock = {"device": 0.0}
+        with device_work_stand_in(vocab_size, 0, clock):
+            seconds, (out, stats) = timed(lambda: generate(model, prompts, params, max_batch_size=batch,
+                                                           return_stats=True), "cpu")
+        ms = (seconds - clock["device"]) / stats.decode_steps * 1e3
+        best = ms if best is None else min(best, ms)
+    assert stats.peak_sequences == batch, stats
+    return best, stats
+
+
+def host_section():
+    print("\nHost side of a decode step (CPU, no model: scheduling, pages, page tables, step inputs, reading "
+          "the tokens back)")
+    # The device side it hides behind: a 7B decode step streams at least its bf16 weights from HBM.
+    with torch.device("meta"):
+        weight_bytes = 2 * sum(p.numel() for p in Transformer(ModelConfig(**SHAPES["7B"])).parameters())
+    floor_ms = weight_bytes / HBM_BYTES_PER_S["H100"] * 1e3
+    for batch in (64, 256):
+        ms, stats = host_step_ms(batch)
+        print(f"  {batch:3d} sequences: {ms:.3f} ms/step over {stats.decode_steps} steps ({stats.prefill_forwards} "
+              f"prefills): {ms / floor_ms:.1%} of a 7B step's HBM floor on an H100 ({floor_ms:.1f} ms, weights alone)")
+
+
 def long_cache_step(model, batch, context=100, cache_len=64 + 4096, repeats=10):
     """A GRPO-like decode step: 100 live positions in a cache sized for 4k-token traces. Attending
     over the whole cache (the previous decoder) vs up to the bucket above the live length (now)."""
@@ -280,6 +358,7 @@ def paged_attention_section(bandwidth, batch=256, max_len=8192, repeats=20, devi
 
 if __name__ == "__main__":
     if "--cuda" not in sys.argv:  # --cuda: the CUDA section alone (bench/gpu_check.py)
+        host_section()
         cpu_section()
         grpo_shape_section()
     if torch.cuda.is_available():
