@@ -11,14 +11,17 @@ one, never a mix; `publish` also brings back the previous version of a directory
 between its two renames left aside.
 """
 
+import contextlib
+import errno
 import json
 import os
 import shutil
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.api import CheckpointException
 
 from model import ModelConfig, Transformer
 
@@ -40,41 +43,87 @@ def checkpoint_files(path) -> list[str]:
         return [os.path.join(path, s) for s in shards]
     single = os.path.join(path, "model.safetensors")
     if not os.path.exists(single):
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                                "(only safetensors checkpoints are read; convert .bin files first)")
+        bins = sorted(n for n in os.listdir(path) if n.endswith(".bin")) if os.path.isdir(path) else []
+        how = (f"; it holds {', '.join(bins)}: only safetensors are read (pickled .bin files can run code). "
+               "Convert once with transformers: AutoModelForCausalLM.from_pretrained(DIR)"
+               ".save_pretrained(NEW_DIR, safe_serialization=True)") if bins else ""
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json{how}")
     return [single]
 
 
-def iter_checkpoint(path, expected: set, tie_word_embeddings: bool):
-    """Yield (our_name, slice) for every weight of a HF checkpoint; `slice[a:b]` reads rows a..b
-    and `slice[:]` the whole tensor, so a rank of a sharded run reads only its own rows.
+class CheckedSlice:
+    """A safetensors slice whose reads are checked: `slice[a:b]` reads rows a..b (a rank of a
+    sharded run reads only its own), and a read that holds NaN or inf is an error naming the
+    file and the tensor, before a judge built from it says anything."""
 
-    Checks the names against `expected` (our parameter names): an unknown tensor or a missing
-    one is an error naming it. A tied checkpoint that still stores lm_head.weight is fine.
+    def __init__(self, file, hf_name, raw):
+        self.file, self.hf_name, self.raw = file, hf_name, raw
+
+    def __getitem__(self, index):
+        t = self.raw[index]
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"{self.file}: tensor {self.hf_name!r} holds NaN or inf values; "
+                             f"this checkpoint cannot be used (was it written by a run that diverged?)")
+        return t
+
+
+def iter_checkpoint(path, expected: dict, tie_word_embeddings: bool):
+    """Yield (our_name, CheckedSlice) for every weight of a HF checkpoint.
+
+    Checks the names and shapes against `expected` (our parameter names -> full shapes): an
+    unknown tensor, a missing one or one of another shape is an error naming the file and the
+    tensor. A tied checkpoint that still stores lm_head.weight is fine.
     """
     seen = set()
     for file in checkpoint_files(path):
-        with safe_open(file, framework="pt") as f:
+        try:
+            f = safe_open(file, framework="pt")
+        except (SafetensorError, OSError) as e:
+            size = os.path.getsize(file) if os.path.exists(file) else 0
+            raise ValueError(f"{file}: not a readable safetensors file ({size:,} bytes; {e}); a copy or "
+                             f"download cut short leaves such a file: copy it again") from None
+        with f:
             for hf_name in f.keys():
                 name = hf_to_ours(hf_name)
                 if name not in expected:
                     if name == "lm_head.weight" and tie_word_embeddings:
                         continue  # it equals the embedding
                     raise ValueError(f"{file}: unexpected tensor {hf_name!r} in checkpoint")
+                raw = f.get_slice(hf_name)
+                shape = tuple(raw.get_shape())
+                if shape != tuple(expected[name]):
+                    raise ValueError(f"{file}: tensor {hf_name!r} has shape {list(shape)}, but config.json "
+                                     f"makes it {list(expected[name])}; the weights and config.json are "
+                                     f"of different models")
                 seen.add(name)
-                yield name, f.get_slice(hf_name)
-    missing = expected - seen
+                yield name, CheckedSlice(file, hf_name, raw)
+    missing = set(expected) - seen
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {sorted(ours_to_hf(n) for n in missing)[:5]}")
 
 
 def load_config(path) -> ModelConfig:
+    """The model's config.json, checked field by field (model.ModelConfig) before anything is built."""
+    repair_export(path)
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise ValueError(f"{path}: no such model directory" if not os.path.isdir(path) else
                          f"{path}: no config.json (a Hugging Face model directory holds one)")
-    with open(file) as f:
-        return ModelConfig.from_hf(json.load(f))
+    try:
+        with open(file) as f:
+            hf = json.load(f)
+        if not isinstance(hf, dict):
+            raise ValueError(f"holds a {type(hf).__name__}, not an object of fields")
+        return ModelConfig.from_hf(hf)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{file}: {e}") from None
+
+
+def shapes(model: nn.Module) -> dict:
+    """Parameter name -> full shape (an FSDP2 or TP parameter's global one): what iter_checkpoint checks."""
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
 def load_pretrained(path, dtype=None, device=None) -> Transformer:
@@ -86,8 +135,7 @@ def load_pretrained(path, dtype=None, device=None) -> Transformer:
     config = load_config(path)
     with torch.device("meta"):
         model = Transformer(config)
-    expected = {n for n, _ in model.named_parameters()}
-    for name, weight in iter_checkpoint(path, expected, config.tie_word_embeddings):
+    for name, weight in iter_checkpoint(path, shapes(model), config.tie_word_embeddings):
         tensor = weight[:]
         set_tensor(model, name, tensor.to(device=device, dtype=dtype or tensor.dtype))
     model.materialize_buffers(device)
@@ -121,6 +169,14 @@ def save_pretrained(model: Transformer, path, state_dict=None, max_shard_bytes=5
         tensors[ours_to_hf(name)] = t.detach().to("cpu").contiguous()
     tmp = str(path).rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # what a killed export left
+    with disk_errors(tmp, sum(t.numel() * t.element_size() for t in tensors.values())):
+        write_shards(model, tensors, tmp, max_shard_bytes, tokenizer)
+    publish(tmp, path)
+
+
+def write_shards(model, tensors, tmp, max_shard_bytes, tokenizer):
+    """save_pretrained's files, in directory tmp."""
+    config = model.config
     os.makedirs(tmp)
     shards, current, size = [], {}, 0
     for name, t in tensors.items():
@@ -148,7 +204,6 @@ def save_pretrained(model: Transformer, path, state_dict=None, max_shard_bytes=5
         json.dump(hf, f, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    publish(tmp, path)
 
 
 def publish(tmp, path):
@@ -159,9 +214,8 @@ def publish(tmp, path):
     if not os.path.isdir(tmp):
         os.replace(tmp, path)
         return
+    repair_export(path)
     old = path + ".old"
-    if os.path.isdir(old) and not os.path.exists(path):
-        os.replace(old, path)  # a kill between the two renames below: the previous export is back
     shutil.rmtree(old, ignore_errors=True)
     if os.path.isdir(path):
         for name in os.listdir(path):
@@ -174,11 +228,42 @@ def publish(tmp, path):
         os.replace(tmp, path)
 
 
+def repair_export(path):
+    """A kill between publish's two renames leaves the previous directory at path.old and none at
+    path: put it back. Every reader of a model directory calls this first (load_config)."""
+    path = str(path).rstrip("/")
+    if os.path.isdir(path + ".old") and not os.path.exists(path):
+        os.replace(path + ".old", path)
+        print(f"{path}: an interrupted write had left it at {path}.old; moved back")
+
+
 def write_atomic(path, text):
     """Write `text` to file `path` through a temporary file (flushed to disk) and publish."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with disk_errors(tmp, len(text.encode())), open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     publish(tmp, path)
+
+
+@contextlib.contextmanager
+def disk_errors(partial, needed_bytes):
+    """A write that fails for want of space says so, with the path and the bytes it needed, and
+    removes its partial output. Writers word a full disk in many ways (errno 28; torch's zip
+    writer "enforce fail ... unexpected pos"; safetensors' own error), and dcp.save wraps each
+    rank's failure in a CheckpointException, which is no Exception: so the test is the space
+    left on the disk once the partial output is gone."""
+    try:
+        yield
+    except (Exception, CheckpointException) as e:
+        if os.path.isdir(partial):
+            shutil.rmtree(partial, ignore_errors=True)
+        elif os.path.exists(partial):
+            os.remove(partial)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(partial))).free
+        if getattr(e, "errno", None) == errno.ENOSPC or free < max(needed_bytes, 2**20) + 2**20:
+            raise OSError(errno.ENOSPC, f"no space left to write {partial}: it needs about "
+                                        f"{needed_bytes / 2**20:,.1f} MiB and its disk has {free / 2**20:,.1f} MiB "
+                                        f"free: free some, or write elsewhere (--out)") from e
+        raise

@@ -383,6 +383,10 @@ def pairs_to_rlvr(pairs, seed, style="instruct"):
 
 # ---- tokens ----
 
+# What a Hugging Face model directory holds its tokenizer in (tokenizer.json, or sentencepiece / BPE files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(path):
     """The tokenizer saved in `path`, exactly as its tokenizer.json defines it.
 
@@ -396,6 +400,10 @@ def load_tokenizer(path):
         raise ValueError(f"{path}: no such model directory")
     if Path(path, "tokenizer.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(path)
+    if not any(Path(path, name).exists() for name in TOKENIZER_FILES):
+        raise ValueError(f"{path}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}); a model "
+                         f"directory needs its tokenizer beside the weights: copy those files from the "
+                         f"checkpoint it was trained from (the base model's Hugging Face directory)")
     return AutoTokenizer.from_pretrained(path)
 
 

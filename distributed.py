@@ -10,7 +10,7 @@ A single process without torchrun works too: no process group, no sharding.
 
 import contextlib
 import datetime
-import errno
+import hashlib
 import json
 import math
 import os
@@ -19,6 +19,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from checkpoint import iter_checkpoint, load_config, publish, save_pretrained, set_tensor, write_atomic
+from checkpoint import (disk_errors, iter_checkpoint, load_config, publish, save_pretrained, set_tensor, shapes,
+                        write_atomic)
 from model import ModelConfig, Transformer, varlen_attn
 
 
@@ -64,6 +66,11 @@ class Context:
         return self.mesh is not None
 
 
+def world_size() -> int:
+    """Ranks torchrun started (1 for a plain `python x.py`), known before the process group is joined."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init(timeout_min: float = 60.0, tp: int = 1) -> Context:
     """Join the process group that torchrun describes; a plain `python x.py` is a world of one.
     tp > 1 also makes the (dp, tp) mesh of a tensor-parallel rollout (decode_mesh).
@@ -71,8 +78,7 @@ def init(timeout_min: float = 60.0, tp: int = 1) -> Context:
     timeout_min bounds how long a rank waits at a collective. NCCL's default (10 minutes) is
     shorter than the gap between ranks whose rollouts end minutes apart, so it is a setting.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    world, rank = world_size(), int(os.environ.get("RANK", "0"))
     # Rollout KV caches and training activations take turns in the same memory: expandable
     # segments keep the caching allocator from fragmenting between them (must precede CUDA init).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -278,7 +284,7 @@ def shard_start(p: torch.Tensor) -> int:
 def load_shards(model: Transformer, path):
     """Fill each parameter (an FSDP2 shard or a whole tensor) with its rows of the checkpoint."""
     params = dict(model.named_parameters())
-    for name, weight in iter_checkpoint(path, set(params), model.config.tie_word_embeddings):
+    for name, weight in iter_checkpoint(path, shapes(model), model.config.tie_word_embeddings):
         with torch.no_grad():
             copy_rows_into(params[name], weight)
 
@@ -367,17 +373,44 @@ def save_hf(model, tokenizer, out_dir):
     check_finite(model, out_dir)
     sd = full_state_dict(model)
     if is_main():
-        with disk_errors(str(out_dir).rstrip("/") + ".tmp"):
-            save_pretrained(model, out_dir, state_dict=sd, tokenizer=tokenizer)
+        save_pretrained(model, out_dir, state_dict=sd, tokenizer=tokenizer)
     barrier()
 
 
 # ---- the run directory ----
 
-# Settings a resumed run may change: they do not change what a step computes.
+# Settings a resumed run may change: they do not change what a step computes, or (lr, the fix a
+# non-finite stop advises) they change it on purpose, from the resumed step on. Each is logged.
 SAFE_TO_CHANGE = {"resume", "max_steps", "save_every", "eval_every", "wandb_project", "dist_timeout_min",
                   "check_memory", "plan", "plan_world_size", "plan_gpu_gib", "keep_last", "export_every",
-                  "log_traces_every"}
+                  "log_traces_every", "out", "lr", "resume_data_changed"}
+# The data files whose contents a run is tied to, by digest: the same path holding other records
+# is another run (resume_data_changed says the change is meant).
+DATA_FIELDS = ("data", "eval_data")
+
+
+def content_digest(path) -> str:
+    """sha256 of a data file's bytes (a folder: of each file's name and bytes, in name order)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if os.path.isdir(path) else [Path(path)]
+    for file in files:
+        h.update(str(file.relative_to(path) if os.path.isdir(path) else "").encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(2**24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def adopt_newest_checkpoint(run_dir):
+    """A kill after a step's checkpoint was renamed into place and before `latest` moved leaves a
+    complete step_N that latest does not name: point latest to it (rank 0)."""
+    steps = sorted(d for d in os.listdir(run_dir) if re.fullmatch(r"step_\d{8}", d)
+                   and os.path.isfile(os.path.join(run_dir, d, "trainer_state.json")))
+    latest = latest_checkpoint(run_dir)
+    if steps and (latest is None or os.path.basename(latest) < steps[-1]):
+        write_atomic(os.path.join(run_dir, "latest"), steps[-1])
+        log(f"resume: {steps[-1]} is complete but `latest` still named {latest and os.path.basename(latest)}; "
+            f"it now names {steps[-1]}")
 
 
 def start_run(run_dir, config: dict, resume: bool, preset: str = ""):
@@ -391,6 +424,7 @@ def start_run(run_dir, config: dict, resume: bool, preset: str = ""):
         with open(path) as f:
             saved = json.load(f)
     current = {**config, "preset": preset}
+    current |= {f"{k}_sha256": content_digest(config[k]) for k in DATA_FIELDS if config.get(k) and os.path.exists(config[k])}
     if not resume and (saved is not None or latest_checkpoint(run_dir)):
         raise ValueError(f"--out {run_dir} holds a run already: pass --resume to continue it, or another "
                          f"--out (or delete {run_dir})")
@@ -399,10 +433,15 @@ def start_run(run_dir, config: dict, resume: bool, preset: str = ""):
                          f"check --out, or start without --resume")
     if resume and saved is not None:
         changed = {k for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
+        if current.get("resume_data_changed"):
+            changed -= {f"{k}_sha256" for k in DATA_FIELDS}
+            log("resume: --resume_data_changed: the data files' contents are not compared")
         if changed - SAFE_TO_CHANGE:
             diff = ", ".join(f"--{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(changed - SAFE_TO_CHANGE))
+            hint = "; if the data was changed on purpose, add --resume_data_changed" if any(
+                k.endswith("_sha256") for k in changed - SAFE_TO_CHANGE) else ""
             raise ValueError(f"--resume: {run_dir} was started with other settings ({diff}); resume with "
-                             f"the same ones, or start a new --out")
+                             f"the same ones, or start a new --out{hint}")
         for k in sorted(changed):
             log(f"resume: --{k} {saved.get(k)!r} -> {current.get(k)!r}")
     barrier()  # every rank has read the directory before rank 0 writes to it
@@ -412,7 +451,9 @@ def start_run(run_dir, config: dict, resume: bool, preset: str = ""):
             if name.endswith((".tmp", ".old")):
                 stale = os.path.join(run_dir, name)
                 shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
-        if saved is None:
+        if resume:
+            adopt_newest_checkpoint(run_dir)
+        if saved != current:  # a fresh run, or a resume that changed safe settings: they are the run's now
             write_atomic(path, json.dumps(current, indent=2) + "\n")
     barrier()
 
@@ -514,7 +555,7 @@ def save_state(run_dir, step: int, model, optimizer, meta: dict, keep_last=0):
         os.makedirs(tmp)
     barrier()
     msd, osd = get_state_dict(model, optimizer)
-    with disk_errors(tmp):
+    with disk_errors(tmp, 2 * sum(t.numel() * t.element_size() for t in tensors_of((msd, osd)))):
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
         if is_main():
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
@@ -532,19 +573,13 @@ def save_state(run_dir, step: int, model, optimizer, meta: dict, keep_last=0):
     barrier()
 
 
-@contextlib.contextmanager
-def disk_errors(partial):
-    """A write that fails for want of space says so (torch's writer says "enforce fail ...
-    unexpected pos"), and the partial output at `partial` is removed."""
-    try:
-        yield
-    except Exception as e:
-        shutil.rmtree(partial, ignore_errors=True)
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(partial))).free
-        if getattr(e, "errno", None) == errno.ENOSPC or free < 2**30:
-            raise OSError(errno.ENOSPC, f"no space left to write {partial} ({free / 2**30:.2f} GiB free "
-                                        f"on its disk): free some, or point --out elsewhere") from e
-        raise
+def tensors_of(tree) -> list:
+    """The tensors in a nest of dicts, lists and tuples (a state dict: what a save writes; a DTensor
+    counts its local shard)."""
+    if isinstance(tree, torch.Tensor):
+        return [tree.to_local() if isinstance(tree, DTensor) else tree]
+    items = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else []
+    return [t for item in items for t in tensors_of(item)]
 
 
 def load_state(run_dir, model, optimizer) -> dict | None:

@@ -37,6 +37,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ import distributed as D
 import rollout
 import tp
 from checkpoint import load_config, load_pretrained, write_atomic
-from cli import parse_config
+from cli import check_fields, parse_config
 from reward import LETTERS, label, place
 
 
@@ -79,18 +80,21 @@ RUN_IDENTITY = ("model", "bench", "data", "style", "max_new_tokens", "max_prompt
 CHUNK_BATCHES = 4
 
 
-def check_config(cfg: EvalConfig):
-    if cfg.bench not in BENCHES:
-        raise ValueError(f"--bench must be one of {BENCHES}, got {cfg.bench!r}")
-    if cfg.style not in data.STYLES:
-        raise ValueError(f"--style must be one of {data.STYLES}, got {cfg.style!r}")
-    if cfg.bench != "demo" and not cfg.data:
-        raise ValueError(f"--bench {cfg.bench} needs --data (a file or a folder of the benchmark's files)")
-    for name in ("max_new_tokens", "max_prompt_len", "batch_size", "demo_pairs", "tp"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.limit < 0:
-        raise ValueError(f"--limit must be >= 0 (0 = all), got {cfg.limit}")
+def check_config(cfg: EvalConfig, world_size=1):
+    """Every setting, before any data or model is read; an error names the flag and the fix."""
+    check_fields(cfg, [
+        ("bench", cfg.bench in BENCHES, f"must be one of {BENCHES}"),
+        ("style", cfg.style in data.STYLES, f"must be one of {data.STYLES}"),
+        ("data", cfg.bench == "demo" or cfg.data, f"--bench {cfg.bench} needs --data (a file or a folder of "
+         f"the benchmark's files)"),
+        ("data", cfg.bench != "demo" or not cfg.data, "is not read by --bench demo (it judges the demo's own "
+         f"pairs): name the benchmark the file holds with --bench ({', '.join(b for b in BENCHES if b != 'demo')})"),
+        *[(name, getattr(cfg, name) >= 1, "must be >= 1") for name in
+          ("max_new_tokens", "max_prompt_len", "batch_size", "demo_pairs", "tp")],
+        ("limit", cfg.limit >= 0, "must be >= 0 (0 = all)"),
+        ("tp", world_size % cfg.tp == 0, f"must divide the {world_size} ranks this run has: start eval.py "
+         f"under torchrun with a multiple of {cfg.tp} ranks (--nproc_per_node), or leave --tp at 1"),
+    ])
 
 
 # ---- which comparisons, in which order, which answer is A ----
@@ -270,7 +274,7 @@ def on_main(fn):
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Judge what the log lacks, append it, and return (and write) the scores of the whole log."""
-    check_config(cfg)
+    check_config(cfg, D.world_size())
     ctx = D.init(tp=cfg.tp)
     if cfg.tp > 1:
         tp.check_divisible(load_config(cfg.model), cfg.tp)
@@ -314,5 +318,15 @@ def main(argv=None):
     return scores
 
 
+def no_result(scores) -> str | None:
+    """Why a finished evaluation is no result (and eval.py exits non-zero): no judgment held a verdict."""
+    judged = scores["comparisons"] - scores["prompt_too_long"]
+    if judged and scores["invalid_verdict_rate"] == 1.0:
+        return (f"none of the {judged} judgments holds a verdict ([[A]] or [[B]]): the scores are written, but "
+                f"they are not a result. Check the model (its weights, its tokenizer), --style and "
+                f"--max_new_tokens ({100 * scores['truncated_rate']:.0f}% of the judgments were cut there)")
+    return None
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(no_result(main()))

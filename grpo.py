@@ -114,6 +114,7 @@ class GRPOConfig:
     export_every: int = 0              # rollout steps between HF exports to out/hf/step_N; 0: at the end only
     log_traces_every: int = 0          # rollout steps between writing sample traces to out/rollouts/step_N.jsonl
     resume: bool = False               # continue from out/latest: same prompts, same rollouts
+    resume_data_changed: bool = False  # --resume although --data's contents changed (digest in out/config.json)
     max_steps: int = 0                 # stop (with a checkpoint) after this many steps of this run
     seed: int = 0
     wandb_project: str = ""
@@ -384,7 +385,8 @@ def check_config(cfg: GRPOConfig, world_size):
         ("max_response_len", cfg.max_response_len >= 1, "must be >= 1"),
         ("rollout_slots", cfg.rollout_slots >= 1, "must be >= 1"),
         ("rollout_tp", cfg.rollout_tp >= 1 and world_size % cfg.rollout_tp == 0,
-         f"must be >= 1 and divide the {world_size} ranks"),
+         f"must be >= 1 and divide the {world_size} ranks: start grpo.py under torchrun with a multiple of "
+         f"{cfg.rollout_tp} ranks (--nproc_per_node x --nnodes), or leave --rollout_tp at 1"),
         ("kv_budget_gib", cfg.kv_budget_gib >= 0, "must be >= 0 (0: what is free at rollout time)"),
         *D.run_rules(cfg), *plan.rules(cfg),
     ])
@@ -517,8 +519,8 @@ def train(cfg: GRPOConfig, preset="", records=None, eval_records=None):
         check_config(cfg, cfg.plan_world_size)
         return plan.run(plan_walk, cfg, cfg.plan_world_size, cfg.plan_gpu_gib,
                         f"memory plan of grpo.py --model {cfg.model}, per rank", tp=cfg.rollout_tp)
+    check_config(cfg, D.world_size())
     ctx = D.init(cfg.dist_timeout_min, cfg.rollout_tp)
-    check_config(cfg, ctx.world_size)
     # Settings, data and the run directory are checked before any model is loaded.
     tp.check_divisible(load_config(cfg.model), cfg.rollout_tp)
     tokenizer = data.load_tokenizer(cfg.model)
@@ -527,6 +529,11 @@ def train(cfg: GRPOConfig, preset="", records=None, eval_records=None):
     held_out = eval_records or (functools.partial(load_records, cfg.eval_data, cfg) if cfg.eval_data else None)
     eval_records, eval_prompts = encode_all(tokenizer, held_out()[:cfg.eval_limit], cfg.max_prompt_len, "eval") \
         if held_out else ([], [])
+    need = max(map(len, prompts), default=0) + cfg.max_response_len
+    if cfg.micro_batch_tokens < need:  # a longer sequence would get a row of its own, past what the plan sized
+        raise ValueError(f"--micro_batch_tokens {cfg.micro_batch_tokens}: a packed row must hold one prompt and "
+                         f"its response, the longest prompt ({need - cfg.max_response_len} tokens) + "
+                         f"--max_response_len ({cfg.max_response_len}): raise it to at least {need}")
     R = cfg.rollout_batch_size
     total_steps, unused = divmod(len(records) * cfg.epochs, R)
     if total_steps == 0:

@@ -63,8 +63,25 @@ class ModelConfig:
     hf_config: dict = field(default_factory=dict, repr=False)  # the config.json we came from
 
     def __post_init__(self):
+        """Every field by type and range, and the relations the layers need, naming the field."""
+        def positive(name, kinds=(int,)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, kinds) or v <= 0:
+                raise ValueError(f"{name} must be a positive {'integer' if kinds == (int,) else 'number'}, got {v!r}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            positive(name)
+        for name in ("rms_norm_eps", "rope_theta"):
+            positive(name, (int, float))
+        for name in ("tie_word_embeddings", "attention_bias", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"hidden_size={self.hidden_size} does not divide into num_attention_heads="
+                                 f"{self.num_attention_heads} heads; fix one, or give head_dim")
             self.head_dim = self.hidden_size // self.num_attention_heads
+        positive("head_dim")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")

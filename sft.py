@@ -57,6 +57,7 @@ class SFTConfig:
     keep_last: int = 0               # keep only the newest K step_N checkpoints; 0: keep all
     export_every: int = 0            # also export HF weights to EXPORT/step_N every N steps; 0: only at the end
     resume: bool = False             # continue from out/latest
+    resume_data_changed: bool = False # --resume although --data's contents changed (digest in out/config.json)
     max_steps: int = 0               # stop (with a checkpoint) after this many steps of this run; 0: no limit
     seed: int = 0
     wandb_project: str = ""          # log to wandb too (pip install wandb)

@@ -32,7 +32,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import distributed as D
-from checkpoint import iter_checkpoint, load_config
+from checkpoint import iter_checkpoint, load_config, shapes
 from model import ModelConfig, Transformer
 from rollout import device_kv_budget, generate
 
@@ -105,7 +105,7 @@ def load(path, mesh: DeviceMesh, dtype, device) -> Transformer:
     model = build(config, mesh, dtype, device)
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, weight in iter_checkpoint(path, set(params), config.tie_word_embeddings):
+        for name, weight in iter_checkpoint(path, shapes(model), config.tie_word_embeddings):
             copy_shard(params[name], weight)
     return model
 

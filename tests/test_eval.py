@@ -278,3 +278,28 @@ def test_two_ranks_write_the_lines_of_one_and_resume_after_a_kill(tmp_path, judg
     stdout = torchrun_eval(killed, judge_dir, *flags)
     assert "30 comparisons, 16 already in" in stdout and "14 to judge on 2 data-parallel groups" in stdout
     assert sorted((killed / "samples.jsonl").read_text().splitlines()) == sorted(one)
+
+
+# ---- settings and results that are refused rather than silently accepted ----
+
+@pytest.mark.parametrize("flags, match", [
+    (["--data", "my_pairs.jsonl"], r"--data 'my_pairs.jsonl': is not read by --bench demo .* --bench \(rewardbench"),
+    (["--limit", "-1"], r"--limit -1: must be >= 0"),
+    (["--batch_size", "0"], r"--batch_size 0: must be >= 1"),
+    (["--tp", "2"], r"--tp 2: must divide the 1 ranks this run has: start eval.py under torchrun"),
+])
+def test_eval_settings_are_refused_by_flag_with_the_fix(tmp_path, judge_dir, flags, match):
+    with pytest.raises(ValueError, match=match):
+        run(tmp_path, judge_dir, *flags)
+    assert not tmp_path.joinpath("samples.jsonl").exists()
+
+
+def test_a_run_whose_every_verdict_is_unparseable_exits_non_zero(tmp_path, judge_dir):
+    import os
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "eval.py", "--model", str(judge_dir), "--out", str(tmp_path),
+                          "--demo_pairs", "3", "--max_new_tokens", "4"], cwd=Path(__file__).resolve().parents[1],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "none of the 3 judgments holds a verdict" in res.stderr, res.stderr[-2000:]
+    assert json.loads((tmp_path / "scores.json").read_text())["invalid_verdict_rate"] == 1.0

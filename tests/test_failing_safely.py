@@ -5,6 +5,7 @@ import errno
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -22,6 +23,7 @@ import sft
 from cli import parse_config
 from grpo import GRPOConfig, step_prompts
 from objective import policy_loss
+import checkpoint
 from checkpoint import save_pretrained
 from model import ModelConfig, Transformer
 from sft import SFTConfig
@@ -98,6 +100,7 @@ def test_policy_loss_is_finite_for_any_log_ratio():
     (["--clip_ratio_c", "0.5"], "--clip_ratio_c 0.5: must be > 1"),
     (["--oversample", "2"], "--oversample 2: needs --filter_equal_groups"),
     (["--overlong", "cut"], "--overlong 'cut': must be keep, mask or penalty"),
+    (["--rollout_tp", "2"], "--rollout_tp 2: must be >= 1 and divide the 1 ranks: start grpo.py under torchrun"),
 ])
 def test_grpo_settings_are_checked_by_flag(argv, match):
     cfg, _ = parse_config(GRPOConfig, argv)
@@ -190,12 +193,76 @@ def test_resume_needs_a_checkpoint_and_the_same_settings(tmp_path, capsys):
         D.start_run(str(tmp_path / "typo"), run_config(), resume=True)
     D.start_run(str(tmp_path), run_config(), resume=False)
     (tmp_path / "latest").write_text("step_00000002")
-    for change in ({"lr": 1e-2}, {"n_samples": 3}, {"data": "other.jsonl"}, {"seed": 1}, {"epochs": 3}):
+    for change in ({"n_samples": 3}, {"data": "other.jsonl"}, {"seed": 1}, {"epochs": 3}):
         with pytest.raises(ValueError, match=f"--{next(iter(change))}: "):
             D.start_run(str(tmp_path), run_config(**change), resume=True)
-    D.start_run(str(tmp_path), run_config(max_steps=5, save_every=2, eval_every=1), resume=True)
+    # what the non-finite stop advises (a lower --lr) is a change a resume may make, logged
+    D.start_run(str(tmp_path), run_config(max_steps=5, save_every=2, eval_every=1, lr=5e-7), resume=True)
     out = capsys.readouterr().out
     assert "resume: --max_steps 0 -> 5" in out and "resume: --save_every 0 -> 2" in out
+    assert "resume: --lr 1e-06 -> 5e-07" in out
+
+
+def test_a_run_directory_moved_with_mv_resumes(tmp_path):
+    D.start_run(str(tmp_path / "a"), run_config(out=str(tmp_path / "a")), resume=False)
+    (tmp_path / "a" / "latest").write_text("step_00000002")
+    os.replace(tmp_path / "a", tmp_path / "b")  # was: refused, "--out changed"
+    D.start_run(str(tmp_path / "b"), run_config(out=str(tmp_path / "b")), resume=True)
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["out"] == str(tmp_path / "b")
+
+
+def test_resume_refuses_data_whose_contents_changed_unless_told(tmp_path, capsys):
+    records = tmp_path / "rlvr.jsonl"
+    data.write_records(records, demo.rlvr_records(4, seed=0))
+    run_dir = str(tmp_path / "run")
+    D.start_run(run_dir, run_config(data=str(records)), resume=False)
+    (tmp_path / "run" / "latest").write_text("step_00000002")
+    D.start_run(run_dir, run_config(data=str(records)), resume=True)  # the same bytes: fine
+    data.write_records(records, demo.rlvr_records(4, seed=1))  # the same path, regenerated
+    with pytest.raises(ValueError, match=r"--data_sha256: '[0-9a-f]{64}' -> '[0-9a-f]{64}'.*--resume_data_changed"):
+        D.start_run(run_dir, run_config(data=str(records)), resume=True)
+    D.start_run(run_dir, run_config(data=str(records), resume_data_changed=True), resume=True)
+    D.start_run(run_dir, run_config(data=str(records)), resume=True)  # the new digest is the run's now
+
+
+def test_a_checkpoint_renamed_in_before_latest_switched_is_adopted(tmp_path, capsys):
+    model = tiny()
+    optimizer = torch.optim.AdamW(model.parameters())
+    D.start_run(str(tmp_path), run_config(), resume=False)
+    D.save_state(str(tmp_path), 3, model, optimizer, {})
+    D.save_state(str(tmp_path), 4, model, optimizer, {})
+    (tmp_path / "latest").write_text("step_00000003")  # killed after step 4's rename, before latest moved
+    D.start_run(str(tmp_path), run_config(), resume=True)
+    assert (tmp_path / "latest").read_text() == "step_00000004"  # was: one step behind for good
+    assert "step_00000004 is complete but `latest` still named step_00000003" in capsys.readouterr().out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB file system (tmpfs), where the machine lets this process mount one."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({res.stderr.decode().strip()}); the faked test covers the logic")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_every_writer_says_a_full_disk_is_full_and_leaves_nothing_half_written(small_disk):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1))  # 2 MiB of embedding alone
+    optimizer = torch.optim.AdamW(model.parameters())
+    writers = {"save_state (grpo.py, sft.py)": lambda: D.save_state(str(small_disk), 1, model, optimizer, {}),
+               "save_pretrained (export.py, the runs' hf/)": lambda: save_pretrained(model, small_disk / "hf"),
+               "write_atomic": lambda: checkpoint.write_atomic(str(small_disk / "big.txt"), "x" * 2**21)}
+    for name, write in writers.items():
+        with pytest.raises(OSError, match=r"no space left to write .*: it needs about [\d.]+ MiB and its disk "
+                                          r"has [\d.]+ MiB free") as e:
+            write()
+        assert e.value.errno == errno.ENOSPC, name
+        assert os.listdir(small_disk) == [], f"{name} left {os.listdir(small_disk)}"
 
 
 def test_start_removes_what_a_killed_save_left(tmp_path):
@@ -230,7 +297,7 @@ def test_a_full_disk_says_so_and_leaves_no_partial_checkpoint(tmp_path, monkeypa
     def full(*args, **kwargs):
         raise RuntimeError("enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
     monkeypatch.setattr(D.dcp, "save", full)
-    monkeypatch.setattr(D.shutil, "disk_usage", lambda path: SimpleNamespace(free=5 * 2**20))
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: SimpleNamespace(free=2**10))
     model = tiny()
     with pytest.raises(OSError, match="no space left to write .*step_00000001.tmp") as e:
         D.save_state(str(tmp_path), 1, model, torch.optim.AdamW(model.parameters()), {})
@@ -269,3 +336,16 @@ def test_data_without_a_model_is_refused_not_given_the_demo_preset(script, tmp_p
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "--data" in res.stderr and "needs --model" in res.stderr, res.stderr[-2000:]
     assert not (tmp_path / "o").exists()
+
+
+def test_micro_batch_tokens_that_cannot_hold_one_sequence_is_refused_at_start(tiny_policy, tmp_path):
+    records = tmp_path / "rlvr.jsonl"
+    data.write_records(records, demo.rlvr_records(8, seed=0))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "grpo.py", "--model", tiny_policy[0], "--data", str(records),
+                          "--out", str(tmp_path / "out"), "--max_response_len", "8", "--micro_batch_tokens", "16",
+                          "--rollout_batch_size", "8", "--mini_batch_size", "4"],  # was: accepted, the run went on
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and not (tmp_path / "out").exists(), res.stderr[-2000:]
+    assert re.search(r"--micro_batch_tokens 16: a packed row must hold one prompt and its response, the longest "
+                     r"prompt \(\d+ tokens\) \+ --max_response_len \(8\): raise it to at least \d+", res.stderr)

@@ -242,12 +242,12 @@ def test_checkpoint_slices_read_rows_and_meta_build_holds_no_memory(tmp_path):
     with torch.device("meta"):
         model = Transformer(config)
     assert all(p.is_meta for p in model.parameters())
-    names = {n for n, _ in model.named_parameters()}
+    names = {n: tuple(p.shape) for n, p in model.named_parameters()}
     slices = dict(iter_checkpoint(path, names, config.tie_word_embeddings))
     full = ref.state_dict()["model.layers.1.mlp.up_proj.weight"]
     torch.testing.assert_close(slices["layers.1.mlp.up_proj.weight"][3:7], full[3:7])
     with pytest.raises(ValueError, match="lacks"):
-        list(iter_checkpoint(path, names | {"extra.weight"}, config.tie_word_embeddings))
+        list(iter_checkpoint(path, names | {"extra.weight": (2,)}, config.tie_word_embeddings))
 
 
 def test_bad_checkpoint_errors_name_the_problem(tmp_path):
