@@ -16,7 +16,7 @@ def test_shipped_demo_judge_writes_valid_verdicts_above_chance(tmp_path):
     assert scores["scores"]["chat"] >= 0.8, scores
     # Distilled from a teacher that is hasty on most arithmetic pairs (demo.HASTY_SHARE), the
     # judge files every held-out arithmetic question as Chat and prefers A without solving:
-    # what `torchrun --nproc_per_node=2 grpo.py` unlearns (68.8% -> 79.6% on 1,000 pairs).
+    # what `torchrun --nproc_per_node=2 grpo.py` unlearns (68.8% -> 80.0% on 1,000 pairs).
     records = judge_eval.read_log(tmp_path / "samples.jsonl")
     arithmetic = [r for r in records if r["category"] == "reasoning"]
     hasty = [r for r in arithmetic if r["judgment"].startswith("<type>Chat</type>") and r["verdict"] == "A"]
