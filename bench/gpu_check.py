@@ -11,7 +11,7 @@ and lands in one JSON of results (pass/fail, numbers, the error). Exit status 1 
    forward and backward.
 3. a Qwen2.5-0.5B-shaped random model in bf16: prefill + decode through the fused kernels against
    a full forward, packed documents against separate forwards, CUDA-graph generate against eager,
-   and (a figure, not a check) the share of traces that a forced preemption leaves unchanged.
+   and (a figure, not a check) the share of traces a budget that forces preemption leaves unchanged.
 4. one FSDP2 GRPO step on one GPU (NCCL, a world of one) on that model, graphs on, with its time
    split and peak memory, against the memory plan of the same run (grpo.py --plan); then the
    tensor-parallel decoder (DTensor over NCCL, tp = 1) under CUDA graphs against the plain model,
@@ -155,14 +155,15 @@ def model_paths():
     # bf16 ties can flip a sampled token between two kernel orders; graphs replay the same kernels.
     check(out["cuda_graph_equals_eager"] == 1.0, f"CUDA-graph sampling differs from eager on {same}")
     # A preempted sequence regenerates its trace in other batches and buckets, through other
-    # kernels: in bf16 a near-tied sample can flip (each trace stays self-consistent, which is what
-    # GRPO needs). A figure, not a check: the share of traces a forced preemption leaves unchanged.
+    # kernels, and under a tight budget the others run in other batches too: in bf16 a near-tied
+    # sample can flip (each trace stays self-consistent, which is what GRPO needs). A figure, not a
+    # check: the share of traces a budget that forces preemption leaves unchanged.
     least = cache_pages(config, prompts, params, TARGET["dtype"], None, 1)
     page = KVCache.bytes_per_slot(config, PAGE_SIZE, TARGET["dtype"])
     tight, stats = generate(model, prompts, params, max_batch_size=8, kv_budget_bytes=(least + 2) * page,
                             return_stats=True)
     same = [a.token_ids == b.token_ids for a, b in zip(tight, times[True][0])]
-    out.update(preempted_traces_equal=sum(same) / len(same), preemptions=stats.preemptions)
+    out.update(tight_budget_traces_equal=sum(same) / len(same), preemptions=stats.preemptions)
     return out
 
 

@@ -254,7 +254,9 @@ def torchrun_eval(out, judge_dir, *flags):
                           "--model", str(judge_dir), "--out", str(out), "--max_new_tokens", "8", *flags],
                          cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                          timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    # the random judge writes no verdict in 8 tokens: its log and scores are written, and the run
+    # exits 1 from every rank, as one with no result must
+    assert res.returncode == 1 and "judgments holds a verdict" in res.stderr, res.stderr[-3000:]
     return res.stdout
 
 
