@@ -424,7 +424,8 @@ def start_run(run_dir, config: dict, resume: bool, preset: str = ""):
         with open(path) as f:
             saved = json.load(f)
     current = {**config, "preset": preset}
-    current |= {f"{k}_sha256": content_digest(config[k]) for k in DATA_FIELDS if config.get(k) and os.path.exists(config[k])}
+    current |= {f"{k}_sha256": content_digest(config[k]) for k in DATA_FIELDS
+                if config.get(k) and os.path.exists(config[k])}
     if not resume and (saved is not None or latest_checkpoint(run_dir)):
         raise ValueError(f"--out {run_dir} holds a run already: pass --resume to continue it, or another "
                          f"--out (or delete {run_dir})")
@@ -555,7 +556,7 @@ def save_state(run_dir, step: int, model, optimizer, meta: dict, keep_last=0):
         os.makedirs(tmp)
     barrier()
     msd, osd = get_state_dict(model, optimizer)
-    with disk_errors(tmp, 2 * sum(t.numel() * t.element_size() for t in tensors_of((msd, osd)))):
+    with disk_errors(tmp, sum(t.numel() * t.element_size() for t in tensors_of((msd, osd)))):
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
         if is_main():
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
