@@ -1,9 +1,13 @@
-"""Every GPU-only path, checked at once on the first GPU at hand (one H100/H200, under 8 minutes).
+"""Every GPU-only path, checked at once on the first GPU at hand (one H100/H200, within 9 minutes).
 
     python bench/gpu_check.py --out runs/gpu_check.json
 
-Sections, most important first; each runs even when an earlier one failed, has a time limit,
-and lands in one JSON of results (pass/fail, numbers, the error). Exit status 1 if any failed.
+Sections, most important first. Each runs in a process of its own under its own wall-clock limit
+(SECTIONS; the whole budget is printed at the start), so a hang, a crash or a segfault costs that
+section alone; the JSON is rewritten after every section, so a kill keeps what finished. A section
+that fails is followed by a probe of the device: if the GPU no longer answers (a sticky CUDA
+error), the run ends there and the sections left are named as not run. Exit status 1 if any
+section failed or did not run.
 1. pytest on the GPU: the Triton kernels on CUDA against torch (V = 151,936 / 152,064, bf16,
    T != 1), the paged decode attention kernel against its fp64 reference, the CUDA-graph
    decode test, and the CPU-form tests of the CUDA paths that need a CUDA build of torch (fake CUDA tensors with the fused kernels' strides, NCCL's device map).
@@ -13,10 +17,12 @@ and lands in one JSON of results (pass/fail, numbers, the error). Exit status 1 
    a full forward, packed documents against separate forwards, CUDA-graph generate against eager,
    and (a figure, not a check) the share of traces a budget that forces preemption leaves unchanged.
 4. one FSDP2 GRPO step on one GPU (NCCL, a world of one) on that model, graphs on, with its time
-   split and peak memory, against the memory plan of the same run (grpo.py --plan); then the
-   tensor-parallel decoder (DTensor over NCCL, tp = 1) under CUDA graphs against the plain model,
-   and a GRPO step with --offload_states against one without (same losses, its peak memory).
-5. the CUDA sections of bench/kernels.py and bench/rollout.py, their output kept.
+   split and peak memory (allocated, reserved, and what the device holds outside torch) against
+   the memory plan of the same run (grpo.py --plan): more than PLAN_TOLERANCE over it fails; then
+   the tensor-parallel decoder (DTensor over NCCL, tp = 1) under CUDA graphs against the plain
+   model, and a GRPO step with --offload_states against one without (same losses, its peak memory).
+5. the CUDA sections of bench/kernels.py and bench/rollout.py, their output kept (what they printed
+   before a time limit, too).
 
     python bench/gpu_check.py --smoke      # sections 3 and 4 on the CPU, tiny shape (tests/test_gpu_check.py)
 """
@@ -24,6 +30,7 @@ and lands in one JSON of results (pass/fail, numbers, the error). Exit status 1 
 import argparse
 import json
 import os
+import signal
 import re
 import subprocess
 import sys
@@ -32,15 +39,17 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
-from torch.distributed.device_mesh import init_device_mesh
+# Before torch can start CUDA: the allocator reads this once, when the first tensor is allocated.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+import torch  # noqa: E402
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import distributed as D  # noqa: E402
 import grpo  # noqa: E402
 import tp  # noqa: E402
-from checkpoint import save_pretrained  # noqa: E402
+from checkpoint import save_pretrained, write_atomic  # noqa: E402
 from kvcache import KVCache  # noqa: E402
 from model import ModelConfig, Transformer, packed_attention  # noqa: E402
 from rollout import PAGE_SIZE, SamplingParams, cache_pages, generate  # noqa: E402
@@ -70,19 +79,24 @@ def check(cond, what):
         raise AssertionError(what)
 
 
-def child(cmd, limit_s):
-    """Run a command from the repo root; its exit status and the tail of its output."""
+def child(cmd):
+    """Run a command from the repo root, passing its output on as it comes (a section killed at its
+    limit keeps what it printed); its exit status and the tail of its output. The section's own
+    limit bounds it: its process group is killed with it."""
     start = time.time()
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit_s)
-    out = (res.stdout + res.stderr)[-6000:]
-    return {"returncode": res.returncode, "seconds": round(time.time() - start, 1), "output": out}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        lines.append(line)
+    out = "".join(lines)[-6000:]
+    return {"returncode": proc.wait(), "seconds": round(time.time() - start, 1), "output": out}
 
 
 def pytest_on_gpu():
     res = child([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
                  "tests/test_paged_kernel.py", "tests/test_gpu_paths.py",
-                 "tests/test_rollout.py::test_cuda_graph_decode_equals_eager"],
-                300)
+                 "tests/test_rollout.py::test_cuda_graph_decode_equals_eager"])
     summary = re.findall(r"\d+ (?:passed|failed|skipped|error)", res["output"])
     res["summary"] = ", ".join(summary)
     check(res["returncode"] == 0, f"pytest failed: {res['summary']}")
@@ -213,16 +227,23 @@ def grpo_step_one_gpu(tmp):
     out = {"steps": steps}
     if on_gpu:
         peak = torch.cuda.max_memory_allocated() / 2**30
+        free, total = torch.cuda.mem_get_info()
+        reserved = torch.cuda.max_memory_reserved() / 2**30
+        outside = (total - free) / 2**30 - torch.cuda.memory_reserved() / 2**30  # context, NCCL, cuBLAS
         argv = [x for k, v in flags.items() if k != "bf16" for x in (f"--{k}", str(v))]
         gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
         planned = child([sys.executable, "grpo.py", "--plan", "--plan_world_size", "1",
-                         "--plan_gpu_gib", f"{gpu_gib:.1f}", *argv], 300)
+                         "--plan_gpu_gib", f"{gpu_gib:.1f}", *argv])
         peaks = re.findall(r"^\S.*?\s{2,}([\d.]+)\s+[\d.]+", planned["output"], re.M)
         check(peaks, f"the plan of this run printed no table: {planned['output'][-1500:]}")
         plan_peak = max(map(float, peaks))
-        out.update(peak_allocated_gib=round(peak, 2), plan_peak_gib=plan_peak,
+        out.update(peak_allocated_gib=round(peak, 2), peak_reserved_gib=round(reserved, 2),
+                   outside_torch_gib=round(outside, 2), plan_peak_gib=plan_peak,
                    measured_over_plan=round(peak / plan_peak, 3), plan_fits=planned["returncode"] == 0,
                    plan=planned["output"][-2500:])
+        check(peak <= plan_peak * (1 + PLAN_TOLERANCE),
+              f"the step's peak {peak:.2f} GiB is over its plan's {plan_peak:.2f} GiB by more than "
+              f"{PLAN_TOLERANCE:.0%}: the plan undercounts, and its verdicts cannot be trusted")
     return out
 
 
@@ -279,9 +300,78 @@ def tp_and_offload_one_gpu(tmp):
 
 
 def bench(script):
-    res = child([sys.executable, script, "--cuda"], 420)
+    res = child([sys.executable, script, "--cuda"])
     check(res["returncode"] == 0, f"{script} exited {res['returncode']}")
     return res
+
+
+def probe():
+    """Does the device still answer? After a sticky CUDA error (an illegal address, an Xid) every
+    later kernel fails: then the run stops instead of failing each section the same way."""
+    if TARGET["device"] == "cuda":
+        x = torch.ones(1024, device="cuda")
+        check(float(x.sum()) == 1024.0, "the GPU computed a wrong sum")
+    return {}
+
+
+# Measured peak over the plan's: what the plan may miss on one GPU (allocator rounding, what the
+# fake backward does not allocate) before its verdicts are not to be trusted.
+PLAN_TOLERANCE = 0.10
+
+# name: (what it runs, its wall-clock limit in seconds, its process's start-up included). The
+# limits add up to 9 minutes, inside the 15 a lent GPU gives a session (start and transfers apart).
+SECTIONS = {
+    "pytest_on_gpu": (pytest_on_gpu, 150),
+    "varlen_attention": (varlen_attention, 30),
+    "model_paths": (model_paths, 60),
+    "grpo_step_one_gpu": (lambda: grpo_step_one_gpu(tempfile.mkdtemp()), 90),
+    "tp_and_offload_one_gpu": (lambda: tp_and_offload_one_gpu(tempfile.mkdtemp()), 60),
+    "bench_kernels": (lambda: bench("bench/kernels.py"), 60),
+    "bench_rollout": (lambda: bench("bench/rollout.py"), 90),
+}
+SMOKE = ("model_paths", "grpo_step_one_gpu", "tp_and_offload_one_gpu")
+PROBE_LIMIT_S = 60
+
+
+def run_section(name, part, inject):
+    """In the section's own process: run it and write its entry to `part` (JSON)."""
+    fault = inject.get(name)
+    if fault == "hang":  # for tests/test_gpu_check.py: a section that never returns
+        time.sleep(10**6)
+    if fault == "crash":  # ... and one that dies as a segfault or an abort does, writing nothing
+        os.abort()
+    try:
+        fn = probe if name == "probe" else SECTIONS[name][0]
+        check(fault != "sticky", "injected: the device does not answer")
+        entry = {"ok": True, **fn()}
+    except Exception as e:  # recorded, and the parent goes on with the next section
+        entry = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
+    write_atomic(part, json.dumps(entry) + "\n")
+    return 0 if entry["ok"] else 1
+
+
+def in_own_process(name, limit_s, argv, tmp):
+    """Run one section in a child process (its own session, so a limit kills its children too);
+    its entry, or what went wrong: a time limit (with the output so far) or a death without one."""
+    part = Path(tmp) / f"{name}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--part", str(part), *argv]
+    start = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=limit_s)
+        if part.exists():
+            entry = json.loads(part.read_text())
+        else:
+            how = f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else f"status {proc.returncode}"
+            entry = {"ok": False, "error": f"its process died ({how}) without a result"}
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        entry = {"ok": False, "error": f"timed out: still running after its limit of {limit_s} s; killed"}
+    entry["seconds"] = round(time.time() - start, 1)
+    entry.setdefault("output", output[-6000:])
+    return entry
 
 
 def main():
@@ -290,43 +380,47 @@ def main():
     parser.add_argument("--out", default="runs/gpu_check.json")
     parser.add_argument("--only", default="", help="comma-separated section names")
     parser.add_argument("--smoke", action="store_true", help="sections 3-4 on the CPU, tiny shape")
+    parser.add_argument("--limits", default="", help="name=seconds,... overrides of SECTIONS' limits")
+    parser.add_argument("--inject", default="", help="name=hang|crash|sticky,... (tests of the runner itself)")
+    parser.add_argument("--section", help=argparse.SUPPRESS)  # the child: run this one section
+    parser.add_argument("--part", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    inject = dict(kv.split("=") for kv in args.inject.split(",") if kv)
     if args.smoke:
         TARGET.update(device="cpu", dtype=torch.float32, shape=TINY)
-        args.only = args.only or "model_paths,grpo_step_one_gpu,tp_and_offload_one_gpu"
-    elif not torch.cuda.is_available():
+    if args.section:
+        sys.exit(run_section(args.section, args.part, inject))
+    if not args.smoke and not torch.cuda.is_available():
         sys.exit("no GPU visible: this check is for a machine with one (--smoke runs part of it on the CPU)")
-    sections = {"pytest_on_gpu": pytest_on_gpu, "varlen_attention": varlen_attention,
-                "model_paths": model_paths, "grpo_step_one_gpu": None,
-                "bench_kernels": lambda: bench("bench/kernels.py"),
-                "bench_rollout": lambda: bench("bench/rollout.py")}
+    names = args.only.split(",") if args.only else list(SMOKE if args.smoke else SECTIONS)
+    limits = {n: SECTIONS[n][1] for n in names} | {k: float(v) for k, v in
+                                                   (kv.split("=") for kv in args.limits.split(",") if kv)}
+    print("budget: " + ", ".join(f"{n} {limits[n]:.0f} s" for n in names) +
+          f"; {sum(limits.values()) / 60:.1f} min in all, in this order", flush=True)
+    child_argv = (["--smoke"] if args.smoke else []) + (["--inject", args.inject] if args.inject else [])
     results = {"device": "cpu" if args.smoke else torch.cuda.get_device_name(), "torch": torch.__version__,
-               "triton": __import__("triton").__version__, "sections": {}}
+               "triton": __import__("triton").__version__, "budget_s": limits, "sections": {}}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    stopped = None
     with tempfile.TemporaryDirectory() as tmp:
-        sections["grpo_step_one_gpu"] = lambda: grpo_step_one_gpu(tmp)
-        sections["tp_and_offload_one_gpu"] = lambda: tp_and_offload_one_gpu(tmp)
-        for name, fn in sections.items():
-            if args.only and name not in args.only.split(","):
-                continue
-            start = time.time()
-            print(f"== {name}", flush=True)
-            try:
-                entry = {"ok": True, **fn()}
-            except Exception as e:  # a failed section is recorded and the next one runs
-                entry = {"ok": False, "error": f"{type(e).__name__}: {e}",
-                         "traceback": traceback.format_exc()[-4000:]}
-            entry["seconds"] = round(time.time() - start, 1)
+        for name in names:
+            if stopped:
+                entry = {"ok": False, "not_run": f"the device stopped answering after {stopped}"}
+            else:
+                print(f"== {name} (limit {limits[name]:.0f} s)", flush=True)
+                entry = in_own_process(name, limits[name], child_argv, tmp)
+                if not entry["ok"]:
+                    health = in_own_process("probe", PROBE_LIMIT_S, child_argv, tmp)
+                    entry["device_answers_after"] = health["ok"]
+                    stopped = None if health["ok"] else name
             results["sections"][name] = entry
+            write_atomic(args.out, json.dumps(results, indent=2) + "\n")  # a kill keeps what finished
             print(json.dumps({k: v for k, v in entry.items() if k not in ("output", "plan", "traceback")}),
                   flush=True)
-            if not entry["ok"]:
-                print(entry["traceback"], flush=True)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+            if not entry["ok"] and "not_run" not in entry:
+                print(entry.get("traceback") or entry["output"][-3000:], flush=True)
     failed = [n for n, e in results["sections"].items() if not e["ok"]]
-    print(f"wrote {args.out}; " + (f"FAILED: {failed}" if failed else "all sections passed"))
+    print(f"wrote {args.out}; " + (f"FAILED or not run: {failed}" if failed else "all sections passed"))
     sys.exit(1 if failed else 0)
 
 

@@ -320,10 +320,13 @@ def paged_attention_section(bandwidth, batch=256, max_len=8192, repeats=20, devi
     from kernels import paged_attention
     from model import Attention
 
-    c = ModelConfig(**SHAPES["7B"])
+    c = ModelConfig(**{**SHAPES["7B"], "num_hidden_layers": 1})  # one layer's pages, not 28 layers' (120 GB)
+    per_seq = max_len // 16
+    page_bytes = KVCache.bytes_per_slot(c, 16, torch.bfloat16)
+    free = torch.cuda.mem_get_info()[0] if device == "cuda" else 2**34
+    batch = min(batch, int(0.5 * free) // (per_seq * page_bytes))  # sized from what the device has free
     g = torch.Generator().manual_seed(0)
     lens = torch.randint(1, max_len + 1, (batch,), generator=g)
-    per_seq = max_len // 16
     cache = KVCache(c, batch, max_len, torch.bfloat16, device, page_size=16, n_pages=batch * per_seq + 1)
     cache.k.normal_(), cache.v.normal_()
     cache.block_table.copy_(torch.randperm(batch * per_seq, generator=g).view(batch, per_seq))
