@@ -121,6 +121,11 @@ def load_config(path) -> ModelConfig:
         raise ValueError(f"{file}: {e}") from None
 
 
+def tensor_bytes(tensors) -> int:
+    """Bytes the tensors hold: what writing them takes."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def shapes(model: nn.Module) -> dict:
     """Parameter name -> full shape (an FSDP2 or TP parameter's global one): what iter_checkpoint checks."""
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
@@ -169,7 +174,7 @@ def save_pretrained(model: Transformer, path, state_dict=None, max_shard_bytes=5
         tensors[ours_to_hf(name)] = t.detach().to("cpu").contiguous()
     tmp = str(path).rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # what a killed export left
-    with disk_errors(tmp, sum(t.numel() * t.element_size() for t in tensors.values())):
+    with disk_errors(tmp, tensor_bytes(tensors.values())):
         write_shards(model, tensors, tmp, max_shard_bytes, tokenizer)
     publish(tmp, path)
 
@@ -180,7 +185,7 @@ def write_shards(model, tensors, tmp, max_shard_bytes, tokenizer):
     os.makedirs(tmp)
     shards, current, size = [], {}, 0
     for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+        nbytes = tensor_bytes([t])
         if current and size + nbytes > max_shard_bytes:
             shards.append(current)
             current, size = {}, 0
@@ -195,7 +200,7 @@ def write_shards(model, tensors, tmp, max_shard_bytes, tokenizer):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
             weight_map.update({n: fname for n in shard})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        total = tensor_bytes(tensors.values())
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     hf = config.to_hf()

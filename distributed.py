@@ -32,7 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from checkpoint import (disk_errors, iter_checkpoint, load_config, publish, save_pretrained, set_tensor, shapes,
-                        write_atomic)
+                        tensor_bytes, write_atomic)
 from model import ModelConfig, Transformer, varlen_attn
 
 
@@ -556,7 +556,7 @@ def save_state(run_dir, step: int, model, optimizer, meta: dict, keep_last=0):
         os.makedirs(tmp)
     barrier()
     msd, osd = get_state_dict(model, optimizer)
-    with disk_errors(tmp, sum(t.numel() * t.element_size() for t in tensors_of((msd, osd)))):
+    with disk_errors(tmp, tensor_bytes(tensors_of((msd, osd)))):
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
         if is_main():
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:

@@ -315,16 +315,21 @@ def test_a_resumed_run_drops_the_metrics_past_its_checkpoint(tmp_path):
     assert steps == [1, 2, 3]
 
 
-def test_a_run_gone_nan_exits_non_zero_and_exports_nothing(tiny_policy, tmp_path):
+def grpo_on_demo_records(tiny_policy, tmp_path, n_records, *flags, timeout=600):
+    """grpo.py on the tiny policy and n_records demo RLVR records, out in tmp_path/out."""
     records = tmp_path / "rlvr.jsonl"
-    data.write_records(records, demo.rlvr_records(24, seed=0))
+    data.write_records(records, demo.rlvr_records(n_records, seed=0))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "grpo.py", "--model", tiny_policy[0], "--data", str(records),
-                          "--out", str(tmp_path / "out"), "--rollout_batch_size", "8", "--mini_batch_size", "4",
-                          "--n_samples", "2", "--max_response_len", "8", "--micro_batch_tokens", "512",
-                          "--no-bf16", "--no-activation_checkpointing", "--rollout_slots", "16",
-                          "--lr", "1e6", "--save_every", "1"],  # was: NaN from step 1, exported, exit 0
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "grpo.py", "--model", tiny_policy[0], "--data", str(records),
+                           "--out", str(tmp_path / "out"), "--rollout_batch_size", "8", "--mini_batch_size", "4",
+                           "--max_response_len", "8", *flags],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_run_gone_nan_exits_non_zero_and_exports_nothing(tiny_policy, tmp_path):
+    res = grpo_on_demo_records(tiny_policy, tmp_path, 24, "--n_samples", "2", "--micro_batch_tokens", "512",
+                               "--no-bf16", "--no-activation_checkpointing", "--rollout_slots", "16",
+                               "--lr", "1e6", "--save_every", "1")  # was: NaN from step 1, exported, exit 0
     assert res.returncode == 1, res.stderr[-2000:]
     assert "step 1: non-finite gradient norm (nan); stopped before the optimizer step" in res.stderr
     assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "metrics.jsonl"]
@@ -339,13 +344,8 @@ def test_data_without_a_model_is_refused_not_given_the_demo_preset(script, tmp_p
 
 
 def test_micro_batch_tokens_that_cannot_hold_one_sequence_is_refused_at_start(tiny_policy, tmp_path):
-    records = tmp_path / "rlvr.jsonl"
-    data.write_records(records, demo.rlvr_records(8, seed=0))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "grpo.py", "--model", tiny_policy[0], "--data", str(records),
-                          "--out", str(tmp_path / "out"), "--max_response_len", "8", "--micro_batch_tokens", "16",
-                          "--rollout_batch_size", "8", "--mini_batch_size", "4"],  # was: accepted, the run went on
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    res = grpo_on_demo_records(tiny_policy, tmp_path, 8, "--micro_batch_tokens", "16",  # was: accepted, ran on
+                               timeout=300)
     assert res.returncode != 0 and not (tmp_path / "out").exists(), res.stderr[-2000:]
     assert re.search(r"--micro_batch_tokens 16: a packed row must hold one prompt and its response, the longest "
                      r"prompt \(\d+ tokens\) \+ --max_response_len \(8\): raise it to at least \d+", res.stderr)
