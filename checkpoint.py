@@ -252,17 +252,28 @@ def write_atomic(path, text):
     publish(tmp, path)
 
 
+def append_whole(path, text):
+    """Append `text` to file `path`, whole or not at all: a write that fails (a full disk) cuts
+    the file back to where it was, so no torn line is left, and says so (disk_errors)."""
+    start = os.path.getsize(path) if os.path.exists(path) else 0
+    with disk_errors(path, len(text.encode()), undo=lambda: os.truncate(path, start)):
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+
+
 @contextlib.contextmanager
-def disk_errors(partial, needed_bytes):
+def disk_errors(partial, needed_bytes, undo=None):
     """A write that fails for want of space says so, with the path and the bytes it needed, and
-    removes its partial output. Writers word a full disk in many ways (errno 28; torch's zip
-    writer "enforce fail ... unexpected pos"; safetensors' own error), and dcp.save wraps each
-    rank's failure in a CheckpointException, which is no Exception: so the test is the space
-    left on the disk once the partial output is gone."""
+    removes its partial output (or calls undo(), for a file appended to). Writers word a full disk
+    in many ways (errno 28; torch's zip writer "enforce fail ... unexpected pos"; safetensors' own
+    error), and dcp.save wraps each rank's failure in a CheckpointException, which is no
+    Exception: so the test is the space left on the disk once the partial output is gone."""
     try:
         yield
     except (Exception, CheckpointException) as e:
-        if os.path.isdir(partial):
+        if undo is not None:
+            undo()
+        elif os.path.isdir(partial):
             shutil.rmtree(partial, ignore_errors=True)
         elif os.path.exists(partial):
             os.remove(partial)

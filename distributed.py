@@ -10,6 +10,8 @@ A single process without torchrun works too: no process group, no sharding.
 
 import contextlib
 import datetime
+import functools
+import gc
 import hashlib
 import json
 import math
@@ -18,6 +20,7 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,12 +29,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_state_dict, set_state_dict)
-from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from checkpoint import (disk_errors, iter_checkpoint, load_config, publish, save_pretrained, set_tensor, shapes,
+from checkpoint import (append_whole, disk_errors, iter_checkpoint, load_config, publish, save_pretrained, set_tensor, shapes,
                         tensor_bytes, write_atomic)
 from model import ModelConfig, Transformer, varlen_attn
 
@@ -45,6 +48,8 @@ class Context:
     mesh: DeviceMesh | None = None  # the ranks FSDP2 shards over; None: a world of one, unsharded
     decode_mesh: DeviceMesh | None = None  # (dp, tp) ranks of a tensor-parallel rollout (tp.py); None: no TP
     host: torch.device = torch.device("cpu")  # where offloaded state waits (the memory plan: meta, off its GPU)
+    simulated: bool = False  # the memory plan's walk: fake tensors, so no weights to read and no tokens to sample
+    memory: Callable[[], tuple[int, int]] | None = None  # (free, total) bytes of this rank's device; None: no limit
 
     @property
     def tp_mesh(self) -> DeviceMesh | None:
@@ -98,7 +103,14 @@ def init(timeout_min: float = 60.0, tp: int = 1) -> Context:
                                     timeout=timeout)
     mesh = init_device_mesh(device.type, (world,)) if dist.is_initialized() else None
     return Context(rank, world, device, gpu=device.type == "cuda", mesh=mesh,
-                   decode_mesh=make_decode_mesh(device.type, world, tp))
+                   decode_mesh=make_decode_mesh(device.type, world, tp),
+                   memory=functools.partial(cuda_memory, device) if device.type == "cuda" else None)
+
+
+def cuda_memory(device) -> tuple[int, int]:
+    """(free, total) bytes of a CUDA device, counting what the caching allocator holds unused as free."""
+    free, total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device), total
 
 
 def make_decode_mesh(device_type: str, world: int, tp: int) -> DeviceMesh | None:
@@ -112,11 +124,23 @@ def make_decode_mesh(device_type: str, world: int, tp: int) -> DeviceMesh | None
 
 
 def shutdown():
-    if dist.is_initialized():
-        # Every rank done first: a rank that tore down its groups while a peer still used them
-        # aborted at exit (2 of 10 two-rank tensor-parallel runs under gloo, none with the barrier).
-        dist.barrier()
-        dist.destroy_process_group()
+    """Leave the process group, every rank done first, and end the groups' C++ objects here, their
+    worker threads joined, while the interpreter still runs. A group lives as long as anything
+    holds it: the callers drop what they built on it (models, contexts: the trainers return none),
+    and torch's DTensor caches keep device meshes, each holding its groups, for the process's
+    life, so the meshes let go of theirs. A gloo worker thread left alive frees its last
+    collective's work object whenever it gets to it; if that is during interpreter teardown, the
+    tensors' Python objects can no longer be released (no GIL to take), and the process aborts,
+    "terminate called without an active exception" (a 2-rank TP worker: 18 of 200 runs under
+    load, before)."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()  # FSDP2 modules hold reference cycles, and with them their meshes and groups
+    for mesh in [o for o in gc.get_objects() if isinstance(o, DeviceMesh)]:
+        mesh._pg_registry.clear()
+    gc.collect()
 
 
 def log(*args, **kw):
@@ -150,9 +174,13 @@ def all_reduce_max(x: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def all_gather_objects(obj, group=None) -> list:
-    """Every rank's picklable `obj` (of `group`, default all), in rank order."""
+    """Every rank's picklable `obj` (of `group`, default all), in rank order. The memory plan's
+    fake process group moves no bytes: there every rank holds what this one does (its ranks are
+    alike by construction)."""
     if not dist.is_initialized():
         return [obj]
+    if dist.get_backend(group) == "fake":
+        return [obj] * dist.get_world_size(group)
     every = [None] * dist.get_world_size(group)
     dist.all_gather_object(every, obj, group=group)
     return every
@@ -169,13 +197,13 @@ def pad_to_ranks(mine: list, empty: dict) -> list:
     return mine + [dict(empty) for _ in range(max_over_ranks(len(mine)) - len(mine))]
 
 
-def max_over_ranks(n: int) -> int:
-    """The largest of every rank's host integer. Host values are real even under the memory
-    plan's fake tensors, so this runs outside them."""
+def max_over_ranks(n: int, group=None) -> int:
+    """The largest of every rank's host integer (of `group`, default all). Host values are real
+    even under the memory plan's fake tensors, so this runs outside them."""
     if not dist.is_initialized():
         return n
     with unset_fake_temporarily():
-        return int(all_reduce_max(torch.tensor([n])))
+        return int(all_reduce_max(torch.tensor([n]), group))
 
 
 def sum_over_ranks(n: int) -> int:
@@ -223,7 +251,7 @@ def shard(model: Transformer, ctx: Context, bf16: bool, activation_checkpointing
 
 
 def load_model(path, ctx: Context, bf16=False, activation_checkpointing=False,
-               config: ModelConfig | None = None, seed=0, frozen=False, fill=True):
+               config: ModelConfig | None = None, seed=0, frozen=False):
     """Build on the meta device, shard, then fill each rank's rows straight from safetensors.
 
     With `path` None a fresh model is initialized from `config` (the demo), identically on every
@@ -231,7 +259,7 @@ def load_model(path, ctx: Context, bf16=False, activation_checkpointing=False,
     weights stay fp32 (the optimizer's master copy); bf16 compute comes from FSDP2's
     mixed-precision policy (every CUDA run is wrapped, one GPU included). A frozen model (the
     reference: eval mode, no gradients) is stored in bf16 on GPU runs, since it never trains.
-    fill=False leaves the weights unset: the memory plan's fake tensors have no values to read.
+    Under the memory plan (ctx.simulated) the weights stay unset: fake tensors hold no values.
     """
     config = config or load_config(path)
     with unset_fake_temporarily(), torch.device("meta"):  # meta tensors: shapes only, fake or not
@@ -246,9 +274,11 @@ def load_model(path, ctx: Context, bf16=False, activation_checkpointing=False,
         # to_empty() of plain tensors creates one new parameter per module; FSDP2 keeps the tie.
         model.lm_head.weight = model.embed_tokens.weight
     model.materialize_buffers(ctx.device)
-    if fill and path is None:
+    if ctx.simulated:
+        pass
+    elif path is None:
         init_weights(model, seed)
-    elif fill:
+    else:
         load_shards(model, path)
     if frozen:
         model.eval().requires_grad_(False)
@@ -333,7 +363,7 @@ def adamw(model, ctx: Context, **kw):
     return torch.optim.AdamW(model.parameters(), foreach=True if ctx.gpu else None, **kw)
 
 
-def clip_and_step(model, optimizer, max_norm, loss=None) -> torch.Tensor:
+def clip_and_step(model, optimizer, max_norm, ctx: Context, loss=None) -> torch.Tensor:
     """Clip the global gradient norm, take the optimizer step, clear gradients; returns the norm
     before clipping as a 0-d tensor.
 
@@ -341,7 +371,7 @@ def clip_and_step(model, optimizer, max_norm, loss=None) -> torch.Tensor:
     torch's clip_grad_norm_ without its DTensor reductions, which the memory plan showed
     gathering whole gradients. A non-finite norm, or a non-finite `loss` (the step's, summed
     over ranks), raises FloatingPointError before the step, so the weights never take it (the
-    one host sync of the step).
+    one host sync of the step; the memory plan's fake tensors have no value to check).
     """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
@@ -350,7 +380,7 @@ def clip_and_step(model, optimizer, max_norm, loss=None) -> torch.Tensor:
         squares = all_reduce_sum(squares)
     norm = squares.sqrt()
     checked = norm if loss is None else torch.stack([norm, loss.detach().float().reshape(())])
-    if not is_fake(checked) and not bool(torch.isfinite(checked).all()):
+    if not ctx.simulated and not bool(torch.isfinite(checked).all()):
         optimizer.zero_grad(set_to_none=True)
         what = "gradient norm" if loss is None or torch.isfinite(loss) else "loss"
         raise FloatingPointError(f"non-finite {what} ({float(norm if what[0] == 'g' else loss):g})")
@@ -383,7 +413,7 @@ def save_hf(model, tokenizer, out_dir):
 # non-finite stop advises) they change it on purpose, from the resumed step on. Each is logged.
 SAFE_TO_CHANGE = {"resume", "max_steps", "save_every", "eval_every", "wandb_project", "dist_timeout_min",
                   "check_memory", "plan", "plan_world_size", "plan_gpu_gib", "keep_last", "export_every",
-                  "log_traces_every", "out", "lr", "resume_data_changed"}
+                  "log_traces_every", "out", "lr", "resume_data_changed", "plan_alternatives"}
 # The data files whose contents a run is tied to, by digest: the same path holding other records
 # is another run (resume_data_changed says the change is meant).
 DATA_FIELDS = ("data", "eval_data")
@@ -618,7 +648,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir, total_steps, config: dict, wandb_project: str = "", start=0):
         self.main = is_main()
-        self.bar = self.file = self.wandb = None
+        self.bar = self.path = self.wandb = None
         if not self.main:
             return
         from tqdm import tqdm
@@ -630,7 +660,7 @@ class MetricsLogger:
             # a torn last line (a kill mid-write) does not parse: it is past the checkpoint too
             kept = [line for line in lines if line.strip() and _logged_step(line) <= start]
             write_atomic(path, "".join(line + "\n" for line in kept))
-        self.file = open(path, "a")
+        self.path = path
         self.bar = tqdm(total=total_steps, initial=start, file=sys.stderr, dynamic_ncols=True)
         if wandb_project:
             import wandb  # optional extra: pip install wandb
@@ -641,8 +671,7 @@ class MetricsLogger:
         if not self.main:
             return
         metrics = {k: float(v) for k, v in metrics.items()}
-        self.file.write(json.dumps({"step": step, "time": time.time() - self.t0, **metrics}) + "\n")
-        self.file.flush()
+        append_whole(self.path, json.dumps({"step": step, "time": time.time() - self.t0, **metrics}) + "\n")
         self.bar.n = step
         self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in show if k in metrics})
         if self.wandb:
@@ -651,6 +680,5 @@ class MetricsLogger:
     def close(self):
         if self.main:
             self.bar.close()
-            self.file.close()
             if self.wandb:
                 self.wandb.finish()

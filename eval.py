@@ -33,7 +33,6 @@ Departures from the RM-R1 harness and choices it leaves open:
   because RM-Bench (9 comparisons per item) and RMB best-of-N (one per loser) score whole items.
 """
 
-import contextlib
 import hashlib
 import json
 import os
@@ -51,7 +50,7 @@ import demo.recipe
 import distributed as D
 import rollout
 import tp
-from checkpoint import load_config, load_pretrained, write_atomic
+from checkpoint import append_whole, load_config, load_pretrained, write_atomic
 from cli import check_fields, parse_config
 from reward import LETTERS, label, place
 
@@ -133,8 +132,8 @@ def judge(model, tokenizer, comparisons, cfg: EvalConfig, log=None, ctx=None) ->
 
     Under torchrun (ctx) each chunk is dealt out over the data-parallel groups, which judge their
     parts at once; every rank then gathers the chunk's records back in order and returns them all.
-    When `log` (an open text file, rank 0's) is given, each chunk's records are written to it as
-    JSON lines and flushed as soon as the chunk is judged.
+    When `log` (a path, rank 0's) is given, each chunk's records are appended to it as JSON lines
+    as soon as the chunk is judged.
     """
     group, groups = ctx.dp if ctx is not None else (0, 1)
     lead = ctx is None or ctx.tp_mesh is None or ctx.tp_mesh.get_local_rank() == 0
@@ -154,7 +153,7 @@ def judge(model, tokenizer, comparisons, cfg: EvalConfig, log=None, ctx=None) ->
             judged = [(r, ids) for r, ids in todo if ids is not None]
             if judged:
                 # a TP group's ranks must schedule alike: one KV budget for all of them
-                budget = tp.agreed_budget(None, ctx.device, ctx.tp_mesh) if ctx is not None else None
+                budget = tp.kv_budget(None, ctx) if ctx is not None else None
                 verdicts = rollout.greedy_verdicts(model, tokenizer, [ids for _, ids in judged], cfg.max_new_tokens,
                                                    cfg.batch_size, budget)
                 for (record, _), (text, verdict, finish_reason) in zip(judged, verdicts):
@@ -166,8 +165,7 @@ def judge(model, tokenizer, comparisons, cfg: EvalConfig, log=None, ctx=None) ->
             for g, part in parts:
                 done[g::groups] = part
             if log is not None:
-                log.write("".join(json.dumps(r) + "\n" for r in done))
-                log.flush()
+                append_whole(log, "".join(json.dumps(r) + "\n" for r in done))
             records += done
             bar.update(len(done))
     return records
@@ -292,8 +290,7 @@ def evaluate(cfg: EvalConfig) -> dict:
           f"{len(todo)} to judge" + (f" on {ctx.dp[1]} data-parallel groups" if ctx.world_size > 1 else ""))
     if todo:
         model, tokenizer = load_judge(cfg.model, ctx)
-        with open(log_path, "a", encoding="utf-8") if D.is_main() else contextlib.nullcontext() as log:
-            judge(model, tokenizer, todo, cfg, log, ctx)
+        judge(model, tokenizer, todo, cfg, log_path if D.is_main() else None, ctx)
     return on_main(lambda: score_log(cfg, out, log_path))
 
 

@@ -42,6 +42,7 @@ than the run's (out/config.json) but those safe to change, and a fresh run refus
 """
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import json
@@ -63,10 +64,9 @@ import tp
 from checkpoint import load_config, write_atomic
 from cli import check_fields, parse_config
 from objective import equal_groups, group_advantages, overlong_penalty
-from passes import backward_rows, old_and_ref_logprobs, pack_rows, sequences, update
+from passes import old_and_ref_logprobs, pack_rows, sequences, update
 from plan import MORE_RANKS
-from rollout import (PAGE_SIZE, PREFILL_TOKENS, SamplingParams, cache_pages, decode, greedy_verdicts,
-                     kv_budget, new_cache, prefill)
+from rollout import RolloutStats, SamplingParams, full_length, greedy_verdicts
 
 
 @dataclass
@@ -122,10 +122,24 @@ class GRPOConfig:
     check_memory: bool = True          # CUDA: walk the memory plan before step 1; refuse what cannot fit
     plan: bool = False                 # only print the memory plan (needs --model DIR/config.json alone)
     plan_world_size: int = 8           # ranks the plan simulates
-    plan_gpu_gib: float = 80.0         # memory of each simulated GPU
+    plan_gpu_gib: float = 80.0         # GiB of each simulated GPU; 80 and 141 (GB) mean what those cards report
+    plan_alternatives: bool = True     # a plan that does not fit also walks what could (more ranks, H200s, savings)
 
 
-# ---- rollouts ----
+# ---- one GRPO step, phase by phase (plan_walk walks the same phases on fake tensors) ----
+
+@dataclass
+class Round:
+    """One rollout round of a step (--oversample draws more): this rank's prompts, their traces
+    and the traces' rewards."""
+    records: list
+    prompts: list
+    completions: list            # len(prompts) * n, prompt-major
+    texts: list
+    rewards: torch.Tensor        # the verdicts' +1/-1 (what the metrics report)
+    train_rewards: torch.Tensor  # what the advantages are computed from (+ DAPO's overlong penalty)
+    stats: RolloutStats
+
 
 def rollout(model, tokenizer, prompts, step, cfg: GRPOConfig, ctx, prompt_keys, resample=0):
     """Sample n traces per prompt with the current policy (decoding()). Seeds derive from (seed,
@@ -138,9 +152,8 @@ def rollout(model, tokenizer, prompts, step, cfg: GRPOConfig, ctx, prompt_keys, 
                             stop_token_ids=(tokenizer.eos_token_id,),
                             seed=(cfg.seed * 1_000_003 + step + resample * 1_000_000_007) % 2**32)
     with decoding(model, cfg, ctx) as decoder, torch.no_grad():
-        completions, stats = tp.generate_in_group(decoder, prompts, params, ctx.tp_mesh, prompt_keys,
-                                                  max_batch_size=cfg.rollout_slots,
-                                                  kv_budget_bytes=kv_budget_bytes(cfg))
+        completions, stats = tp.generate_in_group(decoder, prompts, params, ctx, prompt_keys,
+                                                  kv_budget_bytes(cfg), cfg.rollout_slots)
     return completions, [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions], stats
 
 
@@ -157,7 +170,7 @@ def decoding(model, cfg: GRPOConfig, ctx):
 
 
 def kv_budget_bytes(cfg: GRPOConfig):
-    """--kv_budget_gib in bytes; None lets the sampler take what the device has free."""
+    """--kv_budget_gib in bytes; None lets tp.kv_budget take what the device has free."""
     return int(cfg.kv_budget_gib * 2**30) if cfg.kv_budget_gib else None
 
 
@@ -195,106 +208,144 @@ def rank_share(cfg: GRPOConfig, ctx):
             for j in range(cfg.rollout_batch_size // cfg.mini_batch_size) for i in range(m)]
 
 
-def grpo_step(model, ref_model, optimizer, tokenizer, records, prompts, step, prompt_keys,
-              cfg: GRPOConfig, ctx, score=rlvr_rewards, draw=None, trace_file=None):
-    """One rollout batch (this rank's share of prompts, from rank_share): sample, score, compute
-    advantages, then one optimizer step per mini-batch. prompt_keys are the prompts' global
-    indices (they key the sampling noise). With filter_equal_groups, groups whose rewards are all
-    equal are dropped, and with oversample, draw(k) gives (records, prompts) of this rank's share
-    of another batch, sampled (k = 1, 2, ...) until the kept groups fill one. Sample traces go
-    to trace_file when given. Returns the step's metrics, averaged over ranks."""
-    n, R, share = cfg.n_samples, cfg.rollout_batch_size, rank_share(cfg, ctx)
-    t0 = time.time()
-    model.eval()
-    # Per resample: this rank's groups and the sampler's stats; then the (resample, position)s kept.
-    # AdamW's state serves only the updates: with --offload_states it waits on the host until then.
-    if cfg.offload_states:
-        D.place(optimizer, ctx.host)
-    groups, engine, kept = [], [], []
-    for resample in range(1 + (cfg.oversample if cfg.filter_equal_groups else 0)):
-        if resample:
-            records, prompts = draw(resample)
-        completions, texts, rollout_stats = rollout(model, tokenizer, prompts, step, cfg, ctx, prompt_keys,
-                                                    resample)
-        rewards = score(completions, texts, records)
-        train_rewards = rewards
-        if cfg.overlong == "penalty":
-            lengths = torch.tensor([float(len(c.token_ids)) for c in completions])
-            train_rewards = rewards + overlong_penalty(lengths, cfg.max_response_len, cfg.overlong_buffer)
-        groups.append((records, prompts, completions, texts, rewards, train_rewards))
-        engine.append(rollout_stats)
-        keep = torch.zeros(R)
-        if cfg.filter_equal_groups:
-            keep[share] = (~equal_groups(train_rewards, n)).float()
-        else:
-            keep[share] = 1.0
-        kept += [(resample, p) for p in torch.nonzero(D.all_reduce_sum(keep)).flatten().tolist()]
-        if len(kept) >= R:
-            break
-    t_gen = time.time()
+def score_round(records, prompts, completions, texts, stats, cfg: GRPOConfig, score) -> Round:
+    """Score every trace with score(completions, texts, records) (the paper's rlvr_rewards in a
+    run) and add DAPO's overlong penalty to what trains, with --overlong penalty."""
+    rewards = score(completions, texts, records)
+    train_rewards = rewards
+    if cfg.overlong == "penalty":
+        lengths = torch.tensor([float(len(c.token_ids)) for c in completions])
+        train_rewards = rewards + overlong_penalty(lengths, cfg.max_response_len, cfg.overlong_buffer)
+    return Round(records, prompts, completions, texts, rewards, train_rewards, stats)
 
-    # Mini-batch j trains on kept groups j*M..(j+1)*M in (resample, position) order, each rank
-    # on its own: the same mini-batches whatever the number of ranks.
-    kept, M = kept[:R], cfg.mini_batch_size
-    mine = {(r, p): i for r in range(len(groups)) for i, p in enumerate(share)}
+
+def kept_groups(rnd: Round, resample, share, cfg: GRPOConfig) -> list:
+    """The (round, position in the rollout batch) of every group of this round that trains, over
+    all ranks: all of them, or with --filter_equal_groups those whose rewards differ."""
+    keep = torch.zeros(cfg.rollout_batch_size)
+    keep[share] = (~equal_groups(rnd.train_rewards, cfg.n_samples)).float() if cfg.filter_equal_groups else 1.0
+    return [(resample, p) for p in torch.nonzero(D.all_reduce_sum(keep)).flatten().tolist()]
+
+
+def assemble(rounds: list[Round], kept, share, cfg: GRPOConfig) -> list[list[dict]]:
+    """This rank's packed rows of each mini-batch: mini-batch j trains on kept groups j*M..(j+1)*M
+    in (round, position) order, each rank on its own, so the mini-batches are the same whatever
+    the number of ranks. Each trace's advantage is computed within its group; --overlong mask
+    leaves truncated traces out."""
+    n, M = cfg.n_samples, cfg.mini_batch_size
+    mine = {(r, p): i for r in range(len(rounds)) for i, p in enumerate(share)}
     minis = []
     for j in range(0, len(kept), M):
         seqs = []
         for r, p in kept[j:j + M]:
             if (r, p) not in mine:
                 continue
-            g = mine[r, p]
-            _, prompts_r, completions, _, _, train_rewards = groups[r]
-            block = slice(g * n, (g + 1) * n)
-            advantages = group_advantages(train_rewards[block], n, cfg.norm_adv_by_std)
-            seqs += [s for s, c in zip(sequences(prompts_r, completions[block], advantages), completions[block])
+            block = slice(mine[r, p] * n, (mine[r, p] + 1) * n)
+            completions = rounds[r].completions[block]
+            advantages = group_advantages(rounds[r].train_rewards[block], n, cfg.norm_adv_by_std)
+            seqs += [s for s, c in zip(sequences(rounds[r].prompts, completions, advantages), completions)
                      if not (cfg.overlong == "mask" and c.finish_reason == "length")]
         minis.append(pack_rows(seqs, cfg.micro_batch_tokens))
+    return minis
+
+
+def logprob_passes(model, ref_model, rows, cfg: GRPOConfig, ctx):
+    """passes.old_and_ref_logprobs; with --offload_states the reference (which never changes) is
+    read from --model for them and freed after."""
+    if not cfg.offload_states:
+        return old_and_ref_logprobs(model, ref_model, rows, cfg, ctx)
+    ref_model = build_reference(cfg, ctx)
+    gap = old_and_ref_logprobs(model, ref_model, rows, cfg, ctx)
+    del ref_model
+    gc.collect()  # FSDP2's modules hold reference cycles: free the shards now, not at a later collection
+    return gap
+
+
+def place_states(optimizer, where, cfg: GRPOConfig):
+    """With --offload_states, AdamW's state (which serves only the updates) waits on the host
+    outside them: sent there before the rollout and back before the first update."""
+    if cfg.offload_states:
+        D.place(optimizer, where)
+
+
+def train_on(model, optimizer, minis, cfg: GRPOConfig, ctx) -> list[dict]:
+    """One optimizer step per mini-batch (passes.update); the metrics of those taken."""
+    model.train()
+    place_states(optimizer, ctx.device, cfg)
+    return [u for u in (update(model, optimizer, rows, cfg, ctx) for rows in minis) if u is not None]
+
+
+def grpo_step(model, ref_model, optimizer, tokenizer, records, prompts, step, prompt_keys,
+              cfg: GRPOConfig, ctx, score=rlvr_rewards, draw=None, trace_file=None):
+    """One rollout batch (this rank's share of prompts, from rank_share): sample (rollout), score
+    (score_round), keep the groups that train (kept_groups), pack the mini-batches (assemble),
+    the old and reference log-probs (logprob_passes), then one optimizer step per mini-batch
+    (train_on). prompt_keys are the prompts' global indices (they key the sampling noise). With
+    filter_equal_groups, groups whose rewards are all equal are dropped, and with oversample,
+    draw(k) gives (records, prompts) of this rank's share of another batch, sampled (k = 1, 2,
+    ...) until the kept groups fill one. Sample traces go to trace_file when given. Returns the
+    step's metrics, averaged over ranks."""
+    R, share = cfg.rollout_batch_size, rank_share(cfg, ctx)
+    t0 = time.time()
+    model.eval()
+    place_states(optimizer, ctx.host, cfg)
+    rounds, kept = [], []
+    for resample in range(1 + (cfg.oversample if cfg.filter_equal_groups else 0)):
+        if resample:
+            records, prompts = draw(resample)
+        completions, texts, stats = rollout(model, tokenizer, prompts, step, cfg, ctx, prompt_keys, resample)
+        rounds.append(score_round(records, prompts, completions, texts, stats, cfg, score))
+        kept += kept_groups(rounds[-1], resample, share, cfg)
+        if len(kept) >= R:
+            break
+    t_gen = time.time()
+    minis = assemble(rounds, kept[:R], share, cfg)
     gap = logprob_passes(model, ref_model, [r for rows in minis for r in rows], cfg, ctx)
     t_logprobs = time.time()
-
-    model.train()
-    if cfg.offload_states:
-        D.place(optimizer, ctx.device)
-    updates = [u for u in (update(model, optimizer, rows, cfg, ctx) for rows in minis) if u is not None]
+    updates = train_on(model, optimizer, minis, cfg, ctx)
     t_update = time.time()
-
-    records, prompts, completions, texts, rewards, _ = groups[0]
     if trace_file is not None:
-        write_traces(trace_file, tokenizer, records, prompts, completions, texts, rewards, n)
-    labels = [records[c.prompt_index]["label"] for c in completions]
-    verdicts = [reward.parse_verdict(t) for t in texts]
-    m = {k: float(v) for k, v in judge_metrics(completions, labels, rewards, verdicts, n).items()}
+        write_traces(trace_file, tokenizer, rounds[0], cfg.n_samples)
+    m = step_metrics(rounds, updates, cfg)
+    m.update(rollout_logprob_gap=float(gap), lr=optimizer.param_groups[0]["lr"], updates=len(updates),
+             kept_groups=min(len(kept), R) / R, time_generate=t_gen - t0, time_logprobs=t_logprobs - t_gen,
+             time_update=t_update - t_logprobs, tokens_per_s=m.pop("tokens") / (t_update - t0),
+             rollout_tokens_per_s=m.pop("generated") / (t_gen - t0))
+    return m
+
+
+def step_metrics(rounds: list[Round], updates, cfg: GRPOConfig) -> dict:
+    """The judge's metrics of the first round and the updates' means, over ranks; the step's
+    token counts (all rounds) and the sampler's peaks."""
+    first, n = rounds[0], cfg.n_samples
+    labels = [first.records[c.prompt_index]["label"] for c in first.completions]
+    verdicts = [reward.parse_verdict(t) for t in first.texts]
+    m = {k: float(v) for k, v in judge_metrics(first.completions, labels, first.rewards, verdicts, n).items()}
     m = dict(zip(m, D.all_reduce_mean(torch.tensor(list(m.values()))).tolist()))
     if updates:
         m.update({k: float(torch.stack([u[k] for u in updates]).mean()) for k in updates[0]})
-    tokens = sum(len(prompts_r[c.prompt_index]) + len(c.token_ids) for _, prompts_r, cs, *_ in groups for c in cs)
-    n_tokens = D.all_reduce_sum(torch.tensor(float(tokens)))
-    generated = sum(len(c.token_ids) for _, _, cs, *_ in groups for c in cs)
-    generated = D.all_reduce_sum(torch.tensor(float(generated)))
-    sampler = D.all_reduce_max(torch.tensor([float(max(getattr(s, k) for s in engine)) for k in
+    tokens = sum(len(r.prompts[c.prompt_index]) + len(c.token_ids) for r in rounds for c in r.completions)
+    generated = sum(len(c.token_ids) for r in rounds for c in r.completions)
+    sampler = D.all_reduce_max(torch.tensor([float(max(getattr(r.stats, k) for r in rounds)) for k in
                                              ("peak_sequences", "peak_kv_bytes", "preemptions", "pool_pages")]))
-    m.update(rollout_logprob_gap=float(gap), lr=optimizer.param_groups[0]["lr"], updates=len(updates),
-             kept_groups=len(kept) / R, rollout_rounds=len(groups),
-             time_generate=t_gen - t0, time_logprobs=t_logprobs - t_gen,
-             time_update=t_update - t_logprobs, tokens_per_s=float(n_tokens) / (t_update - t0),
-             rollout_tokens_per_s=float(generated) / (t_gen - t0), rollout_peak_sequences=float(sampler[0]),
-             rollout_peak_kv_gib=float(sampler[1]) / 2**30, rollout_preemptions=float(sampler[2]),
-             rollout_pool_pages=float(sampler[3]))
+    m.update(tokens=float(D.all_reduce_sum(torch.tensor(float(tokens)))),
+             generated=float(D.all_reduce_sum(torch.tensor(float(generated)))), rollout_rounds=len(rounds),
+             rollout_peak_sequences=float(sampler[0]), rollout_peak_kv_gib=float(sampler[1]) / 2**30,
+             rollout_preemptions=float(sampler[2]), rollout_pool_pages=float(sampler[3]))
     return m
 
 
 TRACE_GROUPS = 8  # groups of rank 0's share written per logged step
 
 
-def write_traces(path, tokenizer, records, prompts, completions, texts, rewards, n):
+def write_traces(path, tokenizer, rnd: Round, n):
     """The first TRACE_GROUPS groups' judge prompts, traces, verdicts and rewards, one JSON line per
     trace: what the metrics cannot show (a right verdict for a wrong reason, say)."""
     lines = []
-    for c, text, r in list(zip(completions, texts, rewards.tolist()))[:TRACE_GROUPS * n]:
+    for c, text, r in list(zip(rnd.completions, rnd.texts, rnd.rewards.tolist()))[:TRACE_GROUPS * n]:
         lines.append(json.dumps({"prompt_index": c.prompt_index, "sample": c.sample_index,
-                                 "prompt": tokenizer.decode(prompts[c.prompt_index]),
-                                 "label": records[c.prompt_index]["label"], "trace": text,
+                                 "prompt": tokenizer.decode(rnd.prompts[c.prompt_index]),
+                                 "label": rnd.records[c.prompt_index]["label"], "trace": text,
                                  "verdict": reward.parse_verdict(text), "reward": r,
                                  "finish_reason": c.finish_reason, "tokens": len(c.token_ids)}))
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -308,7 +359,7 @@ def evaluate(model, tokenizer, records, prompts, cfg: GRPOConfig, ctx):
     index, groups = ctx.dp
     mine = list(range(index, len(prompts), groups))
     with decoding(model, cfg, ctx) as decoder, torch.no_grad():
-        budget = tp.agreed_budget(kv_budget_bytes(cfg), ctx.device, ctx.tp_mesh)
+        budget = tp.kv_budget(kv_budget_bytes(cfg), ctx)
         verdicts = greedy_verdicts(decoder, tokenizer, [prompts[i] for i in mine], cfg.max_response_len,
                                    cfg.rollout_slots, budget) if mine else []
     right = sum(verdict == reward.LETTERS[records[i]["label"]] for i, (_, verdict, _) in zip(mine, verdicts))
@@ -392,102 +443,68 @@ def check_config(cfg: GRPOConfig, world_size):
     ])
 
 
-def build_policy(cfg: GRPOConfig, ctx, fill=True):
+def build_policy(cfg: GRPOConfig, ctx):
     """The policy (fp32 master weights, sharded) and its AdamW, as train() and the plan build them."""
-    model = D.load_model(cfg.model, ctx, bf16=cfg.bf16,
-                         activation_checkpointing=cfg.activation_checkpointing, fill=fill)
+    model = D.load_model(cfg.model, ctx, bf16=cfg.bf16, activation_checkpointing=cfg.activation_checkpointing)
     return model, D.adamw(model, ctx, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def build_reference(cfg: GRPOConfig, ctx, fill=True):
+def build_reference(cfg: GRPOConfig, ctx):
     """The frozen reference policy of the KL term (bf16 on GPUs); None when kl_coef is 0."""
-    return D.load_model(cfg.model, ctx, bf16=cfg.bf16, frozen=True, fill=fill) if cfg.kl_coef else None
+    return D.load_model(cfg.model, ctx, bf16=cfg.bf16, frozen=True) if cfg.kl_coef else None
 
 
-def logprob_passes(model, ref_model, rows, cfg: GRPOConfig, ctx, fill=True):
-    """passes.old_and_ref_logprobs; with --offload_states the reference (which never changes) is
-    read from --model for them and freed after (fill=False: the plan's unfilled build)."""
-    if not cfg.offload_states:
-        return old_and_ref_logprobs(model, ref_model, rows, cfg, ctx)
-    ref_model = build_reference(cfg, ctx, fill=fill)
-    gap = old_and_ref_logprobs(model, ref_model, rows, cfg, ctx)
-    del ref_model
-    gc.collect()  # FSDP2's modules hold reference cycles: free the shards now, not at a later collection
-    return gap
+PLAN_ROWS = 2  # rows the plan walks of each pass that accumulates (why: plan_walk)
 
 
 def plan_walk(cfg: GRPOConfig, ctx, plan):
-    """One GRPO step in train()'s order on fake tensors (plan.py): the rollout at the longest
-    prompt and response, the trainer's passes over one packed row of the longest sequences."""
-    model, optimizer = build_policy(cfg, ctx, fill=False)
-    plan.track(model, optimizer)
-    W = ctx.world_size
-    prompts_per_rank = cfg.rollout_batch_size // W
-    seq_len = cfg.max_prompt_len + cfg.max_response_len
-    seqs = [{"input_ids": [0] * seq_len, "prompt_len": cfg.max_prompt_len, "advantage": 1.0,
-             "sampler_logprobs": [0.0] * cfg.max_response_len}] * (cfg.mini_batch_size // W * cfg.n_samples)
-    rows = pack_rows(seqs, cfg.micro_batch_tokens)
-    plan.notes += [f"rollout: {prompts_per_rank} prompts x {cfg.n_samples} samples per rank, at "
-                   f"{cfg.max_prompt_len:,} + {cfg.max_response_len:,} tokens",
-                   f"trainer: {len(rows)} packed rows of {len(rows[0]['ids']):,} tokens per mini-batch "
-                   f"per rank (one measured: each is alike)"]
+    """grpo_step's phases in its order on fake tensors (plan.py), at the longest prompt and
+    response: the rollout of this rank's whole share (rollout.Sampler.walk: its first prefill,
+    then every slot decoding at the longest length), every group kept (full mini-batches), and
+    the trainer's passes over PLAN_ROWS packed rows of the first mini-batch: from the second row
+    on, the sharded fp32 gradients exist when a backward starts, and every later row is packed
+    to the same --micro_batch_tokens, so the peak is reached by then."""
+    model, optimizer = build_policy(cfg, ctx)
+    plan.track(model, optimizer, cfg.micro_batch_tokens)
+    share = rank_share(cfg, ctx)
+    records, prompts = [{"label": "model_a"}] * len(share), [[0] * cfg.max_prompt_len] * len(share)
     with plan.phase("load: policy shards, AdamW state (then to the host)" if cfg.offload_states else
                     "load: policy shards, bf16 reference, AdamW state",
                     MORE_RANKS + ", or a smaller model" + ("" if cfg.offload_states else ", or --offload_states")):
-        ref_model = None if cfg.offload_states else build_reference(cfg, ctx, fill=False)
+        ref_model = None if cfg.offload_states else build_reference(cfg, ctx)
         plan.make_optimizer_state(model, optimizer)
-        if cfg.offload_states:
-            D.place(optimizer, ctx.host)
-
-    tp_size = cfg.rollout_tp
-    with contextlib.ExitStack() as rollout_weights:
-        weights = (f"rollout: tensor-parallel weights (1/{tp_size} of every matrix)" if tp_size > 1 else
-                   "rollout: gather full weights")
-        with plan.phase(weights, MORE_RANKS + ("; a larger --rollout_tp splits them further" if tp_size > 1 else
-                        "; the full weights are gathered on every rank (--rollout_tp splits them)")):
-            plain = rollout_weights.enter_context(decoding(model, cfg, ctx))
-        # A TP group decodes its ranks' prompts together, each rank holding 1/tp of every KV head.
-        group_prompts = prompts_per_rank * tp_size
-        slots, cache = min(cfg.rollout_slots, group_prompts * cfg.n_samples), None
-        params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.n_samples,
-                                max_new_tokens=cfg.max_response_len)
-        with plan.phase("rollout: KV pool", "") as phase:
-            dtype = plain.embed_tokens.weight.dtype
-            budget = kv_budget_bytes(cfg) or kv_budget(plan.free(), plan.total)
-            try:
-                n_pages = cache_pages(plain.config, [[0] * cfg.max_prompt_len] * group_prompts, params, dtype,
-                                      budget, slots)
-                cache = new_cache(plain, slots, seq_len, PAGE_SIZE, n_pages)
-                phase.name += (f" ({n_pages:,} pages of {PAGE_SIZE}: {n_pages * PAGE_SIZE // seq_len} "
-                               f"sequences at full length, more as most end early)")
-            except ValueError as e:
-                phase.error = str(e)  # the trainer's phases below are still measured
-        advice = "lower --rollout_slots, or --kv_budget_gib below the default"
-        if cache is not None:
-            n = max(1, min(PREFILL_TOKENS // cfg.max_prompt_len, group_prompts))
-            with plan.phase(f"rollout: prefill ({n} prompts of {cfg.max_prompt_len:,} tokens)", advice):
-                prompt_pages = cache.pages_for(cfg.max_prompt_len - 1)
-                prefill(plain, cache, [([0] * (cfg.max_prompt_len - 1), cache.take(prompt_pages))
-                                       for _ in range(n)])
-        with plan.phase(f"rollout: decode step ({slots} sequences), then release" if cache is not None else
-                        "rollout: release the gathered weights", advice, counted=cache is not None):
-            if cache is not None:
-                state = torch.zeros(4, slots, dtype=torch.long, device=ctx.device)
-                decode(plain, cache, state, params, seq_len)  # every slot at the longest length
-            del plain, cache
-            rollout_weights.close()  # reshard inside the phase, where the tracker sees it
+        model.eval()
+        place_states(optimizer, ctx.host, cfg)
+    weights = f"TP weights (1/{cfg.rollout_tp} of every matrix)" if cfg.rollout_tp > 1 else "gathered weights"
+    with plan.phase(f"rollout: {weights}, KV pool, prefill, decode at full length",
+                    "lower --rollout_slots or --kv_budget_gib, " + ("a larger --rollout_tp" if cfg.rollout_tp > 1 else
+                    "--rollout_tp N (the full weights are gathered on every rank)") + ", or " + MORE_RANKS) as phase:
+        completions, texts, stats = rollout(model, plan.tokenizer(model.config), prompts, 0, cfg, ctx, share)
+    if phase.error:  # no KV pool: the trainer's phases are still measured, on full-length traces
+        params = SamplingParams(n=cfg.n_samples, max_new_tokens=cfg.max_response_len)
+        completions, texts, stats = full_length(len(prompts), params), [""] * len(prompts) * cfg.n_samples, RolloutStats()
+    with plan.on_host():  # scoring and packing hold nothing on the GPU; the first mini-batch is packed
+        rnd = score_round(records, prompts, completions, texts, stats, cfg, plan.mixed_rewards)
+        minis = assemble([rnd], [(0, p) for p in range(cfg.mini_batch_size)], share, cfg)
+    rows = minis[0][:PLAN_ROWS]
+    group = len(prompts) * cfg.rollout_tp * cfg.n_samples
+    plan.notes += [f"rollout: {len(prompts)} prompts x {cfg.n_samples} samples per rank at {cfg.max_prompt_len:,} + "
+                   f"{cfg.max_response_len:,} tokens; {min(cfg.rollout_slots, group)} slots" +
+                   (f" per TP group of {cfg.rollout_tp}" if cfg.rollout_tp > 1 else "") +
+                   ("" if phase.error else f"; a KV pool of {stats.pool_pages:,} pages of {stats.page_size} "
+                    f"({stats.pool_pages * stats.page_bytes / 2**30:.1f} GiB): "
+                    f"{stats.pool_pages * stats.page_size // (cfg.max_prompt_len + cfg.max_response_len)} sequences "
+                    f"at full length, more as most end early"),
+                   f"trainer: {len(minis[0])} packed rows of {len(rows[0]['ids']):,} tokens per mini-batch per rank; "
+                   f"{len(rows)} walked (from the second on, gradients exist as a backward starts: the peak)"]
     advice = f"lower --micro_batch_tokens (now {cfg.micro_batch_tokens:,})"
-    with plan.phase("old + reference log-probs (one row)" + (", the reference read for them" if cfg.offload_states
-                                                              else ""), advice):
-        logprob_passes(model, ref_model, rows[:1], cfg, ctx, fill=False)
-    model.train()
-    with plan.phase("update: forward + backward (one row)" + (", AdamW state back" if cfg.offload_states else ""),
-                    advice + ("" if cfg.offload_states else ", or --offload_states")):
-        if cfg.offload_states:
-            D.place(optimizer, ctx.device)
-        backward_rows(model, rows[:1], cfg, ctx)
-    with plan.phase("update: clip + AdamW step", MORE_RANKS):
-        D.clip_and_step(model, optimizer, cfg.grad_clip)
+    with plan.phase(f"old + reference log-probs ({len(rows)} of {len(minis[0])} rows)" +
+                    (", the reference read for them" if cfg.offload_states else ""), advice):
+        logprob_passes(model, ref_model, rows, cfg, ctx)
+    with plan.phase(f"update: forward + backward ({len(rows)} of {len(minis[0])} rows), clip, AdamW step" +
+                    (", AdamW state back" if cfg.offload_states else ""),
+                    advice + ("" if cfg.offload_states else ", --offload_states") + ", or " + MORE_RANKS):
+        train_on(model, optimizer, [rows], cfg, ctx)
 
 
 def step_prompts(n_records, step, cfg: GRPOConfig) -> list[int]:
@@ -514,11 +531,18 @@ def oversampler(records, prompts, step, cfg: GRPOConfig, share):
 
 
 def train(cfg: GRPOConfig, preset="", records=None, eval_records=None):
-    """One GRPO run on --data (or records(), the demo's), scored on --eval_data (or eval_records())."""
+    """One GRPO run on --data (or records(), the demo's), scored on --eval_data (or eval_records()).
+    With --plan, only the memory plan: returns it. (Nothing built on the process group is
+    returned: distributed.shutdown ends the groups once the run's objects are gone.)"""
     if cfg.plan:
         check_config(cfg, cfg.plan_world_size)
-        return plan.run(plan_walk, cfg, cfg.plan_world_size, cfg.plan_gpu_gib,
-                        f"memory plan of grpo.py --model {cfg.model}, per rank", tp=cfg.rollout_tp)
+        least_row = cfg.max_prompt_len + cfg.max_response_len
+        variants = ([("--offload_states", dataclasses.replace(cfg, offload_states=True))] if not cfg.offload_states
+                    else []) + ([(f"--micro_batch_tokens {least_row}", dataclasses.replace(cfg, micro_batch_tokens=least_row))]
+                                if cfg.micro_batch_tokens > least_row else [])
+        # two streams run matrix products: the trainer's, and the decode graphs' (rollout.side_stream)
+        return plan.run(plan_walk, cfg, f"memory plan of grpo.py --model {cfg.model}, per rank", tp=cfg.rollout_tp,
+                        gemm_streams=2, variants=variants)
     check_config(cfg, D.world_size())
     ctx = D.init(cfg.dist_timeout_min, cfg.rollout_tp)
     # Settings, data and the run directory are checked before any model is loaded.
@@ -569,7 +593,6 @@ def train(cfg: GRPOConfig, preset="", records=None, eval_records=None):
 
     D.run_steps(cfg, model, optimizer, tokenizer, total_steps, step_fn, os.path.join(cfg.out, "hf"),
                 show=("reward", "eval_accuracy", "kl", "clip_frac"), on_start=on_start)
-    return model
 
 
 def main(argv=None):

@@ -102,7 +102,7 @@ def update(model, optimizer, rows, cfg, ctx):
         return None
     n_tokens, totals = backward_rows(model, rows, cfg, ctx)
     totals = D.all_reduce_sum(totals)
-    grad_norm = D.clip_and_step(model, optimizer, cfg.grad_clip, loss=totals[-1])
+    grad_norm = D.clip_and_step(model, optimizer, cfg.grad_clip, ctx, loss=totals[-1])
     out = dict(zip(UPDATE_METRICS[:-1], totals[:-1] / n_tokens))
     out.update(loss=totals[-1], grad_norm=grad_norm)
     return out

@@ -1,20 +1,23 @@
 """The memory plan: one training step walked on fake tensors at any world size, phase by phase.
 
-    python grpo.py --plan --plan_world_size 8 --plan_gpu_gib 80 --model DIR   # DIR needs only config.json
-    python sft.py  --plan --plan_world_size 8 --plan_gpu_gib 80 --model DIR
+    python grpo.py --plan --plan_world_size 8 --model DIR        # DIR needs only config.json
+    python sft.py  --plan --plan_world_size 8 --plan_gpu_gib 141 --model DIR   # H200s
 
-Each trainer writes its step as a walk (grpo.plan_walk, sft.plan_walk) that builds the run the
-way train() builds it and calls the trainer's own functions in the trainer's order, on data at
-the configured maximum lengths, each phase inside `plan.phase(name)`. The walk runs as rank 0
-of world_size ranks in one CPU process: torch's fake process group stands in for NCCL, fake
-tensors (shapes, no storage) for GPU memory, and FSDP2's memory tracker records each phase's
-peak, so a 32B step costs seconds and no memory. It measures the CUDA code paths (bf16
-compute, the bf16 reference, FlashAttention's varlen kernel through its fake implementation);
-its tensors say "cpu" because autograd on fake CUDA tensors needs a CUDA runtime.
+Each trainer walks its own step (grpo.plan_walk, sft.plan_walk): it builds the run the way
+train() does and calls the step's own phase functions in the step's order, on data at the
+configured maximum lengths, each device phase inside `plan.phase(name)`, every pass that
+accumulates over at least two rows. The walk runs as rank 0 of world_size ranks in one CPU
+process: torch's fake process group stands in for NCCL, fake tensors (shapes, no storage) for
+GPU memory (ctx.simulated), and FSDP2's memory tracker records each phase's peak, so a 32B step
+costs seconds and no memory. It measures the CUDA code paths (bf16 compute, the bf16 reference,
+FlashAttention's varlen kernel through its fake implementation); its tensors say "cpu" because
+autograd on fake CUDA tensors needs a CUDA runtime.
 
-What the tracker cannot see is set aside up front: CONTEXT_GIB per GPU for the CUDA context,
-NCCL's buffers and cuBLAS workspaces. A CUDA run walks the same plan before its first step
-(check_before_training) and refuses, with the table, a run that cannot fit.
+The card is taken as it reports itself (an "80 GB" card has 79.1-79.3 GiB), and what no tensor
+shows is set aside first, item by item (Plan.set_aside: the CUDA context, NCCL's buffers per
+process group, cuBLAS workspaces per stream, the allocator's fragmentation, FlashAttention's
+backward scratch). A CUDA run walks the same plan before its first step, on its own card's
+size (check_before_training), and refuses, with the table, a run that cannot fit.
 """
 
 import contextlib
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor._sharding_prop import ShardingPropagator
@@ -34,11 +37,36 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 import distributed as D
 
 GiB = 2**30
-CONTEXT_GIB = 3.0  # per GPU, outside torch's tensors: CUDA context, NCCL buffers, cuBLAS workspaces
+# What a card reports as its total (cudaMemGetInfo, torch.cuda.mem_get_info), by its nominal GB: an
+# H100 80GB HBM3 reports 79.22 GiB (vLLM's start-up log, vllm-project/vllm#10511; nvidia-smi shows
+# 81,559 MiB), an A100 80GB 79.15; an H200's nvidia-smi 143,771 MiB less the same 0.53% gives 139.6.
+REPORTED_GIB = {80: 79.1, 141: 139.6}
+# What no tensor shows, per GPU. The CUDA context with lazy module loading (torch's default):
+# 0.3-0.4 GiB on Hopper.
+CUDA_CONTEXT_GIB = 0.4
+# NCCL's buffers, per communicator (one per process group the run creates): 0.5-1.6 GiB measured
+# on 8-GPU H100 nodes, the top with NVLS (NCCL_NVLS_ENABLE=0 saves it); vLLM's TP 2 holds 1.8 GiB
+# more outside torch than its TP 1 (vllm-project/vllm#10511).
+NCCL_GIB_PER_GROUP = 1.0
+# cuBLAS keeps a workspace per (handle, stream) it has run on: 32 MiB on Hopper (torch's default
+# CUBLAS_WORKSPACE_CONFIG there, :4096:8).
+CUBLAS_GIB_PER_STREAM = 32 / 1024
+# Memory the caching allocator holds but no tensor uses, as a share of the card (expandable
+# segments, set by distributed.init, keep it low; bench/gpu_check.py measures reserved vs allocated).
+FRAGMENTATION = 0.05
+
+
 def rules(cfg) -> list:
     """check_fields rules of the --plan_* settings, for both trainers."""
+    least = CUDA_CONTEXT_GIB + NCCL_GIB_PER_GROUP
     return [("plan_world_size", cfg.plan_world_size >= 1, "must be >= 1"),
-            ("plan_gpu_gib", cfg.plan_gpu_gib > CONTEXT_GIB, f"must be > {CONTEXT_GIB} GiB")]
+            ("plan_gpu_gib", cfg.plan_gpu_gib > least, f"must be > {least:g} (GiB of one GPU, as it reports "
+             f"itself: the CUDA context and NCCL alone take {least:g})")]
+
+
+def card_gib(gib: float) -> float:
+    """A card's size as it reports itself: a nominal size (80, 141) becomes what that card reports."""
+    return REPORTED_GIB.get(gib, gib)
 
 
 MORE_RANKS = "more ranks (--plan_world_size) shrink every rank's shards"  # advice for what is sharded
@@ -50,17 +78,30 @@ class Phase:
     peak: int              # bytes per rank at the phase's peak
     after: int             # bytes resident when it ends
     advice: str            # what to change when this phase does not fit
-    error: str = ""        # the phase could not even start (e.g. no room for one KV slot)
-    counted: bool = True   # False: only frees memory; its peak is where it started
+    error: str = ""        # the phase could not even start (e.g. no room for one KV sequence)
 
 
 class Tracker(FSDPMemTracker):
     """FSDP2's memory tracker, blind to DTensor's shape propagation: DTensor works out an op's
     output shapes by running it on fake tensors of the global (unsharded) shapes, in the active
     fake mode when there is one, and the tracker would count those as memory (a foreach AdamW
-    step then "peaks" at three full copies of the weights). What runs on the shards is counted."""
+    step then "peaks" at three full copies of the weights). What runs on the shards is counted.
+    It also takes a root module's forward after a first one (the rows of a mini-batch, which
+    FSDP2's tracker refuses as "multiple iterative calls"): the module's own stats start again,
+    the peak over all of them is kept."""
 
     propagating = 0
+
+    def _fsdp_state_pre_forward(self, fsdp_mod, orig_fsdp_state_pre_fw):
+        inner = super()._fsdp_state_pre_forward(fsdp_mod, orig_fsdp_state_pre_fw)
+
+        def again(*args, **kwargs):
+            fqn = self._mod_tracker.get_known_fqn(fsdp_mod)
+            if fsdp_mod in self.memory_tracking and not self._mod_tracker.is_bw and \
+                    self._mod_tracker.parents - {fqn} == {"Global"}:
+                del self.memory_tracking[fsdp_mod]
+            return inner(*args, **kwargs)
+        return again
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.propagating:
@@ -86,21 +127,40 @@ def blind_to_shape_propagation(tracker: Tracker):
 
 
 class Plan:
-    """Phases in the order they ran, each with its peak; `total` is one GPU's memory."""
+    """Phases in the order they ran, each with its peak; `total` is one GPU's memory as it
+    reports itself, `set_aside` what no tensor shows, `usable` the rest."""
 
-    def __init__(self, world_size: int, gpu_gib: float):
-        self.world_size, self.gpu_gib = world_size, gpu_gib
-        self.total = int(gpu_gib * GiB)
-        self.usable = int((gpu_gib - CONTEXT_GIB) * GiB)
+    def __init__(self, world_size: int, gpu_gib: float, process_groups: int, gemm_streams: int):
+        self.world_size, self.gpu_gib = world_size, card_gib(gpu_gib)
+        self.total = int(self.gpu_gib * GiB)
+        self.set_aside = [
+            ("CUDA context", CUDA_CONTEXT_GIB * GiB),
+            (f"NCCL buffers: {process_groups} process group{'s' * (process_groups > 1)} x "
+             f"{NCCL_GIB_PER_GROUP:g} GiB", process_groups * NCCL_GIB_PER_GROUP * GiB),
+            (f"cuBLAS workspaces: {gemm_streams} stream{'s' * (gemm_streams > 1)} x 32 MiB",
+             gemm_streams * CUBLAS_GIB_PER_STREAM * GiB),
+            (f"allocator fragmentation: {FRAGMENTATION:.0%} of the card", FRAGMENTATION * self.total)]
         self.phases: list[Phase] = []
-        self.notes: list[str] = []
+        self.notes: list[str] = [] if gpu_gib == self.gpu_gib else \
+            [f"--plan_gpu_gib {gpu_gib:g}: an {gpu_gib:g} GB card reports {self.gpu_gib:g} GiB"]
         self.tracker = None
 
-    def track(self, model, optimizer):
+    @property
+    def usable(self) -> int:
+        return int(self.total - sum(b for _, b in self.set_aside))
+
+    def track(self, model, optimizer, row_tokens: int):
         """Start tracking: `model` is the FSDP2 root being trained; what exists already (its
-        shards) is counted from here on, and everything later is seen as it is allocated."""
+        shards) is counted from here on, and everything later is seen as it is allocated.
+        row_tokens: the longest packed row a backward runs on."""
         self.tracker = Tracker(model, optimizer)
         c = model.config
+        if model.attention == "varlen":
+            # FlashAttention's varlen backward holds, for the layer it is in, an fp32 dq accumulator
+            # and keys/values expanded to every query head (GQA): its fake kernel allocates neither.
+            self.set_aside.append((f"varlen attention backward scratch: {row_tokens:,} tokens x "
+                                   f"{c.num_attention_heads} heads", row_tokens * c.num_attention_heads * c.head_dim
+                                   * (4 + 2 + 2)))
         self.notes.append(f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, "
                           f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters; "
                           f"{self.world_size} ranks of {self.gpu_gib:g} GiB")
@@ -114,22 +174,46 @@ class Plan:
         return sum(s["Total"] for device, s in snapshot.items() if device.type != "meta")
 
     def free(self) -> int:
-        """What the device would have free now: the rule a rollout's default KV budget reads."""
+        """What the device would have free now, as the CUDA run reads it (mem_get_info)."""
         return self.usable - self.current()
 
+    def memory(self) -> tuple[int, int]:
+        """(free, total): the walk's Context.memory, which the rollout's default KV budget reads
+        (as if fragmentation had taken its allowance: a pool no larger than the run's)."""
+        return self.free(), self.total
+
     @contextlib.contextmanager
-    def phase(self, name, advice="", counted=True):
+    def phase(self, name, advice=""):
         """Measure one phase: the tracker's peak is reset on entry (it restarts from the
-        current total whenever it is entered)."""
-        phase = Phase(name, 0, 0, advice, counted=counted)
+        current total whenever it is entered). A ValueError inside (a phase that cannot start:
+        no room for one KV sequence) is the phase's error, and the walk goes on."""
+        phase = Phase(name, 0, 0, advice)
         self.phases.append(phase)
         self.tracker.reset_mod_stats()  # per-module stats are per forward; phases repeat forwards
         try:
             with self.tracker, blind_to_shape_propagation(self.tracker):
                 yield phase
                 phase.peak = self.total_of(self.tracker.get_tracker_snapshot("peak"))
+        except ValueError as e:
+            phase.error = str(e)
         finally:
             phase.after = self.current()
+
+    @staticmethod
+    def on_host():
+        """Host work inside a walk (scoring, packing): real tensors, outside the fake mode."""
+        return unset_fake_temporarily()
+
+    @staticmethod
+    def tokenizer(config):
+        """What a rollout asks of a tokenizer when there is none (the plan needs config.json alone)."""
+        return PlaceholderTokenizer(config.vocab_size - 1)
+
+    @staticmethod
+    def mixed_rewards(completions, texts, records):
+        """+1 and -1 in turn: every group keeps its place (--filter_equal_groups drops none) and
+        every trace trains, the worst case."""
+        return torch.tensor([1.0 - 2 * (i % 2) for i in range(len(completions))])
 
     @staticmethod
     def make_optimizer_state(model, optimizer):
@@ -141,23 +225,28 @@ class Plan:
         optimizer.zero_grad(set_to_none=True)
 
     def over(self, phase) -> bool:
-        return bool(phase.error) or phase.counted and phase.peak > self.usable
+        return bool(phase.error) or phase.peak > self.usable
 
     @property
     def fits(self) -> bool:
         return not any(self.over(p) for p in self.phases)
 
+    @property
+    def peak(self) -> int:
+        return max(p.peak for p in self.phases)
+
     def table(self, title) -> str:
         width = max(len(p.name) for p in self.phases)
-        lines = [title, *self.notes, "",
-                 f"{'phase':<{width}}  {'peak GiB':>8}  {'after GiB':>9}",]
+        lines = [title, *self.notes, "", f"card {self.gpu_gib:g} GiB, less what no tensor shows:"]
+        lines += [f"  {what:<{width - 2}}  {b / GiB:>8.1f}" for what, b in self.set_aside]
+        lines += [f"  {'usable':<{width - 2}}  {self.usable / GiB:>8.1f}", "",
+                  f"{'phase':<{width}}  {'peak GiB':>8}  {'after GiB':>9}"]
         for p in self.phases:
-            peak = "-" if p.error or not p.counted else f"{p.peak / GiB:.1f}"
+            peak = "-" if p.error else f"{p.peak / GiB:.1f}"
             over = "  <- over" if self.over(p) else ""
             lines.append(f"{p.name:<{width}}  {peak:>8}  {p.after / GiB:>9.1f}{over}")
-        worst = max((p for p in self.phases if p.counted), key=lambda p: p.peak)
-        usable = f"{self.usable / GiB:.1f} GiB usable of {self.gpu_gib:g} GiB per GPU ({CONTEXT_GIB:g} GiB " \
-                 f"set aside for the CUDA context and NCCL)"
+        worst = max(self.phases, key=lambda p: p.peak)
+        usable = f"{self.usable / GiB:.1f} GiB usable of {self.gpu_gib:g} GiB per GPU"
         lines.append("")
         if self.fits:
             lines.append(f"fits: the peak is {worst.peak / GiB:.1f} GiB ({worst.name}), {usable}")
@@ -169,11 +258,22 @@ class Plan:
         return "\n".join(lines)
 
 
+class PlaceholderTokenizer:
+    """A tokenizer stand-in for the walk: an EOS id, and no text."""
+
+    def __init__(self, eos_token_id):
+        self.eos_token_id = eos_token_id
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
 @contextlib.contextmanager
-def fake_world(world_size: int, tp: int = 1):
-    """This process as rank 0 of world_size ranks (in TP groups of tp): a fake process group and
-    fake tensors. Yields the Context the trainers take; it marks the run as a GPU run (CUDA code
-    paths)."""
+def fake_world(plan: Plan, tp: int = 1):
+    """This process as rank 0 of plan.world_size ranks (in TP groups of tp): a fake process group
+    and fake tensors. Yields the Context the trainers take: a simulated GPU run (CUDA code paths)
+    whose free memory is the plan's."""
+    world_size = plan.world_size
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
         # outside fake mode: the meshes read real rank ids
@@ -182,18 +282,45 @@ def fake_world(world_size: int, tp: int = 1):
         with FakeTensorMode(allow_non_fake_inputs=True):
             # Offloaded state goes to the meta device, which holds nothing: off the simulated GPU.
             yield D.Context(rank=0, world_size=world_size, device=torch.device("cpu"), gpu=True, mesh=mesh,
-                            decode_mesh=decode_mesh, host=torch.device("meta"))
+                            decode_mesh=decode_mesh, host=torch.device("meta"), simulated=True, memory=plan.memory)
     finally:
         dist.destroy_process_group()
 
 
-def run(walk, cfg, world_size, gpu_gib, title, tp=1) -> Plan:
-    """Walk one step of `walk(cfg, ctx, plan)` at world_size ranks of gpu_gib each (TP groups of tp
-    for the rollout); print the table."""
-    plan = Plan(world_size, gpu_gib)
-    with fake_world(world_size, tp) as ctx:
+def walk_once(walk, cfg, world_size, gpu_gib, tp, gemm_streams) -> Plan:
+    """One walk of `walk(cfg, ctx, plan)` at world_size ranks of gpu_gib each (TP groups of tp for
+    the rollout, which then makes two process groups more: the mesh's data- and tensor-parallel
+    ones). gemm_streams: the streams that run matrix products."""
+    plan = Plan(world_size, gpu_gib, process_groups=1 if tp == 1 else 3, gemm_streams=gemm_streams)
+    with fake_world(plan, tp) as ctx:
         walk(cfg, ctx, plan)
+    return plan
+
+
+def run(walk, cfg, title, tp=1, gemm_streams=1, variants=()) -> Plan:
+    """Walk one step at --plan_world_size ranks of --plan_gpu_gib each and print the table. When it
+    does not fit and --plan_alternatives is on, walk what could make it fit the same way and say
+    which do: the trainer's own `variants` ((flags, cfg) pairs: settings that save memory), then
+    2x the ranks, H200s' 141 GB, 4x the ranks."""
+    world, gpu = cfg.plan_world_size, cfg.plan_gpu_gib
+    plan = walk_once(walk, cfg, world, gpu, tp, gemm_streams)
     print(plan.table(title), flush=True)
+    if plan.fits or not cfg.plan_alternatives:
+        return plan
+    def ranks(w):
+        return f"--plan_world_size {w}" + (f" ({w // 8} nodes of 8)" if w >= 16 and w % 8 == 0 else "")
+    options = [(flags, other, world, gpu) for flags, other in variants] + [
+        (ranks(2 * world), cfg, 2 * world, gpu), (f"--plan_gpu_gib 141 (H200s, {card_gib(141):g} GiB)", cfg, world, 141),
+        (ranks(4 * world), cfg, 4 * world, gpu)]
+    print("\nwhat fits instead (each walked the same way; --no-plan_alternatives skips this):", flush=True)
+    for flags, other, w, g in options:
+        try:
+            alt = walk_once(walk, other, w, g, tp, gemm_streams)
+        except ValueError as e:  # e.g. a batch the ranks do not divide
+            print(f"  {flags}: cannot be walked: {e}", flush=True)
+            continue
+        verdict = "fits" if alt.fits else "does not fit"
+        print(f"  {flags}: {verdict}, peak {alt.peak / GiB:.1f} GiB of {alt.usable / GiB:.1f} usable", flush=True)
     return plan
 
 
@@ -203,7 +330,7 @@ def check_before_training(argv=None):
     stop every rank with the table when it does not fit."""
     verdict = torch.zeros(())  # 0 fits, 1 does not fit, 2 the plan itself failed
     if D.is_main():
-        gpu_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GiB
+        gpu_gib = torch.cuda.mem_get_info()[1] / GiB  # the card as it reports itself
         world = dist.get_world_size() if dist.is_initialized() else 1
         argv = sys.argv if argv is None else argv
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}

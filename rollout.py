@@ -38,6 +38,7 @@ whole call and decodes through the plain module that distributed.full_weights yi
 hooks would break a CUDA-graph capture.
 """
 
+import functools
 from collections import deque
 from dataclasses import dataclass
 
@@ -240,18 +241,26 @@ def attend_len(max_position, cache_len, buckets=True):
     return min(cache_len, need)
 
 
+@functools.cache
+def side_stream(device_index: int):
+    """The one stream every decode graph warms up and is captured on. cuBLAS keeps a workspace
+    (32 MiB on Hopper) for each stream it has run on, for the process's life, and torch hands out
+    a new stream per torch.cuda.Stream() (round-robin over 32): one per graph would keep dozens."""
+    return torch.cuda.Stream(device_index)
+
+
 def cuda_graph(fn, pool=None):
     """Record fn() once (it must read only static buffers) and return a function that replays it.
     Kernel launches dominate a decode step of a small batch; a replay is one launch. Graphs
     recorded with the same `pool` share their scratch memory (they never run at once)."""
-    side = torch.cuda.Stream()
+    side = side_stream(torch.cuda.current_device())
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):  # warm up outside the graph: cuBLAS workspaces, kernel selection
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=pool, stream=side):
         out = fn()
 
     def replay():
@@ -272,6 +281,7 @@ class RolloutStats:
     peak_kv_bytes: int = 0      # bytes of KV pages held at once, at most
     pool_pages: int = 0         # pages in the pool (one of them scratch)
     page_size: int = 0
+    page_bytes: int = 0         # bytes of one page (every layer's keys and values)
     preemptions: int = 0        # sequences sent back to wait for pages (and regenerated exactly)
     prefill_tokens: int = 0
     prefill_forwards: int = 0
@@ -311,7 +321,7 @@ class Scheduler:
         self.results = [None] * (len(prompts) * params.n)
         self.prefixes = {}                      # prompt -> [its prefix pages, samples yet to admit]
         self.finished, self.finished_tokens = 0, 0
-        self.stats = RolloutStats(pool_pages=cache.n_pages, page_size=cache.page_size)
+        self.stats = RolloutStats(pool_pages=cache.n_pages, page_size=cache.page_size, page_bytes=cache.page_bytes)
 
     @property
     def busy(self):
@@ -485,6 +495,87 @@ class Scheduler:
         self.stats.decode_steps += 1
 
 
+class Sampler:
+    """One generate() call: the KV pool sized from the budget, the Scheduler that feeds it, and
+    the decode step (eager, or replayed from a CUDA graph per bucket). generate() runs it to the
+    end; the memory plan walks it (walk) on fake tensors, where no token can be read back."""
+
+    def __init__(self, model, prompts, params: SamplingParams, max_batch_size=64, use_cuda_graph=True,
+                 prompt_keys=None, kv_budget_bytes=None, page_size=PAGE_SIZE):
+        keys = list(range(len(prompts))) if prompt_keys is None else list(prompt_keys)
+        check_inputs(prompts, params, model.config.vocab_size, max_batch_size)
+        weight = model.embed_tokens.weight
+        self.model, self.prompts, self.params = model, prompts, params
+        self.slots = min(max_batch_size, len(prompts) * params.n)
+        self.seq_len = max(map(len, prompts)) + params.max_new_tokens
+        budget = device_kv_budget(weight.device) if kv_budget_bytes is None else kv_budget_bytes
+        n_pages = cache_pages(model.config, prompts, params, weight.dtype, budget, self.slots, page_size)
+        self.cache = new_cache(model, self.slots, self.seq_len, page_size, n_pages)
+        self.batch = Scheduler(self.cache, prompts, keys, params, self.slots)
+        # The decode step's inputs, one column per slot: the token to feed, its position, and
+        # which (prompt, sample) the slot holds, for the sampling noise. Fixed address and shape.
+        self.state = torch.zeros(4, self.slots, dtype=torch.long, device=weight.device)
+        # With CUDA graphs the step's batch and length are rounded up to powers of two, so that a
+        # graph is recorded once per (batch, length) bucket, not once per step.
+        self.pool = graph_pool(weight.device, use_cuda_graph)
+        self.graphs = {}
+
+    def decode(self, n, kv_len):
+        """One decode step of slots 0..n-1 over the first kv_len positions of each one's pages:
+        it costs the live batch and length."""
+        def eager():
+            return decode(self.model, self.cache, self.state[:, :n], self.params, kv_len)
+        if self.pool is None:
+            return eager()
+        if (n, kv_len) not in self.graphs:
+            # Its warm-up runs write this step's keys/values, the same ones the replay writes.
+            self.graphs[n, kv_len] = cuda_graph(eager, self.pool)
+        return self.graphs[n, kv_len]()
+
+    def step(self):
+        """Admit what the pool allows, give every busy slot a page for its next position, decode
+        one token each, and hand the tokens to the scheduler."""
+        batch = self.batch
+        batch.admit(self.model)
+        batch.reserve()
+        self.cache.sync()
+        busy = len(batch.order)
+        n = min(self.slots, 1 << (busy - 1).bit_length()) if self.pool is not None else busy  # buckets: graphs only
+        self.state[:, :n].copy_(batch.state(n))
+        next_ids, logprobs = self.decode(n, attend_len(max(batch.pos[:n]), self.seq_len, buckets=self.pool is not None))
+        batch.advance(next_ids.tolist(), logprobs.tolist())
+
+    @torch.no_grad()
+    def run(self):
+        """Decode until every sequence has finished: (completions, prompt-major, RolloutStats)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            while self.batch.busy:
+                self.step()
+        finally:
+            self.model.train(was_training)
+        self.batch.stats.pages_held_at_end = self.cache.n_pages - 1 - len(self.cache.free)
+        return self.batch.results, self.batch.stats
+
+    @torch.no_grad()
+    def walk(self):
+        """What the memory plan runs instead of run(): the first admission (its prefill, as many
+        prompts as one prefill takes), then the step in which every slot decodes at the longest
+        length, its worst. Returns full-length placeholder completions (fake tensors hold no tokens)
+        and the stats."""
+        self.batch.admit(self.model)
+        self.decode(self.slots, self.seq_len)
+        return full_length(len(self.prompts), self.params), self.batch.stats
+
+
+def full_length(n_prompts, params: SamplingParams) -> list[Completion]:
+    """Placeholder completions of max_new_tokens each (ended by a stop token, so that no option
+    drops them): what the memory plan trains on."""
+    ids, logprobs = [0] * params.max_new_tokens, [0.0] * params.max_new_tokens  # shared: only ever read
+    return [Completion(p, s, ids, logprobs, "stop") for p in range(n_prompts) for s in range(params.n)]
+
+
 @torch.no_grad()
 def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda_graph=True,
              prompt_keys=None, kv_budget_bytes=None, page_size=PAGE_SIZE, return_stats=False):
@@ -500,54 +591,9 @@ def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda
     caller that passes each prompt's global index draws the same traces whatever the number of
     ranks (Completion.prompt_index stays the local i).
     """
-    keys = list(range(len(prompts))) if prompt_keys is None else list(prompt_keys)
-    config = model.config
-    check_inputs(prompts, params, config.vocab_size, max_batch_size)
-    weight = model.embed_tokens.weight
-    device, dtype = weight.device, weight.dtype
-    B = min(max_batch_size, len(prompts) * params.n)
-    seq_len = max(map(len, prompts)) + params.max_new_tokens
-    budget = device_kv_budget(device) if kv_budget_bytes is None else kv_budget_bytes
-    n_pages = cache_pages(config, prompts, params, dtype, budget, B, page_size)
-    cache = new_cache(model, B, seq_len, page_size, n_pages)
-    batch = Scheduler(cache, prompts, keys, params, B)
-
-    # The decode step's inputs, one column per slot: the token to feed, its position, and
-    # which (prompt, sample) the slot holds, for the sampling noise. Fixed address and shape.
-    state = torch.zeros(4, B, dtype=torch.long, device=device)
-
-    def decode_step(n, kv_len):
-        return decode(model, cache, state[:, :n], params, kv_len)
-
-    # A step runs the busy slots (0..n-1) and attends over the first attend_len(...) positions of
-    # each one's pages: it costs the live batch and length. With CUDA graphs both are rounded up to
-    # powers of two, so that a graph is recorded once per (batch, length) bucket, not once per step.
-    graphs, pool = {}, graph_pool(device, use_cuda_graph)
-
-    def step(n, kv_len):
-        if pool is None:
-            return decode_step(n, kv_len)
-        if (n, kv_len) not in graphs:
-            # Its warm-up runs write this step's keys/values, the same ones the replay writes.
-            graphs[n, kv_len] = cuda_graph(lambda: decode_step(n, kv_len), pool)
-        return graphs[n, kv_len]()
-
-    was_training = model.training
-    model.eval()
-    try:
-        while batch.busy:
-            batch.admit(model)
-            batch.reserve()
-            cache.sync()
-            busy = len(batch.order)
-            n = min(B, 1 << (busy - 1).bit_length()) if pool is not None else busy  # buckets only for graphs
-            state[:, :n].copy_(batch.state(n))
-            next_ids, logprobs = step(n, attend_len(max(batch.pos[:n]), seq_len, buckets=pool is not None))
-            batch.advance(next_ids.tolist(), logprobs.tolist())
-        batch.stats.pages_held_at_end = cache.n_pages - 1 - len(cache.free)
-        return (batch.results, batch.stats) if return_stats else batch.results
-    finally:
-        model.train(was_training)
+    completions, stats = Sampler(model, prompts, params, max_batch_size, use_cuda_graph, prompt_keys,
+                                 kv_budget_bytes, page_size).run()
+    return (completions, stats) if return_stats else completions
 
 
 def greedy_verdicts(model, tokenizer, prompts, max_new_tokens, max_batch_size, kv_budget_bytes=None):

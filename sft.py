@@ -65,7 +65,8 @@ class SFTConfig:
     check_memory: bool = True        # CUDA: walk the memory plan before step 1, refuse a run that cannot fit
     plan: bool = False               # only print the memory plan (needs --model DIR/config.json alone)
     plan_world_size: int = 8         # ranks the plan simulates
-    plan_gpu_gib: float = 80.0       # memory of each simulated GPU
+    plan_gpu_gib: float = 80.0       # GiB of each simulated GPU; 80 and 141 (GB) mean what those cards report
+    plan_alternatives: bool = True   # a plan that does not fit also walks what could (more ranks, H200s)
 
 
 @dataclass
@@ -145,35 +146,51 @@ def lr_lambda(cfg: SFTConfig, total_steps, prelude_steps=0):
     return f
 
 
-def build(cfg: SFTConfig, ctx, config: ModelConfig | None = None, fill=True):
+def build(cfg: SFTConfig, ctx, config: ModelConfig | None = None):
     """The model and its AdamW, as train() and the memory plan build them: --model's weights, or
     fresh ones of `config` (a Scratch's)."""
     if config is None:
-        model = D.load_model(cfg.model, ctx, bf16=cfg.bf16,
-                             activation_checkpointing=cfg.activation_checkpointing, fill=fill)
+        model = D.load_model(cfg.model, ctx, bf16=cfg.bf16, activation_checkpointing=cfg.activation_checkpointing)
     else:
         model = D.load_model(None, ctx, config=config, seed=cfg.seed,
-                             activation_checkpointing=cfg.activation_checkpointing, fill=fill)
+                             activation_checkpointing=cfg.activation_checkpointing)
     return model, D.adamw(model, ctx, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
 
+def sft_step(model, optimizer, rows, n_tokens, cfg: SFTConfig, ctx):
+    """One optimizer step on this rank's packed rows: each row's forward and backward (gradients
+    accumulate; FSDP sums them over ranks), then clip and AdamW. n_tokens is the step's trace-token
+    count over all ranks. Returns the summed NLL over ranks and the gradient norm."""
+    nll_sum = torch.zeros((), device=ctx.device)
+    for row in D.pad_to_ranks(rows, EMPTY_ROW):
+        loss, nll = sft_loss(model, row, n_tokens, ctx.device)
+        loss.backward()
+        nll_sum += nll
+    nll_total = D.all_reduce_sum(nll_sum)
+    return nll_total, D.clip_and_step(model, optimizer, cfg.grad_clip, ctx, loss=nll_total)
+
+
+# What a rank short of rows runs (distributed.pad_to_ranks): 2 tokens that carry no loss.
+EMPTY_ROW = {"input_ids": [0, 0], "loss_mask": [0, 0], "position_ids": [0, 1]}
+PLAN_ROWS = 2  # rows of a step the plan walks (why: plan_walk)
+
+
 def plan_walk(cfg: SFTConfig, ctx, plan):
-    """One SFT step in train()'s order on fake tensors (plan.py): one packed row of max_len
-    tokens, forward and backward, then the optimizer step."""
-    model, optimizer = build(cfg, ctx, fill=False)
-    plan.track(model, optimizer)
-    W = ctx.world_size
-    row = data.pack([([0] * cfg.max_len, [1] * cfg.max_len)], cfg.max_len)[0]
-    plan.notes += [f"a step: {cfg.batch_size} sequences, at most {math.ceil(cfg.batch_size / W)} packed "
-                   f"rows of <= {cfg.max_len:,} tokens per rank (one measured: each is alike)"]
+    """sft_step on fake tensors (plan.py) over PLAN_ROWS packed rows of max_len tokens: from the
+    second row on, the sharded fp32 gradients exist when a backward starts, and every later row
+    is alike, so the peak is reached by then."""
+    model, optimizer = build(cfg, ctx)
+    plan.track(model, optimizer, cfg.max_len)
+    per_rank = math.ceil(cfg.batch_size / ctx.world_size)
+    rows = data.pack([([0] * cfg.max_len, [1] * cfg.max_len)] * min(PLAN_ROWS, per_rank), cfg.max_len)
+    plan.notes += [f"a step: {cfg.batch_size} sequences, at most {per_rank} packed rows of <= {cfg.max_len:,} tokens "
+                   f"per rank; {len(rows)} walked (from the second on, gradients exist as a backward starts: the peak)"]
     with plan.phase("load: shards, AdamW state", MORE_RANKS + ", or a smaller model"):
         plan.make_optimizer_state(model, optimizer)
     model.train()
-    with plan.phase(f"forward + backward (one row of {cfg.max_len:,} tokens)", "lower --max_len"):
-        loss, _ = sft_loss(model, row, cfg.max_len, ctx.device)
-        loss.backward()
-    with plan.phase("clip + AdamW step", MORE_RANKS):
-        D.clip_and_step(model, optimizer, cfg.grad_clip)
+    with plan.phase(f"step: forward + backward ({len(rows)} of {per_rank} rows of {cfg.max_len:,} tokens), clip, "
+                    f"AdamW step", "lower --max_len, or " + MORE_RANKS):
+        sft_step(model, optimizer, rows, cfg.max_len * len(rows), cfg, ctx)
 
 
 def check_config(cfg: SFTConfig):
@@ -202,8 +219,7 @@ def train(cfg: SFTConfig, preset="", records=None, scratch: Scratch | None = Non
     if cfg.plan:
         if not cfg.model:
             raise ValueError("--plan needs --model DIR (its config.json is all it reads)")
-        return plan.run(plan_walk, cfg, cfg.plan_world_size, cfg.plan_gpu_gib,
-                        f"memory plan of sft.py --model {cfg.model}, per rank")
+        return plan.run(plan_walk, cfg, f"memory plan of sft.py --model {cfg.model}, per rank")
     ctx = D.init(cfg.dist_timeout_min)
     torch.manual_seed(cfg.seed)
     # Settings, data and the run directory are checked before any model is loaded.
@@ -224,20 +240,13 @@ def train(cfg: SFTConfig, preset="", records=None, scratch: Scratch | None = Non
     n_params = sum(p.numel() for p in model.parameters())
     D.log(f"{n_params / 1e6:.2f}M parameters, {total_steps} steps, {ctx.world_size} rank(s)")
     model.train()
-    pad = tokenizer.pad_token_id or 0
-    empty = {"input_ids": [pad, pad], "loss_mask": [0, 0], "position_ids": [0, 1]}  # a short rank's row
 
     def step_fn(step):
         t0 = time.time()
         rows = step_rows(examples, step, cfg, steps_per_epoch, tokenizer.vocab_size, scratch)
         n_tokens = sum(sum(r["loss_mask"][1:]) for r in rows)
-        nll_sum = torch.zeros((), device=ctx.device)
-        for row in D.pad_to_ranks(rows[ctx.rank::ctx.world_size], empty):
-            loss, nll = sft_loss(model, row, n_tokens, ctx.device)
-            loss.backward()
-            nll_sum += nll
-        nll_total = D.all_reduce_sum(nll_sum)
-        grad_norm = float(D.clip_and_step(model, optimizer, cfg.grad_clip, loss=nll_total))
+        nll_total, grad_norm = sft_step(model, optimizer, rows[ctx.rank::ctx.world_size], n_tokens, cfg, ctx)
+        grad_norm = float(grad_norm)
         scheduler.step()
         return {"loss": float(nll_total) / n_tokens, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "trace_tokens": n_tokens, "tokens_per_s": sum(len(r["input_ids"]) for r in rows) / (time.time() - t0)}

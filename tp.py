@@ -4,7 +4,7 @@ trainer's shards.
 
     ctx = D.init(tp=2)                               # a (dp, tp) mesh from the torchrun environment
     decoder = tp.weights(model, ctx.tp_mesh, dtype, device)   # from the FSDP2 shards, 1/tp each
-    completions, stats = tp.generate_in_group(decoder, prompts, params, ctx.tp_mesh, keys)  # the group's prompts together
+    completions, stats = tp.generate_in_group(decoder, prompts, params, ctx, keys)  # the group's prompts together
     decoder = tp.load(path, ctx.tp_mesh, dtype, device)       # eval.py: straight from safetensors
 
 The layout is Megatron's, applied with torch.distributed.tensor.parallel: q, k, v, gate and up
@@ -32,9 +32,9 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import distributed as D
+import rollout
 from checkpoint import iter_checkpoint, load_config, shapes
 from model import ModelConfig, Transformer
-from rollout import device_kv_budget, generate
 
 
 def check_divisible(config: ModelConfig, tp: int):
@@ -150,34 +150,37 @@ def check_same(token_lists, mesh: DeviceMesh):
     """Every rank of a TP group must have sampled the same tokens (they sample from the same gathered
     logits); a difference would silently train on mismatched traces, so it is an error."""
     h = zlib.crc32(repr(token_lists).encode())
-    highest = D.all_reduce_max(torch.tensor([h, -h]), mesh.get_group())
-    if int(highest[0]) != -int(highest[1]):  # max == min: every rank's hash is the same
+    group = mesh.get_group()
+    if D.max_over_ranks(h, group) != -D.max_over_ranks(-h, group):  # max == min: every rank's hash is the same
         raise RuntimeError("the ranks of a tensor-parallel group sampled different tokens from what should be "
                            "the same logits; this is a bug, please report it with the command")
 
 
-def agreed_budget(kv_budget_bytes, device, mesh: DeviceMesh | None):
-    """The KV budget every rank of a TP group decodes with: the smallest of theirs (each rank's
-    default is what its own device has free). The ranks must schedule alike, step for step, since
-    every step's all-reduces pair them up; a rank with a larger pool would admit more and fall out
-    of step."""
-    budget = device_kv_budget(device) if kv_budget_bytes is None else kv_budget_bytes
-    if mesh is None or budget is None:
+def kv_budget(kv_budget_bytes, ctx):
+    """The KV budget a rollout or a judge decodes with, decided here alone: kv_budget_bytes when
+    given (--kv_budget_gib), else what this rank's device has free less rollout.KV_RESERVE (None:
+    no limit, on the CPU); and within a TP group the smallest of its ranks' budgets. The ranks of a
+    group must schedule alike, step for step, since every step's all-reduces pair them up: a rank
+    with a larger pool would admit more and fall out of step."""
+    budget = kv_budget_bytes or (rollout.kv_budget(*ctx.memory()) if ctx.memory is not None else None)
+    if ctx.tp_mesh is None or budget is None:
         return budget
-    return -int(D.all_reduce_max(torch.tensor([-budget]), mesh.get_group()))
+    return -D.max_over_ranks(-budget, ctx.tp_mesh.get_group())
 
 
-def generate_in_group(model, prompts, params, mesh: DeviceMesh | None, prompt_keys, kv_budget_bytes=None, **kw):
-    """rollout.generate over the prompts of every rank of the TP group `mesh` (None: this rank's
-    alone), decoded together under one KV budget (agreed_budget); returns this rank's completions
-    (prompt_index local to `prompts` again) and the sampler's RolloutStats."""
+def generate_in_group(model, prompts, params, ctx, prompt_keys, kv_budget_bytes=None, max_batch_size=64):
+    """rollout.generate over the prompts of every rank of this rank's TP group (without TP: its
+    own), decoded together under one KV budget (kv_budget); returns this rank's completions
+    (prompt_index local to `prompts` again) and the sampler's RolloutStats. Under the memory plan
+    (ctx.simulated) the sampler is walked, not run (rollout.Sampler.walk)."""
+    mesh = ctx.tp_mesh
+    every, start = gather_group(list(zip(prompts, prompt_keys)), mesh) if mesh is not None else \
+        (list(zip(prompts, prompt_keys)), 0)
+    sampler = rollout.Sampler(model, [p for p, _ in every], params, max_batch_size, prompt_keys=[k for _, k in every],
+                              kv_budget_bytes=kv_budget(kv_budget_bytes, ctx))
+    completions, stats = sampler.walk() if ctx.simulated else sampler.run()
     if mesh is None:
-        return generate(model, prompts, params, prompt_keys=prompt_keys, kv_budget_bytes=kv_budget_bytes,
-                        return_stats=True, **kw)
-    every, start = gather_group(list(zip(prompts, prompt_keys)), mesh)
-    budget = agreed_budget(kv_budget_bytes, model.embed_tokens.weight.device, mesh)
-    completions, stats = generate(model, [p for p, _ in every], params, prompt_keys=[k for _, k in every],
-                                  kv_budget_bytes=budget, return_stats=True, **kw)
+        return completions, stats
     check_same([c.token_ids for c in completions], mesh)
     n = params.n
     mine = completions[start * n:(start + len(prompts)) * n]

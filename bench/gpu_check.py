@@ -232,7 +232,7 @@ def grpo_step_one_gpu(tmp):
         outside = (total - free) / 2**30 - torch.cuda.memory_reserved() / 2**30  # context, NCCL, cuBLAS
         argv = [x for k, v in flags.items() if k != "bf16" for x in (f"--{k}", str(v))]
         gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-        planned = child([sys.executable, "grpo.py", "--plan", "--plan_world_size", "1",
+        planned = child([sys.executable, "grpo.py", "--plan", "--plan_world_size", "1", "--no-plan_alternatives",
                          "--plan_gpu_gib", f"{gpu_gib:.1f}", *argv])
         peaks = re.findall(r"^\S.*?\s{2,}([\d.]+)\s+[\d.]+", planned["output"], re.M)
         check(peaks, f"the plan of this run printed no table: {planned['output'][-1500:]}")

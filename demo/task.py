@@ -37,6 +37,7 @@ from transformers import PreTrainedTokenizerFast
 
 import benchmarks
 import data
+from checkpoint import disk_errors
 from reward import LETTERS, label, place
 
 TEST_SHARE = 10  # one question in TEST_SHARE belongs to the test split
@@ -364,7 +365,8 @@ def build_tokenizer(out_dir: str, texts, vocab_size: int = 2048, phrase_share: f
     tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in phrases])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=PAD,
                                  chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False)
-    hf.save_pretrained(out_dir)
+    with disk_errors(out_dir, 2**20):  # about 1 MiB of tokenizer files
+        hf.save_pretrained(out_dir)
     return hf
 
 

@@ -40,8 +40,24 @@ def triton_runs(x) -> bool:
     return (x.is_cuda or _interpreting()) and not is_fake(x)
 
 
+class _TritonShapes:
+    """For fake tensors (the memory plan's, which stand for CUDA ones): what the Triton kernels
+    allocate, their outputs, and no work. The torch fallback's row blocks would both cost the
+    plan minutes of fake ops and count fp32 temporaries the kernels never hold."""
+
+    @staticmethod
+    def forward_rows(logits, targets, temperature):
+        return tuple(torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device) for _ in range(3))
+
+    @staticmethod
+    def backward_rows(logits, targets, lse, entropy, grad_logprobs, grad_entropy, temperature, out):
+        return out
+
+
 def _implementation(x, backend):
     """The module (torch_logprobs or triton_logprobs) whose forward_rows/backward_rows to use."""
+    if is_fake(x) and backend is None:
+        return _TritonShapes
     if backend is None:
         use_triton = (x.is_cuda or _interpreting()) and x.dtype != torch.float64
         backend = "triton" if use_triton else "torch"

@@ -26,6 +26,7 @@ import os
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import is_fake
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -112,12 +113,13 @@ def paged_decode(q, k_pages, v_pages, block_table, kv_lens, max_len, scale=None)
     m = torch.empty(B, H, splits, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     fp32 = k_pages.dtype == torch.float32
-    _decode_kernel[(B, H_kv, splits)](
-        q, k_pages, v_pages, block_table, kv_lens, acc, m, l,
-        q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), block_table.stride(0),
-        group, Dh, P, math.ceil(n_blocks / splits), Dh ** -0.5 if scale is None else scale,
-        BLOCK_N=BLOCK_N, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, SPLITS=splits,
-        UPCAST=INTERPRET, DOT_PRECISION="ieee" if fp32 else "tf32", num_warps=NUM_WARPS)
+    if not is_fake(q):  # the memory plan's fake tensors: this function's allocations, no launch
+        _decode_kernel[(B, H_kv, splits)](
+            q, k_pages, v_pages, block_table, kv_lens, acc, m, l,
+            q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), block_table.stride(0),
+            group, Dh, P, math.ceil(n_blocks / splits), Dh ** -0.5 if scale is None else scale,
+            BLOCK_N=BLOCK_N, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, SPLITS=splits,
+            UPCAST=INTERPRET, DOT_PRECISION="ieee" if fp32 else "tf32", num_warps=NUM_WARPS)
     weight = torch.exp(m - m.amax(-1, keepdim=True))                 # (B, H, splits); 0 where m = -inf
     out = (weight[..., None] * acc).sum(2) / (weight * l).sum(2)[..., None]
     return out[..., :Dh].to(q.dtype)

@@ -28,6 +28,8 @@ from checkpoint import save_pretrained
 from model import ModelConfig, Transformer
 from sft import SFTConfig
 
+CPU = D.Context(rank=0, world_size=1, device=torch.device("cpu"))  # a plain process
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                    num_attention_heads=2, num_key_value_heads=1)
@@ -47,12 +49,12 @@ def test_a_non_finite_gradient_stops_before_the_optimizer_step():
     model(torch.randint(0, 64, (1, 5))).sum().backward()
     model.lm_head.weight.grad[0, 0] = float("nan")  # a finite loss, a NaN gradient
     with pytest.raises(FloatingPointError, match="non-finite gradient norm"):
-        D.clip_and_step(model, optimizer, max_norm=1.0)
+        D.clip_and_step(model, optimizer, 1.0, CPU)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "weights changed"
     assert all(p.grad is None for p in model.parameters())
     model(torch.randint(0, 64, (1, 5))).sum().backward()
     with pytest.raises(FloatingPointError, match="non-finite loss"):
-        D.clip_and_step(model, optimizer, max_norm=1.0, loss=torch.tensor(float("inf")))
+        D.clip_and_step(model, optimizer, 1.0, CPU, loss=torch.tensor(float("inf")))
 
 
 def test_non_finite_weights_are_never_saved_or_exported(tmp_path):
@@ -263,6 +265,32 @@ def test_every_writer_says_a_full_disk_is_full_and_leaves_nothing_half_written(s
             write()
         assert e.value.errno == errno.ENOSPC, name
         assert os.listdir(small_disk) == [], f"{name} left {os.listdir(small_disk)}"
+
+
+def fill(disk):
+    """Write to `disk` until it has no byte left."""
+    with open(disk / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"x" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+
+
+def test_appended_logs_and_the_demo_tokenizer_say_a_full_disk_is_full_and_keep_whole_lines(small_disk):
+    # metrics.jsonl (both trainers) and samples.jsonl (eval.py) are appended to a line at a time,
+    # through checkpoint.append_whole; sft.py's demo writes its tokenizer first. Was: a raw OSError.
+    logger = D.MetricsLogger(str(small_disk), 2, {})
+    logger.log(1, {"loss": 1.0})
+    fill(small_disk)
+    full = r"no space left to write .*: it needs about [\d.]+ MiB and its disk has [\d.]+ MiB free"
+    with pytest.raises(OSError, match=full):  # a line longer than what is left of the file's last page
+        logger.log(2, {f"metric_{i}": 0.5 for i in range(500)})
+    lines = (small_disk / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1]  # no torn second line
+    with pytest.raises(OSError, match=full):
+        demo.build_tokenizer(str(small_disk / "tokenizer"), ["a judge's trace"] * 10)
+    assert sorted(os.listdir(small_disk)) == ["filler", "metrics.jsonl"]
 
 
 def test_start_removes_what_a_killed_save_left(tmp_path):

@@ -28,6 +28,8 @@ from grpo import GRPOConfig
 from rollout import SamplingParams
 from sft import SFTConfig
 
+CPU = D.Context(rank=0, world_size=1, device=torch.device("cpu"))  # a plain process
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)
@@ -232,9 +234,9 @@ def test_the_default_kv_budget_is_what_is_free_less_5_percent():
 
 
 def test_gpu_reference_is_bf16_and_resharded_after_forward():
-    with plan.fake_world(8) as ctx:
-        policy = D.load_model(None, ctx, bf16=True, config=TINY, fill=False)
-        reference = D.load_model(None, ctx, bf16=True, config=TINY, frozen=True, fill=False)
+    with plan.fake_world(plan.Plan(8, 80, 1, 1)) as ctx:
+        policy = D.load_model(None, ctx, bf16=True, config=TINY)
+        reference = D.load_model(None, ctx, bf16=True, config=TINY, frozen=True)
         assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}
         assert {p.dtype for p in policy.parameters()} == {torch.float32}
         assert not any(p.requires_grad for p in reference.parameters()) and not reference.training
@@ -255,7 +257,7 @@ def test_clip_and_step_norm_equals_torchs():
         ids = torch.randint(0, TINY.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
         model(ids).sum().backward()
         if ours:
-            norm = float(D.clip_and_step(model, optimizer, max_norm=0.5))
+            norm = float(D.clip_and_step(model, optimizer, 0.5, CPU))
         else:
             norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5))
             optimizer.step()

@@ -4,10 +4,11 @@
 
 A TP = 2 decoder, made from FSDP2 shards (tp.weights) and from safetensors (tp.load), against the
 same weights whole and unsharded: each rank's shapes, and the tokens and log-probs it samples.
+After distributed.shutdown, each rank writes the names of its threads (OUT.json.threads.RANK):
+none of the process groups' may be left for the interpreter's teardown.
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from model import ModelConfig, Transformer  # noqa: E402
 from rollout import SamplingParams, generate, new_cache  # noqa: E402
 
 
-def main(out, checkpoint_dir, tied):
+def run(out, checkpoint_dir, tied):
     # GQA (4 query heads over 2 KV heads), and a vocabulary that does not split evenly.
     config = ModelConfig(vocab_size=301, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
@@ -57,24 +58,28 @@ def main(out, checkpoint_dir, tied):
     # A group's ranks bring different prompts; each gets its own back, as if decoded alone.
     mine = prompts[ctx.rank::2]
     keys = list(range(ctx.rank, len(prompts), 2))
-    got, _ = tp.generate_in_group(loaded, mine, runs["sampled"], ctx.tp_mesh, keys)
+    got, _ = tp.generate_in_group(loaded, mine, runs["sampled"], ctx, keys)
     want = generate(whole, mine, runs["sampled"], prompt_keys=keys)
     result["group_equal"] = [(c.prompt_index, c.token_ids) for c in got] == [(c.prompt_index, c.token_ids) for c in want]
     # Budgets that differ by rank (as free memory does): the group takes the smallest, 10 pages of
     # 2 KiB, and its ranks stay in step.
     page = 2 * config.num_hidden_layers * 1 * config.head_dim * 16 * 4
-    got, stats = tp.generate_in_group(loaded, mine, runs["sampled"], ctx.tp_mesh, keys,
+    got, stats = tp.generate_in_group(loaded, mine, runs["sampled"], ctx, keys,
                                       kv_budget_bytes=(10 if ctx.rank == 0 else 40) * page)
     result["small_budget_equal"] = [c.token_ids for c in got] == [c.token_ids for c in want]
     result["small_budget_pages"] = stats.pool_pages
     every = D.all_gather_objects(result)
     if D.is_main():
         Path(out).write_text(json.dumps(every))
+    return ctx.rank
+
+
+def main(out, checkpoint_dir, tied):
+    rank = run(out, checkpoint_dir, tied)  # what it built on the process group is gone with it
     D.shutdown()
-    # Skip the interpreter's teardown: after destroy_process_group, this worker's process still
-    # aborted at exit now and then ("terminate called without an active exception", no Python
-    # frame), once every result was written. Open: see the issue note.
-    os._exit(0)
+    tasks = Path("/proc/self/task")
+    threads = sorted((t / "comm").read_text().strip() for t in tasks.iterdir()) if tasks.exists() else None
+    Path(f"{out}.threads.{rank}").write_text(json.dumps(threads))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,105 @@
+"""The memory plan's verdicts for the paper's runs and for one GPU, as the plan prints them.
+
+    python bench/plans.py                 # the tables in docs/scale.md (about 40 minutes on 2 CPU cores)
+    python bench/plans.py --only cluster  # or --only single
+
+Each cell is `grpo.py --plan` or `sft.py --plan` on a config.json of Qwen2.5 of that size (nothing
+else is read), on cards as they report themselves (an 80 GB card: 79.1 GiB; an H200: 139.6). A
+single-GPU cell that does not fit at the paper's lengths is walked again at shorter ones, with
+--micro_batch_tokens at one prompt + response (and GRPO's --offload_states), until one fits; a run
+whose first optimizer step alone does not fit fits at no length, and says so.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Qwen2.5's configs (the Instruct models' config.json, the fields the model reads)
+QWEN25 = {"0.5B": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                       intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
+          "1.5B": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                       intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
+          "3B": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                     intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True),
+          "7B": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                     intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
+          "14B": dict(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
+                      intermediate_size=13824, vocab_size=152064, tie_word_embeddings=False),
+          "32B": dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+                      intermediate_size=27648, vocab_size=152064, tie_word_embeddings=False)}
+COMMON = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1e6,
+              max_position_embeddings=32768)
+# (size, trainer, ranks, flags): the paper's runs (RM-R1's release: 7B on one node, 14B on two, 32B on four)
+CLUSTER = [("7B", "grpo", 8, []), ("14B", "grpo", 8, ["--rollout_tp", "2"]),
+           ("32B", "grpo", 8, ["--rollout_tp", "8", "--offload_states"]), ("32B", "grpo", 16, ["--rollout_tp", "8"]),
+           ("32B", "grpo", 32, ["--rollout_tp", "8"]), ("7B", "sft", 8, []), ("14B", "sft", 8, []),
+           ("32B", "sft", 8, []), ("32B", "sft", 16, [])]
+
+
+def model_dir(size, tmp):
+    path = Path(tmp) / size
+    path.mkdir(exist_ok=True)
+    (path / "config.json").write_text(json.dumps({**COMMON, **QWEN25[size]}))
+    return str(path)
+
+
+def walk(trainer, model, ranks, gib, flags):
+    """One plan: (fits, peak GiB, usable GiB, the phases over)."""
+    res = subprocess.run([sys.executable, f"{trainer}.py", "--plan", "--model", model, "--plan_world_size",
+                          str(ranks), "--plan_gpu_gib", str(gib), "--no-plan_alternatives", *flags],
+                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    phases = re.findall(r"^(\S.*?)\s{2,}([\d.]+|-)\s+[\d.]+(  <- over)?$", res.stdout, re.M)
+    usable = re.search(r"^  usable\s+([\d.]+)$", res.stdout, re.M)
+    if res.returncode not in (0, 1) or not phases or usable is None:
+        raise RuntimeError(f"{trainer}.py --plan failed:\n{res.stdout[-2000:]}{res.stderr[-3000:]}")
+    peak = max(float(p) for _, p, _ in phases if p != "-")
+    return res.returncode == 0, peak, float(usable.group(1)), [name for name, _, over in phases if over]
+
+
+# One GPU: the paper's lengths, then settings that save memory, then shorter responses / rows.
+TRIES = {"grpo": [[], ["--offload_states"], ["--offload_states", "--micro_batch_tokens", "12288"],
+                  *[["--offload_states", "--max_response_len", str(r), "--micro_batch_tokens", str(4096 + r)]
+                    for r in (4096, 2048, 1024)]],
+         "sft": [[], *[["--max_len", str(n)] for n in (8192, 4096, 2048)]]}
+
+
+def single(size, trainer, gib, tmp):
+    """The first of TRIES at which one GPU of gib GB fits."""
+    model = model_dir(size, tmp)
+    for flags in TRIES[trainer]:
+        fits, peak, usable, over = walk(trainer, model, 1, gib, flags)
+        said = " ".join(flags) or "paper lengths"
+        if fits:
+            return f"fits: {said} (peak {peak:.1f} of {usable:.1f} GiB)"
+        if any(name.startswith("load") for name in over):  # the weights and AdamW alone: no length helps
+            return f"does not fit: its first AdamW step alone peaks at {peak:.1f} of {usable:.1f} GiB"
+    return f"does not fit, even at {said} (peak {peak:.1f} of {usable:.1f} GiB)"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=("cluster", "single"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.only != "single":
+            print("| run | ranks of 80 GB (79.1 GiB) | verdict | peak GiB | usable GiB |\n|---|---|---|---|---|", flush=True)
+            for size, trainer, ranks, flags in CLUSTER:
+                fits, peak, usable, over = walk(trainer, model_dir(size, tmp), ranks, 80, flags)
+                verdict = "fits" if fits else "does not fit: " + "; ".join(over)
+                print(f"| {trainer}.py {size} {' '.join(flags)} | {ranks} | {verdict} | {peak:.1f} | {usable:.1f} |",
+                      flush=True)
+        if args.only != "cluster":
+            print("\n| one GPU | GRPO, 80 GB | GRPO, H200 | SFT, 80 GB | SFT, H200 |\n|---|---|---|---|---|", flush=True)
+            for size in ("0.5B", "1.5B", "3B", "7B"):
+                cells = [single(size, trainer, gib, tmp) for trainer in ("grpo", "sft") for gib in (80, 141)]
+                print(f"| {size} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
