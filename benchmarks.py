@@ -4,9 +4,10 @@ scorer (one result per comparison -> the benchmark's official metrics), register
     comparisons = load_benchmark("rm-bench", "../shared/data/rm-bench")   # a file or a folder
     score("rm-bench", results)   # {"chat": .., "hard_acc": .., "total_avg_acc": .., "chat/matrix": [[..]]}
 
-A result is a dict with at least uid, group, category, meta and `correct` (the judge preferred the
-chosen answer; an unparseable verdict is not correct); accuracies are fractions in [0, 1] under
-the benchmarks' own metric names. Adding a benchmark is a loader, a scorer and a line in
+A result is a dict with at least uid, group, category, meta and `correct`: True / False (the judge
+preferred the chosen answer; an unparseable verdict is not correct), or a score in [0, 1] (judge.py:
+a tie of votes or of the two answer orders is 1/2); accuracies are fractions in [0, 1] under the
+benchmarks' own metric names. Adding a benchmark is a loader, a scorer and a line in
 BENCHMARKS; eval.py takes its names from there. The demo's comparisons come from demo/task.py
 (they are drawn, not read from a file); its scorer lives here with the rest.
 """
@@ -121,6 +122,37 @@ def load_rmb_bon(file):
     return out
 
 
+def record_id(record, where):
+    """A record's own `id` when it has one, else where it is (file:line)."""
+    return str(get_field(record, where, "id", (int, str))) if "id" in record else where
+
+
+def load_pairs(file):
+    """Preference pairs of one's own, as the trainers read them: `prompt` (a string or the messages
+    before the answers) with `chosen` / `rejected` (strings, or message lists); optional `id`,
+    `category`."""
+    out = []
+    for where, r in read_file(file):
+        uid = record_id(r, where)
+        chosen, rejected = pair_conversations(r, where)
+        category = get_field(r, where, "category", str) if "category" in r else "pairs"
+        out.append(Comparison(uid, uid, category, chosen, rejected))
+    return out
+
+
+def load_unlabeled(file):
+    """Pairs to label: `prompt` with `response_a` / `response_b` (as chosen / rejected are given to
+    load_pairs); optional `id`. Response a stands where a chosen answer would: `correct` then means
+    the judge picked a. The record's own fields ride along in meta, for labeled.jsonl."""
+    out = []
+    for where, r in read_file(file):
+        uid = record_id(r, where)
+        a, b = pair_conversations(r, where, "response_a", "response_b")
+        meta = {k: r[k] for k in ("prompt", "response_a", "response_b") if k in r}
+        out.append(Comparison(uid, uid, "label", a, b, meta))
+    return out
+
+
 # ---- scores ----
 
 def check_results(results):
@@ -128,8 +160,8 @@ def check_results(results):
         for name in ("uid", "group", "category", "meta", "correct"):
             if name not in r:
                 raise ValueError(f"results[{k}]: missing field {name!r}")
-        if not isinstance(r["correct"], bool):
-            raise ValueError(f"results[{k}]: field 'correct' must be a bool, got {r['correct']!r}")
+        if not isinstance(r["correct"], (bool, float)) or not 0 <= r["correct"] <= 1:
+            raise ValueError(f"results[{k}]: field 'correct' must be a bool or a score in [0, 1], got {r['correct']!r}")
     if not results:
         raise ValueError("no results to score")
 
@@ -225,13 +257,14 @@ def score_rmb_pairwise(results):
 
 
 def score_rmb_bon(results):
-    """Best-of-N accuracy: an item is right only if its best answer won every comparison."""
+    """Best-of-N accuracy: an item is right only if its best answer won every comparison (scored,
+    it takes its weakest comparison's score: a tie there makes it half right)."""
     check_results(results)
     items = defaultdict(list)
     for r in results:
         items[r["group"]].append(r)
     per_item = [{"category": rs[0]["category"], "aspect": rs[0]["meta"]["aspect"],
-                 "correct": all(r["correct"] for r in rs)} for rs in items.values()]
+                 "correct": min(r["correct"] for r in rs)} for rs in items.values()]
     by_path, _ = accuracy_by(per_item, lambda r: r["category"])
     by_aspect, _ = accuracy_by(per_item, lambda r: r["aspect"])
     return by_path | by_aspect
@@ -250,6 +283,12 @@ def score_rmb(pairwise_results, bon_results):
     return scores
 
 
+def score_pairs(results):
+    """Accuracy overall and per category (the records' `category`, if they have one)."""
+    by_category, _ = accuracy_by(results, lambda r: r["category"])
+    return {"accuracy": mean([r["correct"] for r in results])} | by_category
+
+
 # ---- the demo ----
 
 def score_demo(records):
@@ -261,7 +300,7 @@ def score_demo(records):
 @dataclass(frozen=True)
 class Benchmark:
     load: object    # file -> [Comparison]; None: the comparisons are drawn (the demo)
-    score: object   # [result] -> {metric: value}
+    score: object   # [result] -> {metric: value}; None: nothing to score against
 
 
 BENCHMARKS = {
@@ -270,6 +309,8 @@ BENCHMARKS = {
     "rm-bench": Benchmark(load_rm_bench, score_rm_bench),
     "rmb-pairwise": Benchmark(load_rmb_pairwise, score_rmb_pairwise),
     "rmb-bon": Benchmark(load_rmb_bon, score_rmb_bon),
+    "pairs": Benchmark(load_pairs, score_pairs),
+    "label": Benchmark(load_unlabeled, None),  # no gold answers: eval.py writes labeled.jsonl instead
 }
 
 

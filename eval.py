@@ -1,4 +1,5 @@
-"""Run a judge on a benchmark and score it: RewardBench, RM-Bench, RMB (pairwise, best-of-N), or the demo.
+"""Run a judge on a benchmark and score it: RewardBench, RM-Bench, RMB (pairwise, best-of-N), the
+demo, your own preference pairs (--bench pairs), or label your own unlabeled pairs (--bench label).
 
     python eval.py                                     # CPU demo: the shipped demo judge, held-out demo pairs
     python eval.py --model RUN/hf                      # the demo judge after GRPO (grpo.py's hf/ export)
@@ -7,19 +8,30 @@
         --data RMB/Pairwise_set --limit 500           # one GPU; --limit for a quick look
     torchrun --nproc_per_node=8 eval.py --model RM-R1-32B --tp 4 --bench rm-bench --data rm-bench/
                                                        # 2 data-parallel groups of 4 tensor-parallel ranks
+    python eval.py --samples 8 --temperature 1 --both_orders      # votes over 8 samples, both answer orders
+    python eval.py --model RUN/hf --bench pairs --data my_pairs.jsonl     # prompt / chosen / rejected records
+    python eval.py --model RUN/hf --bench label --data unlabeled.jsonl    # prompt / response_a / response_b
 
 Under torchrun the comparisons are dealt out, chunk by chunk, over the data-parallel groups (each
 of --tp ranks that hold 1/tp of every matrix, tp.py, or one rank with the whole judge); rank 0
 gathers each chunk's records and appends them to one samples.jsonl, so a log holds the same lines
 whatever the number of ranks, and resumes the same way.
 
-Every comparison is judged once, greedily (as the RM-R1 authors did), with the chosen answer at
-position A or B by a coin that is a hash of (seed, comparison uid): seeded, recorded in the log,
-and the same whatever --limit or --batch_size. Outputs, in `out` (default runs/eval-<bench>):
-- samples.jsonl: one line per comparison (uid, group, category, meta, chosen_position,
-  prompt_tokens, judgment, verdict, correct, finish_reason), appended and flushed chunk by chunk;
+By default every comparison is judged once, greedily (as the RM-R1 authors did), with the chosen
+answer at position A or B by a coin that is a hash of (seed, comparison uid): seeded, recorded in
+the log, and the same whatever --limit or --batch_size. --samples K --temperature T judges it K
+times (the verdict is their majority), --both_orders with the chosen answer at A and at B; the
+rules of votes, ties and orders are judge.py's. Outputs, in `out` (default runs/eval-<bench>):
+- samples.jsonl: one line per comparison and order (uid, group, category, meta, chosen_position,
+  prompt_tokens, judgment, verdict, correct, finish_reason; with --samples K > 1 also votes,
+  judgments and finish_reasons, the K samples' own, and judgment / finish_reason are sample 0's,
+  verdict the majority's and correct its score), appended chunk by chunk;
 - scores.json: benchmarks.py's scores under the benchmark's own metric names, recomputed from the
-  whole log, with counts of overlong prompts, unparseable verdicts and truncated judgments.
+  whole log, with counts of overlong prompts, unparseable verdicts and truncated judgments; with
+  --samples, the voting curve (accuracy of the first k samples' majority, k = 1, 2, 4, ..., K,
+  with standard errors); with --both_orders, position consistency;
+- labeled.jsonl (--bench label): each pair the judge picked an answer for, as prompt / chosen /
+  rejected (what grpo.py --data and DPO trainers read), with its votes and consistency.
 Re-running with the same `out` resumes: comparisons already in the log are skipped.
 
 Departures from the RM-R1 harness and choices it leaves open:
@@ -41,24 +53,23 @@ import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 import benchmarks
 import data
 import demo.recipe
 import distributed as D
-import rollout
 import tp
-from checkpoint import append_whole, load_config, load_pretrained, write_atomic
+from checkpoint import append_whole, load_config, write_atomic
 from cli import check_fields, parse_config
-from reward import LETTERS, label, place
+from judge import SCORE, Judge, Judgments, noise_key, outcome, score, tally
+from reward import LETTERS, label
 
 
 @dataclass
 class EvalConfig:
     model: str = demo.SHIPPED        # HF model directory (weights + tokenizer with a chat template)
-    bench: str = "demo"              # demo | rewardbench | rm-bench | rmb-pairwise | rmb-bon
+    bench: str = "demo"              # demo | rewardbench | rm-bench | rmb-pairwise | rmb-bon | pairs | label
     data: str = ""                   # benchmark file or folder (not needed for demo)
     style: str = "instruct"          # instruct: system + user prompt; reasoning: one user turn (R1-distilled)
     max_new_tokens: int = 8192       # judgment length; one that reaches it is logged as "length" (demo: 160)
@@ -69,11 +80,15 @@ class EvalConfig:
     out: str = ""                    # default runs/eval-<bench>
     demo_pairs: int = 1000           # held-out demo pairs to judge (--bench demo): 1 SE ~1.3 points
     tp: int = 1                      # tensor-parallel ranks per judge under torchrun (14B: 2, 32B: 4-8)
+    samples: int = 1                 # sampled judgments per comparison and order; the verdict is their majority
+    temperature: float = 0.0         # 0: greedy (one sample); --samples K > 1 needs T > 0
+    both_orders: bool = False        # judge every comparison with the chosen answer at A and at B
 
 
 BENCHES = tuple(benchmarks.BENCHMARKS)
 # Fields that change what a logged judgment is; resuming a log made with other values would mix two runs.
-RUN_IDENTITY = ("model", "bench", "data", "style", "max_new_tokens", "max_prompt_len", "seed")
+RUN_IDENTITY = ("model", "bench", "data", "style", "max_new_tokens", "max_prompt_len", "seed", "samples",
+                "temperature", "both_orders")
 # Sampler batches per logged chunk: continuous batching keeps slots busy while the longest
 # judgments finish, and a killed run loses at most one chunk.
 CHUNK_BATCHES = 4
@@ -89,8 +104,11 @@ def check_config(cfg: EvalConfig, world_size=1):
         ("data", cfg.bench != "demo" or not cfg.data, "is not read by --bench demo (it judges the demo's own "
          f"pairs): name the benchmark the file holds with --bench ({', '.join(b for b in BENCHES if b != 'demo')})"),
         *[(name, getattr(cfg, name) >= 1, "must be >= 1") for name in
-          ("max_new_tokens", "max_prompt_len", "batch_size", "demo_pairs", "tp")],
+          ("max_new_tokens", "max_prompt_len", "batch_size", "demo_pairs", "tp", "samples")],
         ("limit", cfg.limit >= 0, "must be >= 0 (0 = all)"),
+        ("temperature", cfg.temperature >= 0, "must be >= 0 (0: greedy)"),
+        ("samples", cfg.samples == 1 or cfg.temperature > 0, "more than one sample needs --temperature > 0 "
+         "(greedy samples are all alike): RM-R1's judges sample at 1.0 in training"),
         ("tp", world_size % cfg.tp == 0, f"must divide the {world_size} ranks this run has: start eval.py "
          f"under torchrun with a multiple of {cfg.tp} ranks (--nproc_per_node), or leave --tp at 1"),
     ])
@@ -127,40 +145,65 @@ def chosen_is_a(seed: int, uid: str) -> bool:
 
 # ---- judging ----
 
-def judge(model, tokenizer, comparisons, cfg: EvalConfig, log=None, ctx=None) -> list[dict]:
-    """Judge every comparison greedily; returns one log record per comparison, in order.
+def units_of(comparisons, cfg: EvalConfig) -> list:
+    """(comparison, chosen_position) pairs to judge: the coin's position, or with --both_orders A and B."""
+    def positions(c):
+        return ("A", "B") if cfg.both_orders else (LETTERS[label(chosen_is_a(cfg.seed, c.uid))],)
+    return [(c, position) for c in comparisons for position in positions(c)]
 
-    Under torchrun (ctx) each chunk is dealt out over the data-parallel groups, which judge their
+
+def record_of(c, position, prompt_tokens, judged: Judgments | None, cfg: EvalConfig) -> dict:
+    """The log line of one (comparison, order); judged is None for a prompt over max_prompt_len."""
+    r = {"uid": c.uid, "group": c.group, "category": c.category, "meta": c.meta, "chosen_position": position,
+         "prompt_tokens": prompt_tokens, "judgment": "", "verdict": None, "correct": False,
+         "finish_reason": "prompt_too_long"}
+    if cfg.samples > 1:
+        r["correct"] = 0.0
+        r |= {"votes": [], "judgments": [], "finish_reasons": []}
+    if judged is None:
+        return r
+    if cfg.samples == 1:
+        r.update(judgment=judged.texts[0], verdict=judged.verdicts[0], correct=judged.verdicts[0] == position,
+                 finish_reason=judged.finish_reasons[0])
+    else:
+        o = outcome(judged.verdicts, position)
+        r.update(judgment=judged.texts[0], verdict={"chosen": position, "rejected": "B" if position == "A" else "A"}.get(o),
+                 correct=SCORE[o], finish_reason=judged.finish_reasons[0], votes=judged.verdicts,
+                 judgments=judged.texts, finish_reasons=judged.finish_reasons)
+    return r
+
+
+def how(cfg: EvalConfig) -> dict:
+    """How a judge.Judge judges, from eval.py's settings."""
+    return dict(style=cfg.style, samples=cfg.samples, temperature=cfg.temperature, seed=cfg.seed,
+                max_new_tokens=cfg.max_new_tokens, max_prompt_len=cfg.max_prompt_len, batch_size=cfg.batch_size)
+
+
+def judge(judge_: Judge, units, cfg: EvalConfig, log=None) -> list[dict]:
+    """Judge every (comparison, chosen_position) unit (units_of); returns one log record per unit,
+    in order.
+
+    Under torchrun (the judge's ctx) each chunk is dealt out over the data-parallel groups, which judge their
     parts at once; every rank then gathers the chunk's records back in order and returns them all.
     When `log` (a path, rank 0's) is given, each chunk's records are appended to it as JSON lines
     as soon as the chunk is judged.
     """
+    ctx = judge_.ctx
     group, groups = ctx.dp if ctx is not None else (0, 1)
     lead = ctx is None or ctx.tp_mesh is None or ctx.tp_mesh.get_local_rank() == 0
     chunk = cfg.batch_size * CHUNK_BATCHES * groups
     records = []
-    with tqdm(total=len(comparisons), desc=f"judging ({cfg.bench})", unit="pair", disable=not D.is_main()) as bar:
-        for start in range(0, len(comparisons), chunk):
-            todo = []
-            for c in comparisons[start:start + chunk][group::groups]:
-                a_first = chosen_is_a(cfg.seed, c.uid)
-                a, b = place(c.chosen, c.rejected, a_first)
-                ids = data.chat_ids(tokenizer, data.build_judge_messages(a, b, cfg.style), add_generation_prompt=True)
-                record = {"uid": c.uid, "group": c.group, "category": c.category, "meta": c.meta,
-                          "chosen_position": LETTERS[label(a_first)], "prompt_tokens": len(ids),
-                          "judgment": "", "verdict": None, "correct": False, "finish_reason": "prompt_too_long"}
-                todo.append((record, ids if len(ids) <= cfg.max_prompt_len else None))
-            judged = [(r, ids) for r, ids in todo if ids is not None]
-            if judged:
-                # a TP group's ranks must schedule alike: one KV budget for all of them
-                budget = tp.kv_budget(None, ctx) if ctx is not None else None
-                verdicts = rollout.greedy_verdicts(model, tokenizer, [ids for _, ids in judged], cfg.max_new_tokens,
-                                                   cfg.batch_size, budget)
-                for (record, _), (text, verdict, finish_reason) in zip(judged, verdicts):
-                    record.update(judgment=text, verdict=verdict, correct=verdict == record["chosen_position"],
-                                  finish_reason=finish_reason)
-            # group g judged the chunk's comparisons g, g + groups, ...: interleave them back
-            parts = [p for p in D.all_gather_objects((group, [r for r, _ in todo]) if lead else None) if p]
+    with tqdm(total=len(units), desc=f"judging ({cfg.bench})", unit="judgment", disable=not D.is_main()) as bar:
+        for start in range(0, len(units), chunk):
+            mine = units[start:start + chunk][group::groups]
+            prompts = [judge_.prompt(c.chosen, c.rejected, position) for c, position in mine]
+            fits = [i for i, ids in enumerate(prompts) if len(ids) <= cfg.max_prompt_len]
+            judged = dict(zip(fits, judge_.judge([prompts[i] for i in fits],
+                                                  [noise_key(mine[i][0].uid, mine[i][1]) for i in fits]) if fits else []))
+            part = [record_of(c, position, len(ids), judged.get(i), cfg)
+                    for i, ((c, position), ids) in enumerate(zip(mine, prompts))]
+            # group g judged the chunk's units g, g + groups, ...: interleave them back
+            parts = [p for p in D.all_gather_objects((group, part) if lead else None) if p]
             done = [None] * sum(len(p) for _, p in parts)
             for g, part in parts:
                 done[g::groups] = part
@@ -203,9 +246,10 @@ def check_resume(cfg: EvalConfig, out):
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        changed = [k for k in RUN_IDENTITY if saved.get(k) != current[k]]
+        # a log written before a setting existed was made with its default
+        changed = [k for k in RUN_IDENTITY if saved.get(k, getattr(EvalConfig, k)) != current[k]]
         if changed:
-            diff = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+            diff = ", ".join(f"{k}: {saved.get(k, getattr(EvalConfig, k))!r} -> {current[k]!r}" for k in changed)
             raise ValueError(f"{out} holds a run with other settings ({diff}); pass a new --out, "
                              f"or the same settings to resume")
     else:
@@ -214,13 +258,69 @@ def check_resume(cfg: EvalConfig, out):
 
 # ---- scores ----
 
-def scores_of(records, bench) -> dict:
-    """The benchmark's official scores from log records, and the judge's own health counts."""
+def per_comparison(records) -> list[dict]:
+    """One result per comparison, in log order: with two orders, the first's line scored with the
+    mean of both (an inconsistent pair is a tie, judge.py)."""
+    lines = {}
+    for r in records:
+        lines.setdefault(r["uid"], []).append(r)
+    return [rs[0] if len(rs) == 1 else dict(rs[0], correct=sum(float(r["correct"]) for r in rs) / len(rs))
+            for rs in lines.values()]
+
+
+def votes_of(r) -> list:
+    """A line's sample verdicts (one greedy verdict: itself)."""
+    return r["votes"] if "votes" in r else [r["verdict"]]
+
+
+def mean_and_error(xs) -> tuple[float, float]:
+    """The mean of xs and its standard error (sample standard deviation / sqrt(n))."""
+    n = len(xs)
+    mean = sum(xs) / n
+    return mean, (sum((x - mean) ** 2 for x in xs) / (n - 1) / n) ** 0.5 if n > 1 else 0.0
+
+
+def voting_curve(records, samples, bench) -> list[dict]:
+    """Accuracy of the majority of the first k samples, k = 1, 2, 4, ..., samples (and samples):
+    the same samples for every k, so the points differ by voting alone."""
+    curve = []
+    for k in sorted({1 << i for i in range(samples.bit_length())} | {samples}):
+        results = per_comparison([dict(r, correct=score(r["votes"][:k], r["chosen_position"])) for r in records])
+        accuracy, error = mean_and_error([r["correct"] for r in results])
+        point = {"k": k, "accuracy": accuracy, "standard_error": error}
+        if benchmarks.BENCHMARKS[bench].score is not None:
+            point["scores"] = benchmarks.score(bench, results)
+        curve.append(point)
+    return curve
+
+
+def orders_of(records) -> dict:
+    """With both orders: position consistency (the share of comparisons whose two orders' outcomes
+    name the same answer), accuracy with an inconsistent pair a tie, and the share of votes for A."""
+    lines = {}
+    for r in records:
+        lines.setdefault(r["uid"], []).append(r)
+    pairs = [rs for rs in lines.values() if len(rs) == 2]
+    votes = [v for r in records for v in votes_of(r) if v is not None]
+    accuracy, error = mean_and_error([sum(float(r["correct"]) for r in rs) / 2 for rs in pairs])
+    return {"comparisons": len(pairs),
+            "position_consistency": sum(tally([(r["chosen_position"], votes_of(r)) for r in rs])[2]
+                                        for rs in pairs) / len(pairs),
+            "accuracy": accuracy, "standard_error": error,
+            "votes_A_share": sum(v == "A" for v in votes) / max(1, len(votes))}
+
+
+def scores_of(records, bench, samples=1) -> dict:
+    """The benchmark's official scores from log records, and the judge's own health counts; with
+    samples > 1 the voting curve, and with both orders in the log their consistency."""
     n = len(records)
     judged = [r for r in records if r["finish_reason"] != "prompt_too_long"]
-    return {
+    results = per_comparison(records)
+    two_orders = len(results) < n
+    scores = {
         "bench": bench,
-        "comparisons": n,
+        "comparisons": len(results),
+        **({"judgments": n} if two_orders else {}),
         "prompt_too_long": n - len(judged),
         # share of judged comparisons whose text holds neither or both of [[A]] / [[B]]
         "invalid_verdict_rate": sum(r["verdict"] is None for r in judged) / max(1, len(judged)),
@@ -228,8 +328,36 @@ def scores_of(records, bench) -> dict:
         # position bias shows as a verdict-A share away from the gold A share
         "verdict_A_share": sum(r["verdict"] == "A" for r in judged) / max(1, len(judged)),
         "gold_A_share": sum(r["chosen_position"] == "A" for r in judged) / max(1, len(judged)),
-        "scores": benchmarks.score(bench, records),
+        "scores": benchmarks.score(bench, results) if benchmarks.BENCHMARKS[bench].score is not None else {},
     }
+    if samples > 1:
+        scores["voting"] = {"rule": "majority of the first k samples; equal votes are half right, no vote is wrong",
+                            "curve": voting_curve(records, samples, bench)}
+    if two_orders:
+        scores["both_orders"] = orders_of(records)
+    return scores
+
+
+def labeled(records) -> list[dict]:
+    """--bench label: each pair the judge picked an answer for, as a preference pair (prompt, chosen,
+    rejected: what grpo.py --data and DPO trainers read) with its votes and, with both orders, their
+    consistency. Pairs with no pick (a tie, no vote) are left out; scores.json counts them."""
+    lines = {}
+    for r in records:
+        lines.setdefault(r["uid"], []).append(r)
+    out = []
+    for uid, rs in lines.items():
+        choice, votes, consistent = tally([(r["chosen_position"], votes_of(r)) for r in rs])
+        if choice is None:
+            continue
+        meta = rs[0]["meta"]
+        a, b = meta["response_a"], meta["response_b"]
+        out.append({"id": uid, **({"prompt": meta["prompt"]} if "prompt" in meta else {}),
+                    "chosen": a if choice == "chosen" else b, "rejected": b if choice == "chosen" else a,
+                    "picked": "response_a" if choice == "chosen" else "response_b",
+                    "votes": {"response_a": votes["chosen"], "response_b": votes["rejected"], "none": votes["none"]},
+                    "consistent": consistent})
+    return out
 
 
 def summary(scores) -> str:
@@ -238,21 +366,25 @@ def summary(scores) -> str:
     rows += [(k, str(scores[k])) for k in ("comparisons", "prompt_too_long")]
     rows += [(k, f"{100 * scores[k]:.1f}") for k in ("invalid_verdict_rate", "truncated_rate",
                                                       "verdict_A_share", "gold_A_share")]
+    for point in scores.get("voting", {}).get("curve", []):
+        rows.append((f"majority of {point['k']}", f"{100 * point['accuracy']:.1f} +- {100 * point['standard_error']:.1f}"))
+    if "both_orders" in scores:
+        orders = scores["both_orders"]
+        rows += [("both orders: accuracy", f"{100 * orders['accuracy']:.1f} +- {100 * orders['standard_error']:.1f}"),
+                 ("both orders: consistency", f"{100 * orders['position_consistency']:.1f}"),
+                 ("both orders: votes for A", f"{100 * orders['votes_A_share']:.1f}")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v:>7}" for k, v in rows)
 
 
 # ---- entry point ----
 
-def load_judge(path, ctx):
+def load_judge(cfg: EvalConfig, ctx) -> Judge:
     """The judge, whole on this rank, or with --tp this rank's 1/tp of it (read from safetensors)."""
-    if not os.path.isdir(path):
-        hint = " (train the demo judge with `python sft.py`)" if path == demo.SHIPPED else ""
-        raise ValueError(f"--model {path}: no such model directory{hint}")
-    dtype = torch.bfloat16 if ctx.gpu else torch.float32
-    if ctx.tp_mesh is not None:
-        return tp.load(path, ctx.tp_mesh, dtype, ctx.device), data.load_tokenizer(path)
-    return load_pretrained(path, dtype=dtype, device=ctx.device), data.load_tokenizer(path)
+    if not os.path.isdir(cfg.model):
+        hint = " (train the demo judge with `python sft.py`)" if cfg.model == demo.SHIPPED else ""
+        raise ValueError(f"--model {cfg.model}: no such model directory{hint}")
+    return Judge.load(cfg.model, ctx, **how(cfg))
 
 
 def on_main(fn):
@@ -283,20 +415,30 @@ def evaluate(cfg: EvalConfig) -> dict:
     def resume():
         os.makedirs(out, exist_ok=True)
         check_resume(cfg, out)
-        return {r["uid"] for r in read_log(log_path)}
+        return {(r["uid"], r["chosen_position"]) for r in read_log(log_path)}
     done = on_main(resume)
-    todo = [c for c in comparisons if c.uid not in done]
-    D.log(f"{len(comparisons)} comparisons, {len(comparisons) - len(todo)} already in {log_path}, "
+    units = units_of(comparisons, cfg)
+    # one order: a comparison in the log is done; both orders: each (comparison, order) is its own
+    done |= {(uid, None) for uid, _ in done}
+    todo = [(c, position) for c, position in units if (c.uid, position if cfg.both_orders else None) not in done]
+    what = "comparisons" if len(units) == len(comparisons) else f"comparisons ({len(units)} judgments, both orders)"
+    D.log(f"{len(comparisons)} {what}, {len(units) - len(todo)} already in {log_path}, "
           f"{len(todo)} to judge" + (f" on {ctx.dp[1]} data-parallel groups" if ctx.world_size > 1 else ""))
     if todo:
-        model, tokenizer = load_judge(cfg.model, ctx)
-        judge(model, tokenizer, todo, cfg, log_path if D.is_main() else None, ctx)
+        judge(load_judge(cfg, ctx), todo, cfg, log_path if D.is_main() else None)
     return on_main(lambda: score_log(cfg, out, log_path))
 
 
 def score_log(cfg: EvalConfig, out, log_path) -> dict:
     """The scores of the whole log, written to out/scores.json once and printed."""
-    scores = scores_of(read_log(log_path), cfg.bench)
+    records = read_log(log_path)
+    scores = scores_of(records, cfg.bench, cfg.samples)
+    if cfg.bench == "label":
+        pairs = labeled(records)
+        scores["labeled"], scores["unlabeled"] = len(pairs), scores["comparisons"] - len(pairs)
+        write_atomic(os.path.join(out, "labeled.jsonl"), "".join(json.dumps(p) + "\n" for p in pairs))
+        print(f"wrote {os.path.join(out, 'labeled.jsonl')}: {len(pairs)} pairs labeled, {scores['unlabeled']} "
+              f"left out (a tie of votes or orders, or no verdict)")
     write_atomic(os.path.join(out, "scores.json"), json.dumps(scores, indent=2) + "\n")
     print(summary(scores))
     if scores["prompt_too_long"]:
@@ -317,7 +459,7 @@ def main(argv=None):
 
 def no_result(scores) -> str | None:
     """Why a finished evaluation is no result (and eval.py exits non-zero): no judgment held a verdict."""
-    judged = scores["comparisons"] - scores["prompt_too_long"]
+    judged = scores.get("judgments", scores["comparisons"]) - scores["prompt_too_long"]
     if judged and scores["invalid_verdict_rate"] == 1.0:
         return (f"none of the {judged} judgments holds a verdict ([[A]] or [[B]]): the scores are written, but "
                 f"they are not a result. Check the model (its weights, its tokenizer), --style and "

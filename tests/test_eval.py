@@ -12,6 +12,7 @@ import data
 import demo
 import eval as E
 import rollout
+from judge import Judge
 from checkpoint import save_pretrained
 from model import ModelConfig, Transformer
 
@@ -52,6 +53,11 @@ class CountingGenerate:
         if self.fake is None:
             return self.real(model, prompts, params, **kw)
         return [rollout.Completion(i, 0, self.fake, [0.0] * len(self.fake), "stop") for i in range(len(prompts))]
+
+
+def judge_records(tokenizer, comparisons, cfg, model=None):
+    """eval.judge's records of comparisons, in this process (the model is not needed when generate is faked)."""
+    return E.judge(Judge(model, tokenizer, **E.how(cfg)), E.units_of(comparisons, cfg), cfg)
 
 
 def read_jsonl(path):
@@ -132,7 +138,7 @@ def test_missing_shipped_judge_error_says_how_to_make_it(tmp_path, monkeypatch):
 def test_verdict_is_right_when_it_names_the_position_the_chosen_answer_was_put_in(judge_dir, tokenizer, monkeypatch):
     comparisons = demo.comparisons(40, seed=0)
     generate = CountingGenerate(monkeypatch, "<type>Chat</type>\n<answer>[[A]]</answer>", tokenizer)
-    records = E.judge(None, tokenizer, comparisons, E.EvalConfig(max_prompt_len=10**6, batch_size=3))
+    records = judge_records(tokenizer, comparisons, E.EvalConfig(max_prompt_len=10**6, batch_size=3))
     assert [r["uid"] for r in records] == [c.uid for c in comparisons]
     for c, r, prompt in zip(comparisons, records, generate.prompts):
         a, b = (c.chosen, c.rejected) if r["chosen_position"] == "A" else (c.rejected, c.chosen)
@@ -149,7 +155,7 @@ def test_overlong_prompts_are_not_judged_and_count_as_wrong(judge_dir, tokenizer
                for c in comparisons]
     cut = sorted(lengths)[10]  # about half the prompts are longer
     generate = CountingGenerate(monkeypatch, "<answer>[[A]]</answer> <answer>[[B]]</answer>", tokenizer)
-    records = E.judge(None, tokenizer, comparisons, E.EvalConfig(max_prompt_len=cut, batch_size=4))
+    records = judge_records(tokenizer, comparisons, E.EvalConfig(max_prompt_len=cut, batch_size=4))
     too_long = [r for r in records if r["finish_reason"] == "prompt_too_long"]
     assert len(too_long) == sum(n > cut for n in lengths) > 0
     assert all(r["prompt_tokens"] > cut and r["judgment"] == "" and r["verdict"] is None and not r["correct"]
@@ -172,7 +178,7 @@ def test_ab_coin_is_seeded_balanced_and_independent_of_limit_and_batch_size(toke
     positions = {}
     for limit, batch_size in ((0, 7), (11, 2), (30, 64)):
         chosen = E.ordered(comparisons, limit)
-        for r in E.judge(None, tokenizer, chosen, E.EvalConfig(limit=limit, batch_size=batch_size)):
+        for r in judge_records(tokenizer, chosen, E.EvalConfig(limit=limit, batch_size=batch_size)):
             assert positions.setdefault(r["uid"], r["chosen_position"]) == r["chosen_position"], \
                 f"{r['uid']}: position changed with --limit {limit} / --batch_size {batch_size}"
     assert all(positions[u] == ("A" if E.chosen_is_a(0, u) else "B") for u in positions)
