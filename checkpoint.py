@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.api import CheckpointException
 
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, on_meta, rope_inv_freq
 
 
 def hf_to_ours(name: str) -> str:
@@ -138,12 +138,11 @@ def load_pretrained(path, dtype=None, device=None) -> Transformer:
     random initialization is spent and only one copy of the weights ever exists.
     """
     config = load_config(path)
-    with torch.device("meta"):
-        model = Transformer(config)
+    model = on_meta(config)
     for name, weight in iter_checkpoint(path, shapes(model), config.tie_word_embeddings):
         tensor = weight[:]
         set_tensor(model, name, tensor.to(device=device, dtype=dtype or tensor.dtype))
-    model.materialize_buffers(device)
+    model.inv_freq = rope_inv_freq(config).to(device)
     return model
 
 
@@ -152,8 +151,8 @@ def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor):
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     setattr(module, attr, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
-    if model.config.tie_word_embeddings and name == "embed_tokens.weight":
-        model.lm_head.weight = model.embed_tokens.weight
+    if name == "embed_tokens.weight":
+        model.tie()
 
 
 def save_pretrained(model: Transformer, path, state_dict=None, max_shard_bytes=5 * 2**30,

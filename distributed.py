@@ -1,42 +1,36 @@
-"""Training plumbing shared by sft.py and grpo.py: process group, FSDP2, checkpoints, logging.
+"""The process group and FSDP2, shared by sft.py, grpo.py and eval.py.
 
     ctx = init()                                   # torchrun env -> NCCL (CUDA) or gloo (CPU)
     model = load_model(path, ctx, ...)             # meta build, fully_shard, each rank reads its rows
     with full_weights(model) as plain: generate(plain, ...)  # gather once for a whole rollout
     save_hf(model, tokenizer, out_dir)             # HF safetensors straight from the run
-    save_state(dir, step, model, optimizer, meta)  # resumable (DCP), atomic rename
-A single process without torchrun works too: no process group, no sharding.
+    shutdown()                                     # the groups and their threads end here
+A single process without torchrun works too: no process group, no sharding. The run directory,
+the step loop and resumable checkpoints are run.py's.
 """
 
 import contextlib
 import datetime
 import functools
 import gc
-import hashlib
-import json
+import sys
+import weakref
 import math
 import os
-import re
-import shutil
-import sys
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from checkpoint import (append_whole, disk_errors, iter_checkpoint, load_config, publish, save_pretrained, set_tensor, shapes,
-                        tensor_bytes, write_atomic)
-from model import ModelConfig, Transformer, varlen_attn
+from checkpoint import iter_checkpoint, load_config, save_pretrained, set_tensor, shapes
+from kvcache import device_memory
+from model import ModelConfig, Transformer, on_meta, varlen_attn
 
 
 @dataclass
@@ -104,13 +98,7 @@ def init(timeout_min: float = 60.0, tp: int = 1) -> Context:
     mesh = init_device_mesh(device.type, (world,)) if dist.is_initialized() else None
     return Context(rank, world, device, gpu=device.type == "cuda", mesh=mesh,
                    decode_mesh=make_decode_mesh(device.type, world, tp),
-                   memory=functools.partial(cuda_memory, device) if device.type == "cuda" else None)
-
-
-def cuda_memory(device) -> tuple[int, int]:
-    """(free, total) bytes of a CUDA device, counting what the caching allocator holds unused as free."""
-    free, total = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device), total
+                   memory=functools.partial(device_memory, device) if device.type == "cuda" else None)
 
 
 def make_decode_mesh(device_type: str, world: int, tp: int) -> DeviceMesh | None:
@@ -136,11 +124,15 @@ def shutdown():
     if not dist.is_initialized():
         return
     dist.barrier()
+    groups = [weakref.ref(pg) for pg in dist.distributed_c10d._world.pg_map]
     dist.destroy_process_group()
     gc.collect()  # FSDP2 modules hold reference cycles, and with them their meshes and groups
     for mesh in [o for o in gc.get_objects() if isinstance(o, DeviceMesh)]:
         mesh._pg_registry.clear()
     gc.collect()
+    if any(group() is not None for group in groups):
+        print("distributed.shutdown: a process group is still held (a model or context kept past shutdown): its "
+              "threads may outlive the interpreter and abort the process at exit; drop them first", file=sys.stderr)
 
 
 def log(*args, **kw):
@@ -262,18 +254,11 @@ def load_model(path, ctx: Context, bf16=False, activation_checkpointing=False,
     Under the memory plan (ctx.simulated) the weights stay unset: fake tensors hold no values.
     """
     config = config or load_config(path)
-    with unset_fake_temporarily(), torch.device("meta"):  # meta tensors: shapes only, fake or not
-        model = Transformer(config)
-        if frozen and bf16 and ctx.gpu:
-            model.to(torch.bfloat16)
+    model = on_meta(config, torch.bfloat16 if frozen and bf16 and ctx.gpu else None)
     if ctx.gpu and varlen_attn is not None:
         model.attention = "varlen"  # what "auto" picks on CUDA; the memory plan's fake CPU tensors too
     shard(model, ctx, bf16, activation_checkpointing, frozen)
-    model.to_empty(device=ctx.device)
-    if config.tie_word_embeddings and model.lm_head.weight is not model.embed_tokens.weight:
-        # to_empty() of plain tensors creates one new parameter per module; FSDP2 keeps the tie.
-        model.lm_head.weight = model.embed_tokens.weight
-    model.materialize_buffers(ctx.device)
+    model.materialize(ctx.device)
     if ctx.simulated:
         pass
     elif path is None:
@@ -336,8 +321,7 @@ def full_weights(model):
     for m in fsdp:
         m.unshard()  # sets the gathered (bf16 under the mixed-precision policy) tensors on the modules
     try:
-        with unset_fake_temporarily(), torch.device("meta"):
-            plain = Transformer(model.config)
+        plain = on_meta(model.config)
         for name, p in model.named_parameters():
             set_tensor(plain, name, p.detach())
         plain.inv_freq = model.inv_freq
@@ -407,141 +391,6 @@ def save_hf(model, tokenizer, out_dir):
     barrier()
 
 
-# ---- the run directory ----
-
-# Settings a resumed run may change: they do not change what a step computes, or (lr, the fix a
-# non-finite stop advises) they change it on purpose, from the resumed step on. Each is logged.
-SAFE_TO_CHANGE = {"resume", "max_steps", "save_every", "eval_every", "wandb_project", "dist_timeout_min",
-                  "check_memory", "plan", "plan_world_size", "plan_gpu_gib", "keep_last", "export_every",
-                  "log_traces_every", "out", "lr", "resume_data_changed", "plan_alternatives"}
-# The data files whose contents a run is tied to, by digest: the same path holding other records
-# is another run (resume_data_changed says the change is meant).
-DATA_FIELDS = ("data", "eval_data")
-
-
-def content_digest(path) -> str:
-    """sha256 of a data file's bytes (a folder: of each file's name and bytes, in name order)."""
-    h = hashlib.sha256()
-    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if os.path.isdir(path) else [Path(path)]
-    for file in files:
-        h.update(str(file.relative_to(path) if os.path.isdir(path) else "").encode())
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(2**24), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def adopt_newest_checkpoint(run_dir):
-    """A kill after a step's checkpoint was renamed into place and before `latest` moved leaves a
-    complete step_N that latest does not name: point latest to it (rank 0)."""
-    steps = sorted(d for d in os.listdir(run_dir) if re.fullmatch(r"step_\d{8}", d)
-                   and os.path.isfile(os.path.join(run_dir, d, "trainer_state.json")))
-    latest = latest_checkpoint(run_dir)
-    if steps and (latest is None or os.path.basename(latest) < steps[-1]):
-        write_atomic(os.path.join(run_dir, "latest"), steps[-1])
-        log(f"resume: {steps[-1]} is complete but `latest` still named {latest and os.path.basename(latest)}; "
-            f"it now names {steps[-1]}")
-
-
-def start_run(run_dir, config: dict, resume: bool, preset: str = ""):
-    """Before any model is loaded. A fresh run needs an unused run_dir; --resume needs a
-    checkpoint there and the settings the run started with, but for SAFE_TO_CHANGE (logged).
-    Writes the resolved config (and the preset it took, if any) to run_dir/config.json and
-    removes what a killed save left (*.tmp, *.old)."""
-    path = os.path.join(run_dir, "config.json")
-    saved = None
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-    current = {**config, "preset": preset}
-    current |= {f"{k}_sha256": content_digest(config[k]) for k in DATA_FIELDS
-                if config.get(k) and os.path.exists(config[k])}
-    if not resume and (saved is not None or latest_checkpoint(run_dir)):
-        raise ValueError(f"--out {run_dir} holds a run already: pass --resume to continue it, or another "
-                         f"--out (or delete {run_dir})")
-    if resume and latest_checkpoint(run_dir) is None:
-        raise ValueError(f"--resume: {run_dir} has no checkpoint to continue from (no {run_dir}/latest); "
-                         f"check --out, or start without --resume")
-    if resume and saved is not None:
-        changed = {k for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
-        if current.get("resume_data_changed"):
-            changed -= {f"{k}_sha256" for k in DATA_FIELDS}
-            log("resume: --resume_data_changed: the data files' contents are not compared")
-        if changed - SAFE_TO_CHANGE:
-            diff = ", ".join(f"--{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(changed - SAFE_TO_CHANGE))
-            hint = "; if the data was changed on purpose, add --resume_data_changed" if any(
-                k.endswith("_sha256") for k in changed - SAFE_TO_CHANGE) else ""
-            raise ValueError(f"--resume: {run_dir} was started with other settings ({diff}); resume with "
-                             f"the same ones, or start a new --out{hint}")
-        for k in sorted(changed):
-            log(f"resume: --{k} {saved.get(k)!r} -> {current.get(k)!r}")
-    barrier()  # every rank has read the directory before rank 0 writes to it
-    if is_main():
-        os.makedirs(run_dir, exist_ok=True)
-        for name in os.listdir(run_dir):
-            if name.endswith((".tmp", ".old")):
-                stale = os.path.join(run_dir, name)
-                shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
-        if resume:
-            adopt_newest_checkpoint(run_dir)
-        if saved != current:  # a fresh run, or a resume that changed safe settings: they are the run's now
-            write_atomic(path, json.dumps(current, indent=2) + "\n")
-    barrier()
-
-
-# ---- resumable training state ----
-
-def run_rules(cfg) -> list:
-    """check_fields rules of the settings run_steps reads (and init's timeout), for both trainers."""
-    return [
-        ("max_steps", cfg.max_steps >= 0, "must be >= 0 (0: no limit)"),
-        ("save_every", cfg.save_every >= 0, "must be >= 0 (0: at the end only)"),
-        ("keep_last", cfg.keep_last >= 0, "must be >= 0 (0: keep every checkpoint)"),
-        ("export_every", cfg.export_every >= 0, "must be >= 0 (0: at the end only)"),
-        ("dist_timeout_min", cfg.dist_timeout_min > 0, "must be > 0"),
-    ]
-
-
-def run_steps(cfg, model, optimizer, tokenizer, total_steps, step_fn, export, show=("loss", "lr"),
-              on_start=None) -> int:
-    """The loop both trainers run, around their step_fn(step) -> metrics dict:
-    - resume from out/latest with cfg.resume (the data order is a function of the step, so a
-      resumed run sees what an uninterrupted one would), then on_start(start, metrics) if given;
-    - steps start..stop, stop = total_steps or cfg.max_steps later; each step's metrics logged as
-      step + 1; a non-finite loss or gradient (FloatingPointError) stops the run, naming the last
-      good checkpoint;
-    - a resumable checkpoint every cfg.save_every steps (keeping cfg.keep_last), an HF export to
-      export/step_N every cfg.export_every, and one at `stop`; once all total_steps are done, the
-      HF export to `export`; a run stopped early by --max_steps says how to go on.
-    Returns stop."""
-    start = 0
-    if cfg.resume and (state := load_state(cfg.out, model, optimizer)) is not None:
-        start = state["step"]
-        log(f"resumed from step {start}")
-    metrics = MetricsLogger(cfg.out, total_steps, asdict(cfg), cfg.wandb_project, start)
-    if on_start is not None:
-        on_start(start, metrics)
-    stop = min(total_steps, start + cfg.max_steps) if cfg.max_steps else total_steps
-    for step in range(start, stop):
-        try:
-            m = step_fn(step)
-        except FloatingPointError as e:
-            raise non_finite_exit(step + 1, e, cfg.out) from None
-        metrics.log(step + 1, m, show=show)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < stop:
-            save_state(cfg.out, step + 1, model, optimizer, {}, cfg.keep_last)
-        if cfg.export_every and (step + 1) % cfg.export_every == 0 and step + 1 < total_steps:
-            save_hf(model, tokenizer, os.path.join(export, f"step_{step + 1:08d}"))
-    metrics.close()
-    save_state(cfg.out, stop, model, optimizer, {}, cfg.keep_last)
-    if stop < total_steps:
-        log(f"stopped after step {stop} of {total_steps}; continue with --resume")
-    else:
-        save_hf(model, tokenizer, export)
-        log(f"wrote {export}")
-    return stop
-
-
 def check_finite(model, what):
     """Refuse to write weights that hold NaN or inf (every rank checks its shards)."""
     bad = torch.zeros((), device=next(model.parameters()).device)
@@ -552,133 +401,6 @@ def check_finite(model, what):
         raise FloatingPointError(f"the weights hold non-finite values: {what} not written")
 
 
-def non_finite_exit(step, error, run_dir) -> SystemExit:
-    """How a trainer stops on a non-finite loss or gradient: the step was not taken, and the
-    newest checkpoint is good (no checkpoint or export is ever written from non-finite weights)."""
-    latest = latest_checkpoint(run_dir)
-    return SystemExit(f"step {step}: {error}; stopped before the optimizer step. The last good checkpoint: "
-                      f"{latest or 'none (none was saved yet)'}. Resume from it with a lower --lr, or check "
-                      f"the data")
-
-
-def latest_checkpoint(run_dir) -> str | None:
-    pointer = os.path.join(run_dir, "latest")
-    if not os.path.exists(pointer):
-        return None
-    with open(pointer) as f:
-        return os.path.join(run_dir, f.read().strip())
-
-
-def save_state(run_dir, step: int, model, optimizer, meta: dict, keep_last=0):
-    """Sharded model + optimizer (torch.distributed.checkpoint), a JSON of the step, and the
-    model's config.json (so export.py can make a HF directory of it), written under a temporary
-    name and renamed; `latest` is switched last, so a kill at any moment leaves the previous
-    checkpoint intact and pointed to. A step's checkpoint is written once: a run resumed after
-    its last step (which then trains nothing) keeps it. keep_last > 0 then removes all but the
-    newest keep_last step_N directories."""
-    final = os.path.join(run_dir, f"step_{step:08d}")
-    if os.path.isdir(final):
-        return
-    check_finite(model, final)
-    tmp = final + ".tmp"
-    if is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    msd, osd = get_state_dict(model, optimizer)
-    with disk_errors(tmp, tensor_bytes(tensors_of((msd, osd)))):
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
-        if is_main():
-            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-                json.dump({"step": step, **meta}, f)
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(model.config.to_hf(), f, indent=2)
-            publish(tmp, final)
-            write_atomic(os.path.join(run_dir, "latest"), os.path.basename(final))
-    if is_main() and keep_last:
-        old = sorted(d for d in os.listdir(run_dir) if re.fullmatch(r"step_\d{8}", d))[:-keep_last]
-        for d in old:
-            # renamed first, so a kill mid-delete leaves a *.old that the next start removes
-            os.replace(os.path.join(run_dir, d), os.path.join(run_dir, d + ".old"))
-            shutil.rmtree(os.path.join(run_dir, d + ".old"))
-    barrier()
-
-
-def tensors_of(tree) -> list:
-    """The tensors in a nest of dicts, lists and tuples (a state dict: what a save writes; a DTensor
-    counts its local shard)."""
-    if isinstance(tree, torch.Tensor):
-        return [tree.to_local() if isinstance(tree, DTensor) else tree]
-    items = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else []
-    return [t for item in items for t in tensors_of(item)]
-
-
-def load_state(run_dir, model, optimizer) -> dict | None:
-    """Restore the checkpoint `latest` points to; None when the run has none yet."""
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        return None
-    msd, osd = get_state_dict(model, optimizer)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        return json.load(f)
-
-
-def _logged_step(line) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
-
-
 def is_main():
     """Rank 0, or a world of one: the process that writes shared files and prints."""
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-# ---- metrics ----
-
-class MetricsLogger:
-    """Rank 0: a JSON line per step in run_dir/metrics.jsonl, a tqdm bar, and wandb if asked.
-    A run resumed at step `start` first drops the lines past it (written after that checkpoint
-    by the run that was killed), so every step has one line."""
-
-    def __init__(self, run_dir, total_steps, config: dict, wandb_project: str = "", start=0):
-        self.main = is_main()
-        self.bar = self.path = self.wandb = None
-        if not self.main:
-            return
-        from tqdm import tqdm
-        os.makedirs(run_dir, exist_ok=True)
-        path = os.path.join(run_dir, "metrics.jsonl")
-        if os.path.exists(path):
-            with open(path) as f:
-                lines = f.read().splitlines()
-            # a torn last line (a kill mid-write) does not parse: it is past the checkpoint too
-            kept = [line for line in lines if line.strip() and _logged_step(line) <= start]
-            write_atomic(path, "".join(line + "\n" for line in kept))
-        self.path = path
-        self.bar = tqdm(total=total_steps, initial=start, file=sys.stderr, dynamic_ncols=True)
-        if wandb_project:
-            import wandb  # optional extra: pip install wandb
-            self.wandb = wandb.init(project=wandb_project, config=config)
-        self.t0 = time.time()
-
-    def log(self, step: int, metrics: dict, show=("loss", "lr")):
-        if not self.main:
-            return
-        metrics = {k: float(v) for k, v in metrics.items()}
-        append_whole(self.path, json.dumps({"step": step, "time": time.time() - self.t0, **metrics}) + "\n")
-        self.bar.n = step
-        self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in show if k in metrics})
-        if self.wandb:
-            self.wandb.log(metrics, step=step)
-
-    def close(self):
-        if self.main:
-            self.bar.close()
-            if self.wandb:
-                self.wandb.finish()

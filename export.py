@@ -13,12 +13,11 @@ import argparse
 import json
 import os
 
-import torch
 import torch.distributed.checkpoint as dcp
 
-import data
+import tokenization
 from checkpoint import save_pretrained
-from model import ModelConfig, Transformer
+from model import ModelConfig, on_meta
 
 
 def export(step_dir, out):
@@ -30,12 +29,8 @@ def export(step_dir, out):
         config = ModelConfig.from_hf(json.load(f))
     with open(os.path.join(run_dir, "config.json")) as f:
         run = json.load(f)
-    tokenizer = data.load_tokenizer(run["model"] or os.path.join(run_dir, "tokenizer"))
-    with torch.device("meta"):
-        model = Transformer(config)
-    model.to_empty(device="cpu")
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+    tokenizer = tokenization.load_tokenizer(run["model"] or os.path.join(run_dir, "tokenizer"))
+    model = on_meta(config).materialize("cpu")
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=step_dir)  # reads the model's entries only, resharded to whole tensors
     save_pretrained(model, out, tokenizer=tokenizer)

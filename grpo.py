@@ -22,23 +22,12 @@ a loss term, not in the reward; the log-ratio is clamped to [-20, 20] before exp
 sequences are packed into rows for the trainer's forward passes rather than padded; an epoch's
 leftover prompts open the next epoch rather than being dropped.
 
-Options the paper did not use, all off by default:
-- --filter_equal_groups (DAPO's dynamic sampling): drop groups whose rewards are all equal;
-  --oversample K: then sample up to K further batches, drawn from all prompts by (seed, step),
-  until the kept groups fill the batch. The same groups for any number of ranks and on resume.
-- --overlong mask: truncated traces leave the loss; --overlong penalty: DAPO's soft overlong
-  penalty over the last --overlong_buffer tokens, added to the reward.
-- --clip_ratio_c C: dual clip, a negative advantage's loss is at most -A * C (verl: 3).
-- --log_traces_every N: sample prompts, traces, verdicts and rewards to out/rollouts/step_N.jsonl.
-- --keep_last K: only the newest K step_N checkpoints; --export_every N: a HF export at
-  out/hf/step_N during the run (export.py makes one from any step_N afterwards).
-- --rollout_tp N: the rollout decodes tensor-parallel (tp.py), each rank 1/N of every matrix;
-  the same traces as without it. --offload_states: AdamW's state waits in host memory outside
-  the updates, and the reference is read from --model for its log-probs only (32B on one node).
-Failing safely: every setting is checked before any data or model is read; a non-finite loss or
-gradient norm stops the run before the optimizer step, naming the last good checkpoint, and no
-checkpoint or export is ever written from non-finite weights; --resume refuses other settings
-than the run's (out/config.json) but those safe to change, and a fresh run refuses a used --out.
+Options the paper did not use are off by default, each described by its field below
+(--filter_equal_groups / --oversample, --overlong, --clip_ratio_c, --log_traces_every,
+--keep_last, --export_every, --rollout_tp, --offload_states). Failing safely: every setting is
+checked before any data or model is read; a non-finite loss or gradient norm stops the run before
+the optimizer step, naming the last good checkpoint; --resume refuses settings other than the
+run's (out/config.json) but those safe to change (run.SAFE_TO_CHANGE).
 """
 
 import contextlib
@@ -49,7 +38,6 @@ import json
 import os
 import sys
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -60,13 +48,15 @@ import demo.recipe
 import distributed as D
 import plan
 import reward
+import run
+import tokenization
 import tp
 from checkpoint import load_config, write_atomic
 from cli import check_fields, parse_config
-from objective import equal_groups, group_advantages, overlong_penalty
-from passes import old_and_ref_logprobs, pack_rows, sequences, update
-from plan import MORE_RANKS
-from rollout import RolloutStats, SamplingParams, full_length, greedy_verdicts
+from passes import Round, assemble, kept_groups, old_and_ref_logprobs, score_round, train_on
+from reward import judge_metrics, rlvr_rewards
+from rollout import SamplingParams, full_length, greedy_verdicts
+from scheduler import RolloutStats
 
 
 @dataclass
@@ -128,19 +118,6 @@ class GRPOConfig:
 
 # ---- one GRPO step, phase by phase (plan_walk walks the same phases on fake tensors) ----
 
-@dataclass
-class Round:
-    """One rollout round of a step (--oversample draws more): this rank's prompts, their traces
-    and the traces' rewards."""
-    records: list
-    prompts: list
-    completions: list            # len(prompts) * n, prompt-major
-    texts: list
-    rewards: torch.Tensor        # the verdicts' +1/-1 (what the metrics report)
-    train_rewards: torch.Tensor  # what the advantages are computed from (+ DAPO's overlong penalty)
-    stats: RolloutStats
-
-
 def rollout(model, tokenizer, prompts, step, cfg: GRPOConfig, ctx, prompt_keys, resample=0):
     """Sample n traces per prompt with the current policy (decoding()). Seeds derive from (seed,
     step, oversampling round, global prompt index, sample index), so a resumed run draws the same
@@ -174,79 +151,12 @@ def kv_budget_bytes(cfg: GRPOConfig):
     return int(cfg.kv_budget_gib * 2**30) if cfg.kv_budget_gib else None
 
 
-def judge_metrics(completions, labels, rewards, verdicts, n):
-    """What none of the general frameworks log for a judge: verdict balance vs gold, invalid
-    format, k-of-n correct histogram, all-equal groups, lengths of right vs wrong traces."""
-    right = rewards > 0
-    lengths = torch.tensor([float(len(c.token_ids)) for c in completions])
-    groups = right.view(-1, n).sum(-1)
-    m = {"reward": rewards.mean(), "accuracy": right.float().mean(),
-         "share_A": np.mean([v == "A" for v in verdicts]),
-         "gold_share_A": np.mean([l == "model_a" for l in labels]),
-         "invalid_format": np.mean([v is None for v in verdicts]),
-         "all_equal_groups": ((groups == 0) | (groups == n)).float().mean(),
-         "response_len": lengths.mean(), "response_len_max": lengths.max(),
-         "truncated": np.mean([c.finish_reason == "length" for c in completions]),
-         "len_right": lengths[right].mean() if right.any() else 0.0,
-         "len_wrong": lengths[~right].mean() if (~right).any() else 0.0}
-    hist = Counter(groups.tolist())
-    m.update({f"groups_{k}_of_{n}": hist.get(k, 0) / len(groups) for k in range(n + 1)})
-    return m
-
-
-def rlvr_rewards(completions, texts, records):
-    """The paper's reward: +1/-1 from the verdict in the last 80 characters vs the label."""
-    return torch.tensor([reward.rlvr_reward(t, records[c.prompt_index]["label"])
-                         for c, t in zip(completions, texts)])
-
-
 def rank_share(cfg: GRPOConfig, ctx):
     """Positions in the rollout batch that this rank samples and trains on: its slice of every
     mini-batch, so that mini-batch j holds the same prompts whatever the number of ranks."""
     m = cfg.mini_batch_size // ctx.world_size
     return [j * cfg.mini_batch_size + ctx.rank * m + i
             for j in range(cfg.rollout_batch_size // cfg.mini_batch_size) for i in range(m)]
-
-
-def score_round(records, prompts, completions, texts, stats, cfg: GRPOConfig, score) -> Round:
-    """Score every trace with score(completions, texts, records) (the paper's rlvr_rewards in a
-    run) and add DAPO's overlong penalty to what trains, with --overlong penalty."""
-    rewards = score(completions, texts, records)
-    train_rewards = rewards
-    if cfg.overlong == "penalty":
-        lengths = torch.tensor([float(len(c.token_ids)) for c in completions])
-        train_rewards = rewards + overlong_penalty(lengths, cfg.max_response_len, cfg.overlong_buffer)
-    return Round(records, prompts, completions, texts, rewards, train_rewards, stats)
-
-
-def kept_groups(rnd: Round, resample, share, cfg: GRPOConfig) -> list:
-    """The (round, position in the rollout batch) of every group of this round that trains, over
-    all ranks: all of them, or with --filter_equal_groups those whose rewards differ."""
-    keep = torch.zeros(cfg.rollout_batch_size)
-    keep[share] = (~equal_groups(rnd.train_rewards, cfg.n_samples)).float() if cfg.filter_equal_groups else 1.0
-    return [(resample, p) for p in torch.nonzero(D.all_reduce_sum(keep)).flatten().tolist()]
-
-
-def assemble(rounds: list[Round], kept, share, cfg: GRPOConfig) -> list[list[dict]]:
-    """This rank's packed rows of each mini-batch: mini-batch j trains on kept groups j*M..(j+1)*M
-    in (round, position) order, each rank on its own, so the mini-batches are the same whatever
-    the number of ranks. Each trace's advantage is computed within its group; --overlong mask
-    leaves truncated traces out."""
-    n, M = cfg.n_samples, cfg.mini_batch_size
-    mine = {(r, p): i for r in range(len(rounds)) for i, p in enumerate(share)}
-    minis = []
-    for j in range(0, len(kept), M):
-        seqs = []
-        for r, p in kept[j:j + M]:
-            if (r, p) not in mine:
-                continue
-            block = slice(mine[r, p] * n, (mine[r, p] + 1) * n)
-            completions = rounds[r].completions[block]
-            advantages = group_advantages(rounds[r].train_rewards[block], n, cfg.norm_adv_by_std)
-            seqs += [s for s, c in zip(sequences(rounds[r].prompts, completions, advantages), completions)
-                     if not (cfg.overlong == "mask" and c.finish_reason == "length")]
-        minis.append(pack_rows(seqs, cfg.micro_batch_tokens))
-    return minis
 
 
 def logprob_passes(model, ref_model, rows, cfg: GRPOConfig, ctx):
@@ -266,13 +176,6 @@ def place_states(optimizer, where, cfg: GRPOConfig):
     outside them: sent there before the rollout and back before the first update."""
     if cfg.offload_states:
         D.place(optimizer, where)
-
-
-def train_on(model, optimizer, minis, cfg: GRPOConfig, ctx) -> list[dict]:
-    """One optimizer step per mini-batch (passes.update); the metrics of those taken."""
-    model.train()
-    place_states(optimizer, ctx.device, cfg)
-    return [u for u in (update(model, optimizer, rows, cfg, ctx) for rows in minis) if u is not None]
 
 
 def grpo_step(model, ref_model, optimizer, tokenizer, records, prompts, step, prompt_keys,
@@ -370,33 +273,17 @@ def evaluate(model, tokenizer, records, prompts, cfg: GRPOConfig, ctx):
 # ---- data and models ----
 
 def load_records(path, cfg: GRPOConfig):
-    """RLVR records ({context_messages, winner}) from a file of them or of raw preference pairs."""
-    rows = data.read_records(path)
-    rlvr = ["context_messages" in r for _, r in rows]
-    if any(kind != rlvr[0] for kind in rlvr):
-        where = rows[rlvr.index(not rlvr[0])][0]
-        kinds = ("RLVR records (context_messages, winner)", "raw preference pairs")
-        raise ValueError(f"{where}: a {kinds[rlvr[0]]} record in a file that starts with "
-                         f"{kinds[not rlvr[0]]}: a data file holds one kind")
-    if rlvr[0]:
-        return data.load_rlvr(path)
-    records, identical = data.pairs_to_rlvr(path, seed=cfg.seed, style=cfg.style)
-    D.log(f"{path}: {identical} pairs dropped whose chosen and rejected answers are identical")
-    if not records:
-        raise ValueError(f"{path}: no pair is left to train on")
+    """RLVR records of --data: a file of them, or of raw preference pairs (data.load_rlvr_or_pairs)."""
+    records, identical = data.load_rlvr_or_pairs(path, cfg.seed, cfg.style)
+    if identical:
+        D.log(f"{path}: {identical} pairs dropped whose chosen and rejected answers are identical")
     return records
 
 
 def encode_all(tokenizer, records, max_len, what):
     """Prompt ids for every record; prompts over max_len are dropped and counted, not cut."""
-    kept, prompts = [], []
-    for r in records:
-        ids = data.encode_prompt(tokenizer, r["context_messages"], max_len)
-        if ids is not None:
-            kept.append(r)
-            prompts.append(ids)
-    D.log(f"{what}: {len(kept)} prompts, {len(records) - len(kept)} dropped as longer than "
-          f"max_prompt_len={max_len}")
+    kept, prompts = tokenization.encode_prompts(tokenizer, records, max_len)
+    D.log(f"{what}: {len(kept)} prompts, {len(records) - len(kept)} dropped as longer than max_prompt_len={max_len}")
     return kept, prompts
 
 
@@ -439,7 +326,7 @@ def check_config(cfg: GRPOConfig, world_size):
          f"must be >= 1 and divide the {world_size} ranks: start grpo.py under torchrun with a multiple of "
          f"{cfg.rollout_tp} ranks (--nproc_per_node x --nnodes), or leave --rollout_tp at 1"),
         ("kv_budget_gib", cfg.kv_budget_gib >= 0, "must be >= 0 (0: what is free at rollout time)"),
-        *D.run_rules(cfg), *plan.rules(cfg),
+        *run.run_rules(cfg), *plan.rules(cfg),
     ])
 
 
@@ -457,7 +344,7 @@ def build_reference(cfg: GRPOConfig, ctx):
 PLAN_ROWS = 2  # rows the plan walks of each pass that accumulates (why: plan_walk)
 
 
-def plan_walk(cfg: GRPOConfig, ctx, plan):
+def plan_walk(cfg: GRPOConfig, ctx, memory):
     """grpo_step's phases in its order on fake tensors (plan.py), at the longest prompt and
     response: the rollout of this rank's whole share (rollout.Sampler.walk: its first prefill,
     then every slot decoding at the longest length), every group kept (full mini-batches), and
@@ -465,30 +352,30 @@ def plan_walk(cfg: GRPOConfig, ctx, plan):
     on, the sharded fp32 gradients exist when a backward starts, and every later row is packed
     to the same --micro_batch_tokens, so the peak is reached by then."""
     model, optimizer = build_policy(cfg, ctx)
-    plan.track(model, optimizer, cfg.micro_batch_tokens)
+    memory.track(model, optimizer, cfg.micro_batch_tokens)
     share = rank_share(cfg, ctx)
     records, prompts = [{"label": "model_a"}] * len(share), [[0] * cfg.max_prompt_len] * len(share)
-    with plan.phase("load: policy shards, AdamW state (then to the host)" if cfg.offload_states else
+    with memory.phase("load: policy shards, AdamW state (then to the host)" if cfg.offload_states else
                     "load: policy shards, bf16 reference, AdamW state",
-                    MORE_RANKS + ", or a smaller model" + ("" if cfg.offload_states else ", or --offload_states")):
+                    plan.MORE_RANKS + ", or a smaller model" + ("" if cfg.offload_states else ", or --offload_states")):
         ref_model = None if cfg.offload_states else build_reference(cfg, ctx)
-        plan.make_optimizer_state(model, optimizer)
+        memory.make_optimizer_state(model, optimizer)
         model.eval()
         place_states(optimizer, ctx.host, cfg)
     weights = f"TP weights (1/{cfg.rollout_tp} of every matrix)" if cfg.rollout_tp > 1 else "gathered weights"
-    with plan.phase(f"rollout: {weights}, KV pool, prefill, decode at full length",
+    with memory.phase(f"rollout: {weights}, KV pool, prefill, decode at full length",
                     "lower --rollout_slots or --kv_budget_gib, " + ("a larger --rollout_tp" if cfg.rollout_tp > 1 else
-                    "--rollout_tp N (the full weights are gathered on every rank)") + ", or " + MORE_RANKS) as phase:
-        completions, texts, stats = rollout(model, plan.tokenizer(model.config), prompts, 0, cfg, ctx, share)
+                    "--rollout_tp N (the full weights are gathered on every rank)") + ", or " + plan.MORE_RANKS) as phase:
+        completions, texts, stats = rollout(model, memory.tokenizer(model.config), prompts, 0, cfg, ctx, share)
     if phase.error:  # no KV pool: the trainer's phases are still measured, on full-length traces
         params = SamplingParams(n=cfg.n_samples, max_new_tokens=cfg.max_response_len)
         completions, texts, stats = full_length(len(prompts), params), [""] * len(prompts) * cfg.n_samples, RolloutStats()
-    with plan.on_host():  # scoring and packing hold nothing on the GPU; the first mini-batch is packed
-        rnd = score_round(records, prompts, completions, texts, stats, cfg, plan.mixed_rewards)
+    with memory.on_host():  # scoring and packing hold nothing on the GPU; the first mini-batch is packed
+        rnd = score_round(records, prompts, completions, texts, stats, cfg, memory.mixed_rewards)
         minis = assemble([rnd], [(0, p) for p in range(cfg.mini_batch_size)], share, cfg)
     rows = minis[0][:PLAN_ROWS]
     group = len(prompts) * cfg.rollout_tp * cfg.n_samples
-    plan.notes += [f"rollout: {len(prompts)} prompts x {cfg.n_samples} samples per rank at {cfg.max_prompt_len:,} + "
+    memory.notes += [f"rollout: {len(prompts)} prompts x {cfg.n_samples} samples per rank at {cfg.max_prompt_len:,} + "
                    f"{cfg.max_response_len:,} tokens; {min(cfg.rollout_slots, group)} slots" +
                    (f" per TP group of {cfg.rollout_tp}" if cfg.rollout_tp > 1 else "") +
                    ("" if phase.error else f"; a KV pool of {stats.pool_pages:,} pages of {stats.page_size} "
@@ -498,12 +385,12 @@ def plan_walk(cfg: GRPOConfig, ctx, plan):
                    f"trainer: {len(minis[0])} packed rows of {len(rows[0]['ids']):,} tokens per mini-batch per rank; "
                    f"{len(rows)} walked (from the second on, gradients exist as a backward starts: the peak)"]
     advice = f"lower --micro_batch_tokens (now {cfg.micro_batch_tokens:,})"
-    with plan.phase(f"old + reference log-probs ({len(rows)} of {len(minis[0])} rows)" +
+    with memory.phase(f"old + reference log-probs ({len(rows)} of {len(minis[0])} rows)" +
                     (", the reference read for them" if cfg.offload_states else ""), advice):
         logprob_passes(model, ref_model, rows, cfg, ctx)
-    with plan.phase(f"update: forward + backward ({len(rows)} of {len(minis[0])} rows), clip, AdamW step" +
+    with memory.phase(f"update: forward + backward ({len(rows)} of {len(minis[0])} rows), clip, AdamW step" +
                     (", AdamW state back" if cfg.offload_states else ""),
-                    advice + ("" if cfg.offload_states else ", --offload_states") + ", or " + MORE_RANKS):
+                    advice + ("" if cfg.offload_states else ", --offload_states") + ", or " + plan.MORE_RANKS):
         train_on(model, optimizer, [rows], cfg, ctx)
 
 
@@ -547,7 +434,7 @@ def train(cfg: GRPOConfig, preset="", records=None, eval_records=None):
     ctx = D.init(cfg.dist_timeout_min, cfg.rollout_tp)
     # Settings, data and the run directory are checked before any model is loaded.
     tp.check_divisible(load_config(cfg.model), cfg.rollout_tp)
-    tokenizer = data.load_tokenizer(cfg.model)
+    tokenizer = tokenization.load_tokenizer(cfg.model)
     records, prompts = encode_all(tokenizer, load_records(cfg.data, cfg) if records is None else records(),
                                   cfg.max_prompt_len, "train")
     held_out = eval_records or (functools.partial(load_records, cfg.eval_data, cfg) if cfg.eval_data else None)
@@ -566,7 +453,7 @@ def train(cfg: GRPOConfig, preset="", records=None, eval_records=None):
     if unused:
         D.log(f"{total_steps} rollout steps of {R} prompts; each epoch's leftovers open the next epoch, "
               f"and the last {unused} prompts of epoch {cfg.epochs} are not used")
-    D.start_run(cfg.out, asdict(cfg), cfg.resume, preset)
+    run.start_run(cfg.out, asdict(cfg), cfg.resume, preset)
     if ctx.gpu and cfg.check_memory:
         plan.check_before_training()
 
@@ -591,7 +478,7 @@ def train(cfg: GRPOConfig, preset="", records=None, eval_records=None):
             metrics.log(0, {"eval_accuracy": evaluate(model, tokenizer, eval_records, eval_prompts, cfg, ctx)},
                         show=("eval_accuracy",))
 
-    D.run_steps(cfg, model, optimizer, tokenizer, total_steps, step_fn, os.path.join(cfg.out, "hf"),
+    run.run_steps(cfg, model, optimizer, tokenizer, total_steps, step_fn, os.path.join(cfg.out, "hf"),
                 show=("reward", "eval_accuracy", "kl", "clip_frac"), on_start=on_start)
 
 

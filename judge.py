@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 import data
+import tokenization
 import rollout
 import tp
 from checkpoint import load_pretrained
@@ -109,12 +110,12 @@ class Judge:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = tp.load(path, ctx.tp_mesh, dtype, device) if ctx is not None and ctx.tp_mesh is not None else \
             load_pretrained(path, dtype=dtype, device=device)
-        return cls(model, data.load_tokenizer(path), ctx=ctx, **how)
+        return cls(model, tokenization.load_tokenizer(path), ctx=ctx, **how)
 
     def prompt(self, chosen, rejected, chosen_position) -> list[int]:
         """The judge prompt's token ids with the chosen conversation shown at chosen_position."""
         a, b = place(chosen, rejected, chosen_position == "A")
-        return data.chat_ids(self.tokenizer, data.build_judge_messages(a, b, self.style), add_generation_prompt=True)
+        return tokenization.chat_ids(self.tokenizer, data.build_judge_messages(a, b, self.style), add_generation_prompt=True)
 
     def judge(self, prompts, keys) -> list[Judgments]:
         """K judgments of each prompt (token ids; keys: their noise keys, from noise_key)."""

@@ -184,3 +184,55 @@ class KVCache(nn.Module):
         k = k.view(B, n * self.page_size, *k.shape[2:])[:, :length]
         v = v.view(B, n * self.page_size, *v.shape[2:])[:, :length]
         return k.transpose(1, 2), v.transpose(1, 2)
+
+
+# ---- sizing a pool ----
+
+PAGE_SIZE = 16  # positions per KV page (vLLM's default too)
+
+# Share of device memory a default budget leaves free for everything a decode step allocates
+# besides the cache (logits, sampling noise, attention scores) and for the allocator's slack.
+KV_RESERVE = 0.05
+
+
+def kv_budget(free_bytes, total_bytes) -> int:
+    """The default KV-cache budget: what is free once everything else is resident, less KV_RESERVE."""
+    return max(0, int(free_bytes - KV_RESERVE * total_bytes))
+
+
+def device_memory(device) -> tuple[int, int]:
+    """(free, total) bytes of a CUDA device, counting what the caching allocator holds unused as free."""
+    free, total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device), total
+
+
+def device_kv_budget(device) -> int | None:
+    """kv_budget of a CUDA device now; None (no limit) elsewhere."""
+    return kv_budget(*device_memory(device)) if device.type == "cuda" else None
+
+
+def cache_pages(config, prompts, params, dtype, budget_bytes, slots, page_size=PAGE_SIZE) -> int:
+    """Pages in the pool: what the budget (bytes; None: no limit) holds, and no more than this
+    call could ever use at once (every slot at full length, every prompt's pages, the scratch
+    page). A budget below what one sequence needs is an error that names the number."""
+    L = max(map(len, prompts))
+    per_seq = -(-(L + params.max_new_tokens) // page_size)
+    prefix = -(-(L - 1) // page_size)
+    page_bytes = KVCache.bytes_per_slot(config, page_size, dtype)
+    most = slots * per_seq + min(slots, len(prompts)) * prefix + 1
+    if budget_bytes is None:
+        return most
+    one = per_seq + prefix + 1
+    if budget_bytes < one * page_bytes:
+        raise ValueError(f"the KV cache needs {one} pages of {page_size} positions ({one * page_bytes / 2**30:.2f} "
+                         f"GiB) for one sequence of {L} + {params.max_new_tokens} tokens, but its budget is "
+                         f"{budget_bytes / 2**30:.2f} GiB: raise the budget (kv_budget_gib), free device "
+                         f"memory, or shorten prompts / max_new_tokens")
+    return min(most, budget_bytes // page_bytes)
+
+
+def new_cache(model, n_slots, seq_len, page_size, n_pages) -> KVCache:
+    """A paged KV cache in the model's dtype and device: n_slots page tables of up to seq_len
+    positions over a pool of n_pages pages."""
+    weight = model.embed_tokens.weight
+    return KVCache(model.config, n_slots, seq_len, weight.dtype, weight.device, page_size, n_pages)

@@ -3,8 +3,10 @@ with Llama 3 and Qwen3 through config fields; checkpoint.py reads and writes its
 safetensors.
 
     model = Transformer(ModelConfig.from_hf(config_json))   # or checkpoint.load_pretrained(path)
-    logits = model(input_ids)                       # (B, T, V)
-    hidden = model.hidden_states(input_ids)         # (B, T, D), final norm applied, no LM head
+    logits = model(input_ids)                       # (B, T, V): rows (packed, padded, plain)
+    logprobs, entropy = model(ids, position_ids=pos, targets=targets)   # training rows, fused LM head
+    hidden = model.prefill(prompt_ids, positions, cache)                 # a KV cache filled
+    logits = model.decode(next_ids, positions, cache)                    # (B, 1, V): one step
 
 Module names equal the Hugging Face names without the leading "model.", so a checkpoint maps
 onto this module by two one-line functions (checkpoint.hf_to_ours / ours_to_hf).
@@ -17,10 +19,9 @@ Which keys a query sees comes from four inputs, any of which may be absent:
   lengths, saves the host sync that reading them off position_ids costs (trainers know them);
 - `attention_mask` (B, T) with 0 for padding (left-padded prompts, right-padded responses): a
   dense (B, 1, T, T) mask, for short padded batches only;
-- a `KVCache`, where the cache index of a token is its position id. A call of several tokens per
-  row is a prefill (rows start at position 0 and attend among themselves, then their keys and
-  values are written to the cache); a call of one token per row decodes, seeing cached keys
-  0..p of its own row.
+- a `KVCache` (prefill and decode), where the cache index of a token is its position id: a prefill
+  writes prompts (rows start at position 0 and attend among themselves), a decode step's token
+  sees the cached keys 0..p of its own row.
 """
 
 import inspect
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import is_fake
+from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 from torch.utils.checkpoint import checkpoint
 
 from kernels import linear_logprobs_and_entropy, triton_runs
@@ -353,7 +354,21 @@ def document_lengths(position_ids) -> list[int]:
     return lengths
 
 
+def on_meta(config: ModelConfig, dtype=None) -> "Transformer":
+    """A Transformer of shapes only (the meta device, whatever fake mode is active), to shard,
+    split or fill before Transformer.materialize or checkpoint.set_tensor."""
+    with unset_fake_temporarily(), torch.device("meta"):
+        model = Transformer(config)
+        return model.to(dtype) if dtype is not None else model
+
+
 class Transformer(nn.Module):
+    """The decoder. Three entry points, one per way attention is laid out:
+    forward (training rows and scoring: packed, padded or plain rows), prefill (prompts into a
+    KV cache) and decode (one token per row against the cache). prefill and decode run on a module
+    without FSDP2's hooks (distributed.full_weights' gathered copy, a tp.py decoder, a plain model):
+    FSDP2 gathers the root's weights only around forward."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -361,71 +376,24 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie()
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.gradient_checkpointing = False  # recompute each block in backward to save memory
         self.attention = "auto"  # packed documents: "auto" (by device), "varlen" or "sdpa"
 
-    def materialize_buffers(self, device=None):
-        """Recompute non-persistent buffers (RoPE frequencies) after a meta-device build."""
+    def tie(self):
+        """The LM head shares the embedding's weight when the config says so (again after any
+        step that makes new parameters: to_empty, set_tensor, tensor parallelism)."""
+        if self.config.tie_word_embeddings and self.lm_head.weight is not self.embed_tokens.weight:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def materialize(self, device):
+        """Storage on `device` for a model built on the meta device (and then perhaps sharded or
+        split): uninitialized weights, the ties kept, RoPE's buffer recomputed."""
+        self.to_empty(device=device)
+        self.tie()
         self.inv_freq = rope_inv_freq(self.config).to(device)
-
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        """(V, D): what the fused log-prob kernel multiplies the hidden states with."""
-        return self.lm_head.weight
-
-    def hidden_states(self, input_ids, position_ids=None, attention_mask=None, kv_cache=None,
-                      cache_slots=None, kv_len=None, doc_lens=None, cache_index=None):
-        """Final hidden states (B, T, D) after the last norm, without the LM head.
-
-        position_ids default to 0..T-1, or to positions counted over real tokens when an
-        attention_mask is given (so left padding does not shift them). doc_lens (documents of
-        the flattened B * T tokens, in order) defaults to what position_ids say.
-
-        With kv_cache (kvcache.KVCache), the tokens are written at their positions in slots
-        `cache_slots` (default 0..B-1), or at the cache rows `cache_index` (B, T) a caller worked
-        out (a batched prefill of several prompts, packed with doc_lens). A call of one token per
-        row decodes: attention reads each slot's first kv_len positions (default: all), which
-        must cover every query's position (unchecked: a check would cost a host sync per step),
-        so a step costs the live length, not the cache's. A call of several tokens per row is a
-        prefill from position 0 (see the module docstring).
-        """
-        B, T = input_ids.shape
-        device = input_ids.device
-        given_positions = position_ids is not None
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            else:
-                position_ids = torch.arange(T, device=device).expand(B, T)
-        # A call that names its cache rows is a prefill, even of one token.
-        layout = Layout(impl=self.attention_impl(device), kv_cache=kv_cache, slots=cache_slots,
-                        decode=kv_cache is not None and T == 1 and cache_index is None)
-        if kv_cache is not None:
-            layout.cache_index = kv_cache.index(cache_slots, position_ids) if cache_index is None else cache_index
-        if layout.decode:
-            layout.mask = build_mask(None, position_ids, kv_len or kv_cache.max_seq_len)
-            layout.kv_lens = position_ids[:, 0] + 1
-        elif attention_mask is not None:
-            layout.mask = build_mask(attention_mask, position_ids)
-        elif doc_lens is not None or (given_positions and kv_cache is None):
-            layout.doc_lens = list(doc_lens) if doc_lens is not None else document_lengths(position_ids)
-            if len(layout.doc_lens) == B:
-                layout.doc_lens, layout.causal = None, True  # one document per row: plain causal
-        else:
-            layout.causal = True  # no mask lets SDPA take its fastest (flash) kernel
-        x = self.embed_tokens(input_ids)
-        angles = position_ids[:, :, None, None].float() * self.inv_freq  # (B, T, 1, Dh/2)
-        angles = torch.cat((angles, angles), dim=-1)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training and kv_cache is None:
-                x = checkpoint(layer, x, cos, sin, layout, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, layout)
-        return self.norm(x)
+        return self
 
     def attention_impl(self, device) -> str:
         """How packed documents attend: FlashAttention's varlen kernel on CUDA where this torch
@@ -440,25 +408,74 @@ class Transformer(nn.Module):
                                f"this is torch {torch.__version__}")
         return self.attention
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, kv_cache=None,
-                cache_slots=None, targets=None, temperature=1.0, hidden_only=False, kv_len=None,
-                doc_lens=None, cache_index=None):
-        """Logits (B, T, V); or, given targets (B, T), (logprobs, entropy), each fp32 (B, T), of
-        the targets under softmax(logits / temperature); or, with hidden_only, hidden states.
+    def blocks(self, input_ids, position_ids, layout: Layout):
+        """Final hidden states (B, T, D) of the blocks under `layout`, the last norm applied."""
+        x = self.embed_tokens(input_ids)
+        angles = position_ids[:, :, None, None].float() * self.inv_freq  # (B, T, 1, Dh/2)
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and layout.kv_cache is None:
+                x = checkpoint(layer, x, cos, sin, layout, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, layout)
+        return self.norm(x)
 
+    def forward(self, input_ids, position_ids=None, attention_mask=None, doc_lens=None, targets=None,
+                temperature=1.0, hidden_only=False):
+        """Rows of tokens (B, T): logits (B, T, V); or, given targets (B, T), (logprobs, entropy),
+        each fp32 (B, T), of the targets under softmax(logits / temperature); or, with hidden_only,
+        the hidden states (B, T, D).
+
+        A row may pack documents (a position id of 0 after its start begins one; doc_lens, the
+        documents' lengths over the flattened B * T tokens, saves reading them off the position
+        ids) or be padded (attention_mask, 0 for padding: positions then count real tokens).
         The targets path runs the fused kernel on hidden states and the LM-head weight, so the
-        (tokens x vocab) logits never exist whole. Both other paths sit inside forward() because
-        FSDP2 gathers the root's parameters (the LM head among them) only around forward, and
-        needs the root's forward to run first (a prefill that needs no logits uses hidden_only).
+        (tokens x vocab) logits never exist whole.
         """
-        h = self.hidden_states(input_ids, position_ids, attention_mask, kv_cache, cache_slots, kv_len,
-                               doc_lens, cache_index)
+        B, T = input_ids.shape
+        layout = Layout(impl=self.attention_impl(input_ids.device))
+        given_positions = position_ids is not None
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) if attention_mask is not None else \
+                torch.arange(T, device=input_ids.device).expand(B, T)
+        if attention_mask is not None:
+            layout.mask = build_mask(attention_mask, position_ids)
+        elif doc_lens is not None or given_positions:
+            layout.doc_lens = list(doc_lens) if doc_lens is not None else document_lengths(position_ids)
+            if len(layout.doc_lens) == B:
+                layout.doc_lens, layout.causal = None, True  # one document per row: plain causal
+        else:
+            layout.causal = True  # no mask lets SDPA take its fastest (flash) kernel
+        h = self.blocks(input_ids, position_ids, layout)
         if hidden_only:
             return h
         if targets is None:
             return self.lm_head(h)
-        B, T = targets.shape
         logprobs, entropy = linear_logprobs_and_entropy(
             h.reshape(B * T, -1), self.lm_head.weight.to(h.dtype), targets.reshape(-1), temperature)
         # Fresh tensors, not views: FSDP2 warns that a view output could lose its backward hook.
         return logprobs.view(B, T).clone(), entropy.view(B, T).clone()
+
+    def prefill(self, input_ids, position_ids, cache, cache_index=None, cache_slots=None, doc_lens=None):
+        """Write the keys and values of prompts (B, T) into `cache` and return their hidden states
+        (B, T, D). Rows start at position 0 and attend among themselves (doc_lens: several prompts
+        packed in a row); each token goes to cache row cache_index (B, T), or by default to its
+        position in slot cache_slots (B,) (default 0..B-1)."""
+        layout = Layout(impl=self.attention_impl(input_ids.device), kv_cache=cache, slots=cache_slots)
+        layout.cache_index = cache.index(cache_slots, position_ids) if cache_index is None else cache_index
+        if doc_lens is not None and len(doc_lens) > input_ids.shape[0]:
+            layout.doc_lens = list(doc_lens)
+        else:
+            layout.causal = True
+        return self.blocks(input_ids, position_ids, layout)
+
+    def decode(self, input_ids, position_ids, cache, kv_len=None, cache_slots=None):
+        """One new token per row (B, 1) at its position, against its cached keys and values (slot
+        cache_slots[b], default b): logits (B, 1, V). Attention reads each slot's first kv_len
+        positions (default: all), which must cover every query's position (unchecked: a check
+        would cost a host sync per step), so a step costs the live length, not the cache's."""
+        layout = Layout(kv_cache=cache, slots=cache_slots, decode=True,
+                        mask=build_mask(None, position_ids, kv_len or cache.max_seq_len), kv_lens=position_ids[:, 0] + 1)
+        layout.cache_index = cache.index(cache_slots, position_ids)
+        return self.lm_head(self.blocks(input_ids, position_ids, layout))

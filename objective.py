@@ -3,10 +3,33 @@ clipped surrogate (with dual clip), and DAPO's overlong penalty and all-equal-gr
 grpo.py calls them; tests check them against values worked out by hand.
 
     advantages = group_advantages(rewards, group_size=7)            # (G * n,)
-    loss, sums = policy_loss(logprobs, old, ref, advantages, mask, entropy, seq_ids, cfg, n_tokens, n_seqs)
+    loss, sums = policy_loss(logprobs, old, ref, advantages, mask, entropy, seq_ids, LossConfig(), n_tokens, n_seqs)
+
+A new objective is a change here: its settings are fields of LossConfig (and flags of the same
+names in grpo.GRPOConfig, which LossConfig.of reads), its metrics more entries of policy_loss's
+dict of sums, which passes.py sums over rows and ranks and logs under their names.
 """
 
+from dataclasses import dataclass, fields
+
 import torch
+
+
+@dataclass
+class LossConfig:
+    """What policy_loss reads; grpo.GRPOConfig has a flag of each name (LossConfig.of)."""
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2       # > clip_ratio_low: DAPO's clip-higher
+    clip_ratio_c: float = 0.0          # dual clip; 0: off
+    kl_coef: float = 1e-3              # 0: no KL term
+    kl_estimator: str = "low_var_kl"   # k1 | mse (k2) | low_var_kl (k3)
+    entropy_coef: float = 0.0
+    loss_agg: str = "token-mean"       # token-mean | seq-mean-token-mean
+
+    @classmethod
+    def of(cls, cfg):
+        """The settings of these names in a trainer's config."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
 
 def group_advantages(rewards, group_size, norm_by_std=True, eps=1e-6):
@@ -60,13 +83,13 @@ def kl_penalty(logprobs, ref_logprobs, estimator):
 
 
 def policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, response_mask, entropy, seq_ids,
-                cfg, n_tokens, n_seqs):
+                cfg: LossConfig, n_tokens, n_seqs):
     """PPO clipped objective + kl_coef * KL - entropy_coef * entropy, as a sum that callers add
     over micro-batches and ranks: n_tokens / n_seqs are the mini-batch's global counts, so the
     total is one token mean (or one mean over sequences of per-sequence token means) however
     the mini-batch was split. All tensors (N,) over packed tokens; seq_ids (N,) says which
-    sequence a token belongs to (for seq-mean-token-mean); cfg is a grpo.GRPOConfig (its clip
-    ratios, kl_coef, kl_estimator, entropy_coef and loss_agg). Returns (loss, metric sums).
+    sequence a token belongs to (for seq-mean-token-mean). Returns (loss, {metric: sum over the
+    response tokens}), the sums to be divided by the token count once they are summed everywhere.
     """
     mask = response_mask.float()
     # Clamped as verl does: exp() overflows past ~88 in fp32, and 0 * inf (a zero advantage) is NaN.

@@ -2,7 +2,14 @@
 
     rlvr_reward("...<answer>[[A]]</answer>", "model_a")   # 1.0
     parse_verdict("... [[B]] ...")                          # "B"
+    rewards = rlvr_rewards(completions, texts, records)     # a rollout's, as a tensor
+    judge_metrics(completions, labels, rewards, verdicts, n)   # what grpo.py logs of a judge
 """
+
+from collections import Counter
+
+import numpy as np
+import torch
 
 LETTERS = {"model_a": "A", "model_b": "B"}   # an RLVR label -> the verdict letter it stands for
 ANSWER_TAGS = {label: f"<answer>[[{letter}]]</answer>" for label, letter in LETTERS.items()}
@@ -39,3 +46,30 @@ def parse_verdict(text):
     if a == b:
         return None
     return "A" if a else "B"
+
+
+def rlvr_rewards(completions, texts, records):
+    """The paper's reward of each trace (rollout.Completion, its text, the records its prompts
+    came from): +1/-1 from the verdict in the last 80 characters vs the record's label."""
+    return torch.tensor([rlvr_reward(t, records[c.prompt_index]["label"])
+                         for c, t in zip(completions, texts)])
+
+
+def judge_metrics(completions, labels, rewards, verdicts, n):
+    """What none of the general frameworks log for a judge: verdict balance vs gold, invalid
+    format, k-of-n correct histogram, all-equal groups, lengths of right vs wrong traces."""
+    right = rewards > 0
+    lengths = torch.tensor([float(len(c.token_ids)) for c in completions])
+    groups = right.view(-1, n).sum(-1)
+    m = {"reward": rewards.mean(), "accuracy": right.float().mean(),
+         "share_A": np.mean([v == "A" for v in verdicts]),
+         "gold_share_A": np.mean([l == "model_a" for l in labels]),
+         "invalid_format": np.mean([v is None for v in verdicts]),
+         "all_equal_groups": ((groups == 0) | (groups == n)).float().mean(),
+         "response_len": lengths.mean(), "response_len_max": lengths.max(),
+         "truncated": np.mean([c.finish_reason == "length" for c in completions]),
+         "len_right": lengths[right].mean() if right.any() else 0.0,
+         "len_wrong": lengths[~right].mean() if (~right).any() else 0.0}
+    hist = Counter(groups.tolist())
+    m.update({f"groups_{k}_of_{n}": hist.get(k, 0) / len(groups) for k in range(n + 1)})
+    return m

@@ -12,9 +12,9 @@ directory with the tokenizer; the demo exports to demo/sft) and resumable checkp
 (`--resume`, `--max_steps`).
 
 Departures from the paper: none in the objective. The CPU demo (neither --model nor --data)
-trains a ~1M-parameter Qwen2-architecture judge from scratch instead of fine-tuning an LLM; its
-preset and recipe live in demo/recipe.py, which hands train() a Scratch: the tokenizer and
-config to build the model from, and copying steps to take before distillation.
+distils a ~1M-parameter Qwen2-architecture judge it builds itself instead of an LLM; its preset
+and recipe live in demo/recipe.py, which writes that model's directory and hands train() its
+records and a Schedule of its own (copying steps first) through the same interface a user has.
 """
 
 import math
@@ -28,13 +28,14 @@ import numpy as np
 import torch
 
 import data
+import tokenization
 import demo.recipe
 import distributed as D
+import run
 import plan
 from cli import check_fields, parse_config
 from checkpoint import load_config
-from model import ModelConfig, document_lengths
-from plan import MORE_RANKS
+from model import document_lengths
 
 
 @dataclass
@@ -70,15 +71,13 @@ class SFTConfig:
 
 
 @dataclass
-class Scratch:
-    """A model trained from scratch rather than from --model (the CPU demo's judge; demo/recipe.py
-    makes one): the tokenizer, built under the run's directory, the model's config, and
-    prelude_steps optimizer steps on prelude_rows(step, vocab_size) (packed rows) before the
-    distillation data, with a learning-rate phase of their own (lr_lambda)."""
-    tokenizer: Callable            # out dir -> a tokenizer saved there
-    config: Callable               # tokenizer -> ModelConfig
-    prelude_steps: int = 0
-    prelude_rows: Callable | None = None
+class Schedule:
+    """What each optimizer step of a run trains on and at what learning rate: `total` steps,
+    rows(step) its packed rows and lr(step) its factor of --lr, both pure functions of the step,
+    so a resumed run sees what an uninterrupted one would."""
+    total: int
+    rows: Callable
+    lr: Callable
 
 
 def load_examples(cfg: SFTConfig, tokenizer, records=None):
@@ -87,7 +86,7 @@ def load_examples(cfg: SFTConfig, tokenizer, records=None):
     records = data.load_sft(cfg.data) if records is None else records()
     examples, dropped = [], 0
     for r in records:
-        enc = data.encode_sft(tokenizer, r["context_messages"], r["trace"], cfg.max_len)
+        enc = tokenization.encode_sft(tokenizer, r["context_messages"], r["trace"], cfg.max_len)
         if enc is None:
             dropped += 1
         else:
@@ -98,16 +97,31 @@ def load_examples(cfg: SFTConfig, tokenizer, records=None):
     return examples
 
 
-def step_rows(examples, step, cfg: SFTConfig, steps_per_epoch, vocab_size, scratch: Scratch | None = None):
-    """The packed rows of optimizer step `step`: a pure function of (seed, step), so a resumed
-    run sees exactly the data an uninterrupted one would. A Scratch's prelude steps come first."""
-    prelude = scratch.prelude_steps if scratch else 0
-    if step < prelude:
-        return scratch.prelude_rows(step, vocab_size)
-    epoch, k = divmod(step - prelude, steps_per_epoch)
-    order = np.random.default_rng([cfg.seed, epoch]).permutation(len(examples))
-    batch = [examples[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
-    return data.pack(batch, cfg.max_len)
+def epochs(examples, cfg: SFTConfig) -> Schedule:
+    """sft.py's schedule: --epochs passes over the examples, each in a seeded order, --batch_size
+    sequences a step packed into rows of at most --max_len tokens; the learning rate warms up
+    over --warmup_steps, then stays or follows a cosine to 0 at the last step (--schedule)."""
+    per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total = per_epoch * cfg.epochs
+
+    def rows(step):
+        epoch, k = divmod(step, per_epoch)
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(examples))
+        return tokenization.pack([examples[i] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]],
+                                 cfg.max_len)
+
+    return Schedule(total, rows, lambda step: warmup_then(cfg.schedule, step, total, cfg.warmup_steps))
+
+
+def warmup_then(schedule, step, total, warmup) -> float:
+    """The factor of the learning rate at `step`: linear warmup over `warmup` steps, then constant,
+    or a cosine from 1 to 0 over the rest of `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
 
 
 def sft_loss(model, row, n_tokens, device):
@@ -117,7 +131,7 @@ def sft_loss(model, row, n_tokens, device):
     token mean, whatever the split (FSDP sums the ranks' gradients: distributed.shard).
     Returns (loss to backpropagate, summed NLL for logging).
     """
-    batch = data.collate([row], pad_id=0)
+    batch = tokenization.collate([row], pad_id=0)
     ids = batch["input_ids"].to(device)
     mask = batch["loss_mask"][:, 1:].to(device).float()  # position t predicts token t + 1
     logprobs, _ = model(ids[:, :-1], position_ids=batch["position_ids"][:, :-1].to(device),
@@ -126,34 +140,9 @@ def sft_loss(model, row, n_tokens, device):
     return nll / n_tokens, nll.detach()
 
 
-def lr_lambda(cfg: SFTConfig, total_steps, prelude_steps=0):
-    """Warmup, then constant or cosine to 0 at total_steps. A Scratch's prelude steps (the demo's
-    copying) are a phase of their own (warmup, then constant), and distillation starts its
-    schedule afresh: decayed by the copying steps, the rate left for distillation teaches a judge
-    far less."""
-    def phase(step, length, schedule):
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if schedule == "cosine":
-            progress = (step - cfg.warmup_steps) / max(1, length - cfg.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0
-
-    def f(step):
-        if step < prelude_steps:
-            return phase(step, prelude_steps, "constant")
-        return phase(step - prelude_steps, total_steps - prelude_steps, cfg.schedule)
-    return f
-
-
-def build(cfg: SFTConfig, ctx, config: ModelConfig | None = None):
-    """The model and its AdamW, as train() and the memory plan build them: --model's weights, or
-    fresh ones of `config` (a Scratch's)."""
-    if config is None:
-        model = D.load_model(cfg.model, ctx, bf16=cfg.bf16, activation_checkpointing=cfg.activation_checkpointing)
-    else:
-        model = D.load_model(None, ctx, config=config, seed=cfg.seed,
-                             activation_checkpointing=cfg.activation_checkpointing)
+def build(cfg: SFTConfig, ctx):
+    """The model (--model's weights) and its AdamW, as train() and the memory plan build them."""
+    model = D.load_model(cfg.model, ctx, bf16=cfg.bf16, activation_checkpointing=cfg.activation_checkpointing)
     return model, D.adamw(model, ctx, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
 
@@ -170,26 +159,26 @@ def sft_step(model, optimizer, rows, n_tokens, cfg: SFTConfig, ctx):
     return nll_total, D.clip_and_step(model, optimizer, cfg.grad_clip, ctx, loss=nll_total)
 
 
-# What a rank short of rows runs (distributed.pad_to_ranks): 2 tokens that carry no loss.
-EMPTY_ROW = {"input_ids": [0, 0], "loss_mask": [0, 0], "position_ids": [0, 1]}
+# What a rank short of rows runs (distributed.pad_to_ranks): tokenization.pack's row of 2 tokens that carry no loss.
+EMPTY_ROW = tokenization.pack([([0, 0], [0, 0])], 2)[0]
 PLAN_ROWS = 2  # rows of a step the plan walks (why: plan_walk)
 
 
-def plan_walk(cfg: SFTConfig, ctx, plan):
+def plan_walk(cfg: SFTConfig, ctx, memory):
     """sft_step on fake tensors (plan.py) over PLAN_ROWS packed rows of max_len tokens: from the
     second row on, the sharded fp32 gradients exist when a backward starts, and every later row
     is alike, so the peak is reached by then."""
     model, optimizer = build(cfg, ctx)
-    plan.track(model, optimizer, cfg.max_len)
+    memory.track(model, optimizer, cfg.max_len)
     per_rank = math.ceil(cfg.batch_size / ctx.world_size)
-    rows = data.pack([([0] * cfg.max_len, [1] * cfg.max_len)] * min(PLAN_ROWS, per_rank), cfg.max_len)
-    plan.notes += [f"a step: {cfg.batch_size} sequences, at most {per_rank} packed rows of <= {cfg.max_len:,} tokens "
+    rows = tokenization.pack([([0] * cfg.max_len, [1] * cfg.max_len)] * min(PLAN_ROWS, per_rank), cfg.max_len)
+    memory.notes += [f"a step: {cfg.batch_size} sequences, at most {per_rank} packed rows of <= {cfg.max_len:,} tokens "
                    f"per rank; {len(rows)} walked (from the second on, gradients exist as a backward starts: the peak)"]
-    with plan.phase("load: shards, AdamW state", MORE_RANKS + ", or a smaller model"):
-        plan.make_optimizer_state(model, optimizer)
+    with memory.phase("load: shards, AdamW state", plan.MORE_RANKS + ", or a smaller model"):
+        memory.make_optimizer_state(model, optimizer)
     model.train()
-    with plan.phase(f"step: forward + backward ({len(rows)} of {per_rank} rows of {cfg.max_len:,} tokens), clip, "
-                    f"AdamW step", "lower --max_len, or " + MORE_RANKS):
+    with memory.phase(f"step: forward + backward ({len(rows)} of {per_rank} rows of {cfg.max_len:,} tokens), clip, "
+                    f"AdamW step", "lower --max_len, or " + plan.MORE_RANKS):
         sft_step(model, optimizer, rows, cfg.max_len * len(rows), cfg, ctx)
 
 
@@ -204,46 +193,41 @@ def check_config(cfg: SFTConfig):
         ("max_len", cfg.max_len >= 2, "must be >= 2"),
         ("epochs", cfg.epochs >= 1, "must be >= 1"),
         ("grad_clip", cfg.grad_clip > 0, "must be > 0"),
-        *D.run_rules(cfg), *plan.rules(cfg),
+        *run.run_rules(cfg), *plan.rules(cfg),
     ])
 
 
-def train(cfg: SFTConfig, preset="", records=None, scratch: Scratch | None = None, recorded=None) -> bool:
-    """One run; True when it did all its steps (False: stopped by --max_steps). records() stands
-    in for --data, a Scratch for --model (both from demo/recipe.py); `recorded` joins the settings
-    out/config.json keeps (a resume must match them)."""
+def train(cfg: SFTConfig, preset="", records=None, schedule=None, recorded=None) -> bool:
+    """One run from --model; True when it did all its steps (False: stopped by --max_steps).
+    records() stands in for --data; schedule(steps, tokenizer) may change the run's Schedule
+    (epochs': steps); `recorded` joins the settings out/config.json keeps (a resume must match
+    them). The demo (demo/recipe.py) passes all three."""
     check_config(cfg)
-    if (scratch is None) == (not cfg.model):
-        raise ValueError("--model names the model to fine-tune" if scratch is None else
-                         "a model from scratch cannot also start from --model")
+    if not cfg.model:
+        raise ValueError("--model names the model to fine-tune (a Hugging Face directory)" +
+                         ("; --plan reads only its config.json" if cfg.plan else ""))
     if cfg.plan:
-        if not cfg.model:
-            raise ValueError("--plan needs --model DIR (its config.json is all it reads)")
         return plan.run(plan_walk, cfg, f"memory plan of sft.py --model {cfg.model}, per rank")
     ctx = D.init(cfg.dist_timeout_min)
     torch.manual_seed(cfg.seed)
     # Settings, data and the run directory are checked before any model is loaded.
-    if cfg.model:
-        load_config(cfg.model)
-        tokenizer = data.load_tokenizer(cfg.model)
-    else:
-        tokenizer = scratch.tokenizer(os.path.join(cfg.out, "tokenizer"))
-    examples = load_examples(cfg, tokenizer, records)
-    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    prelude = scratch.prelude_steps if scratch else 0
-    total_steps = prelude + steps_per_epoch * cfg.epochs
-    D.start_run(cfg.out, asdict(cfg) | (recorded or {}), cfg.resume, preset)
-    if ctx.gpu and cfg.check_memory and cfg.model:
+    load_config(cfg.model)
+    tokenizer = tokenization.load_tokenizer(cfg.model)
+    steps = epochs(load_examples(cfg, tokenizer, records), cfg)
+    if schedule is not None:
+        steps = schedule(steps, tokenizer)
+    run.start_run(cfg.out, asdict(cfg) | (recorded or {}), cfg.resume, preset)
+    if ctx.gpu and cfg.check_memory:
         plan.check_before_training()
-    model, optimizer = build(cfg, ctx, scratch.config(tokenizer) if scratch else None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps, prelude))
+    model, optimizer = build(cfg, ctx)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, steps.lr)
     n_params = sum(p.numel() for p in model.parameters())
-    D.log(f"{n_params / 1e6:.2f}M parameters, {total_steps} steps, {ctx.world_size} rank(s)")
+    D.log(f"{n_params / 1e6:.2f}M parameters, {steps.total} steps, {ctx.world_size} rank(s)")
     model.train()
 
     def step_fn(step):
         t0 = time.time()
-        rows = step_rows(examples, step, cfg, steps_per_epoch, tokenizer.vocab_size, scratch)
+        rows = steps.rows(step)
         n_tokens = sum(sum(r["loss_mask"][1:]) for r in rows)
         nll_total, grad_norm = sft_step(model, optimizer, rows[ctx.rank::ctx.world_size], n_tokens, cfg, ctx)
         grad_norm = float(grad_norm)
@@ -254,9 +238,9 @@ def train(cfg: SFTConfig, preset="", records=None, scratch: Scratch | None = Non
     def on_start(start, metrics):
         scheduler.last_epoch = start  # the schedule goes on from the resumed step
 
-    stop = D.run_steps(cfg, model, optimizer, tokenizer, total_steps, step_fn, cfg.export or os.path.join(cfg.out, "hf"),
-                       on_start=on_start)
-    return stop == total_steps
+    stop = run.run_steps(cfg, model, optimizer, tokenizer, steps.total, step_fn, cfg.export or os.path.join(cfg.out, "hf"),
+                         on_start=on_start)
+    return stop == steps.total
 
 
 def main(argv=None):
@@ -271,7 +255,9 @@ def main(argv=None):
             raise ValueError(f"--demo_{judge_flags[0]} is a setting of the demo judge, which has no --model")
         train(cfg)
     else:  # the CPU demo: its preset and its rounds
-        demo.recipe.sft(cfg, given, judge, train, Scratch)
+        for c, records, schedule, recorded in demo.recipe.sft_rounds(cfg, given, judge):
+            if not train(c, preset="demo", records=records, schedule=schedule, recorded=recorded):
+                break  # stopped by --max_steps: --resume goes on from here
     D.shutdown()
 
 

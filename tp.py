@@ -25,7 +25,6 @@ import dataclasses
 import zlib
 
 import torch
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Replicate
@@ -33,8 +32,9 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 import distributed as D
 import rollout
+import kvcache
 from checkpoint import iter_checkpoint, load_config, shapes
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, on_meta
 
 
 def check_divisible(config: ModelConfig, tp: int):
@@ -66,8 +66,7 @@ def parallelize(model: Transformer, mesh: DeviceMesh) -> Transformer:
         plan.update({f"layers.{i}.mlp.{p}": ColwiseParallel() for p in ("gate_proj", "up_proj")})
         plan.update({f"layers.{i}.self_attn.o_proj": RowwiseParallel(), f"layers.{i}.mlp.down_proj": RowwiseParallel()})
     parallelize_module(model, mesh, plan)
-    if config.tie_word_embeddings:  # both are split by vocabulary rows (Shard(0)): one tensor again
-        model.lm_head.weight = model.embed_tokens.weight
+    model.tie()  # both are split by vocabulary rows (Shard(0)): one tensor again
     for block in model.layers:
         block.self_attn.n_heads //= tp
         block.self_attn.n_kv_heads //= tp
@@ -77,14 +76,8 @@ def parallelize(model: Transformer, mesh: DeviceMesh) -> Transformer:
 
 def build(config: ModelConfig, mesh: DeviceMesh, dtype, device) -> Transformer:
     """An empty TP model: built on the meta device, split, then given storage for its shards only."""
-    with unset_fake_temporarily(), torch.device("meta"):
-        model = Transformer(config).to(dtype)
-    parallelize(model, mesh)
-    model.to_empty(device=device)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.materialize_buffers(device)
-    return model.eval().requires_grad_(False)
+    model = parallelize(on_meta(config, dtype), mesh)
+    return model.materialize(device).eval().requires_grad_(False)
 
 
 def copy_shard(dst: torch.Tensor, full):
@@ -158,11 +151,11 @@ def check_same(token_lists, mesh: DeviceMesh):
 
 def kv_budget(kv_budget_bytes, ctx):
     """The KV budget a rollout or a judge decodes with, decided here alone: kv_budget_bytes when
-    given (--kv_budget_gib), else what this rank's device has free less rollout.KV_RESERVE (None:
+    given (--kv_budget_gib), else what this rank's device has free less kvcache.KV_RESERVE (None:
     no limit, on the CPU); and within a TP group the smallest of its ranks' budgets. The ranks of a
     group must schedule alike, step for step, since every step's all-reduces pair them up: a rank
     with a larger pool would admit more and fall out of step."""
-    budget = kv_budget_bytes or (rollout.kv_budget(*ctx.memory()) if ctx.memory is not None else None)
+    budget = kv_budget_bytes or (kvcache.kv_budget(*ctx.memory()) if ctx.memory is not None else None)
     if ctx.tp_mesh is None or budget is None:
         return budget
     return -D.max_over_ranks(-budget, ctx.tp_mesh.get_group())

@@ -52,7 +52,8 @@ import tp  # noqa: E402
 from checkpoint import save_pretrained, write_atomic  # noqa: E402
 from kvcache import KVCache  # noqa: E402
 from model import ModelConfig, Transformer, packed_attention  # noqa: E402
-from rollout import PAGE_SIZE, SamplingParams, cache_pages, generate  # noqa: E402
+from kvcache import PAGE_SIZE, cache_pages  # noqa: E402
+from rollout import SamplingParams, generate  # noqa: E402
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
@@ -140,10 +141,9 @@ def model_paths():
         full = model(ids)[0]
         # prefill 299 tokens into slot 1 of a 3-slot cache, then decode the last one
         cache = KVCache(config, 3, 512, model.embed_tokens.weight.dtype, dev)  # one page per slot
-        model(ids[:, :299], torch.arange(299, device=dev)[None], kv_cache=cache,
-              cache_slots=torch.tensor([1], device=dev), hidden_only=True)
-        step = model(ids[:, 299:].expand(3, 1), torch.full((3, 1), 299, device=dev), kv_cache=cache,
-                     cache_slots=torch.tensor([0, 1, 2], device=dev), kv_len=512)[1, 0]
+        model.prefill(ids[:, :299], torch.arange(299, device=dev)[None], cache, cache_slots=torch.tensor([1], device=dev))
+        step = model.decode(ids[:, 299:].expand(3, 1), torch.full((3, 1), 299, device=dev), cache,
+                            kv_len=512, cache_slots=torch.tensor([0, 1, 2], device=dev))[1, 0]
         out["decode_vs_full_forward"] = rel_err(step, full[-1])
         docs = [120, 1, 179]
         packed_ids = torch.randint(0, config.vocab_size, (1, sum(docs)), generator=g).to(dev)
@@ -223,7 +223,6 @@ def grpo_step_one_gpu(tmp):
         steps.append({k: m[k] for k in ("time_generate", "time_logprobs", "time_update", "tokens_per_s",
                                         "rollout_logprob_gap", "loss", "grad_norm", "kl")})
     check(all(abs(s["loss"]) < 1e3 and s["grad_norm"] == s["grad_norm"] for s in steps), f"losses {steps}")
-    D.shutdown()
     out = {"steps": steps}
     if on_gpu:
         peak = torch.cuda.max_memory_allocated() / 2**30
@@ -295,7 +294,6 @@ def tp_and_offload_one_gpu(tmp):
     same = all(abs(a - b) <= 1e-3 * abs(b) + 1e-6 for key in ("grad_norms", "losses")
                for a, b in zip(runs[True][key], runs[False][key]))
     check(same, f"--offload_states changes the steps: {runs}")
-    D.shutdown()
     return out
 
 
@@ -347,6 +345,7 @@ def run_section(name, part, inject):
     except Exception as e:  # recorded, and the parent goes on with the next section
         entry = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
     write_atomic(part, json.dumps(entry) + "\n")
+    D.shutdown()  # once the section's models are gone: the process groups end here, not at exit
     return 0 if entry["ok"] else 1
 
 

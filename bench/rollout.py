@@ -27,12 +27,13 @@ import torch
 import transformers
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import data  # noqa: E402
+import tokenization
 import demo  # noqa: E402
 from checkpoint import hf_to_ours, load_pretrained, set_tensor  # noqa: E402
 from kvcache import KVCache  # noqa: E402
-from model import Layout, ModelConfig, Transformer, build_mask  # noqa: E402
+from model import Layout, ModelConfig, Transformer, build_mask, rope_inv_freq  # noqa: E402
 import rollout  # noqa: E402
+import scheduler
 from rollout import SamplingParams, attend_len, generate  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS = 64, 128
@@ -118,9 +119,9 @@ def grpo_shape_section(static_slots=16, repeats=2):
     max_new_tokens positions per slot, as before pages) gets `static_slots` slots; the paged
     cache (pages of 16) the same bytes; transformers' generate decodes all 112 at once."""
     torch.set_num_threads(1)
-    ours, tokenizer = load_pretrained(demo.SHIPPED), data.load_tokenizer(demo.SHIPPED)
+    ours, tokenizer = load_pretrained(demo.SHIPPED), tokenization.load_tokenizer(demo.SHIPPED)
     records = demo.rlvr_records(16, seed=0, split="test")
-    prompts = [data.encode_prompt(tokenizer, r["context_messages"], 4096) for r in records]
+    prompts = [tokenization.encode_prompt(tokenizer, r["context_messages"], 4096) for r in records]
     params = SamplingParams(temperature=1.0, max_new_tokens=160, n=7, stop_token_ids=(tokenizer.eos_token_id,),
                             seed=0)
     seq_len = max(map(len, prompts)) + params.max_new_tokens
@@ -178,10 +179,10 @@ class NullModel(torch.nn.Module):
 
 @contextlib.contextmanager
 def device_work_stand_in(vocab_size, stop_id, clock):
-    """rollout.prefill and rollout.decode replaced for host_section: decode's tokens are a hash of
+    """scheduler.prefill and rollout.decode replaced for host_section: decode's tokens are a hash of
     (prompt key, sample, position), so lengths vary as sampled ones do (a stop one step in
     vocab_size), and the stand-ins' own seconds go to clock["device"], to be subtracted."""
-    real = rollout.prefill, rollout.decode
+    real = scheduler.prefill, rollout.decode
 
     def prefill(model, cache, prefixes):
         clock["device"] -= time.perf_counter()
@@ -195,11 +196,11 @@ def device_work_stand_in(vocab_size, stop_id, clock):
         out = next_ids, torch.zeros(state.shape[1])
         clock["device"] += time.perf_counter()
         return out
-    rollout.prefill, rollout.decode = prefill, decode
+    scheduler.prefill, rollout.decode = prefill, decode
     try:
         yield
     finally:
-        rollout.prefill, rollout.decode = real
+        scheduler.prefill, rollout.decode = real
 
 
 def host_step_ms(batch, n=7, vocab_size=500, max_new_tokens=1024, repeats=3):
@@ -248,8 +249,8 @@ def long_cache_step(model, batch, context=100, cache_len=64 + 4096, repeats=10):
     with torch.no_grad():
         times = {}
         for kv_len in (None, bucket) * 2:  # interleaved, best of two rounds
-            model(tok, pos, kv_cache=cache, kv_len=kv_len)
-            t = timed(lambda: [model(tok, pos, kv_cache=cache, kv_len=kv_len) for _ in range(repeats)], "cpu")[0]
+            model.decode(tok, pos, cache, kv_len)
+            t = timed(lambda: [model.decode(tok, pos, cache, kv_len) for _ in range(repeats)], "cpu")[0]
             times[kv_len] = min(times.get(kv_len, t), t)
     print(f"long cache, batch {batch}, position {context} of {cache_len}: whole cache {times[None] / repeats * 1e3:.1f} ms/step, "
           f"first {bucket} positions {times[bucket] / repeats * 1e3:.1f} ms/step: {times[None] / times[bucket]:.2f}x")
@@ -296,7 +297,7 @@ def cuda_section():
         for name, t in hf.state_dict().items():
             if not (name == "lm_head.weight" and cfg.tie_word_embeddings):
                 set_tensor(ours, hf_to_ours(name), t)
-        ours.materialize_buffers("cuda")
+        ours.inv_freq = rope_inv_freq(ours.config).to("cuda")
         weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
         c = ours.config
         kv_bytes_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2

@@ -7,9 +7,10 @@ of Judge, read only here (so `sft.py --help` shows the real run's fields alone):
 
     python sft.py --demo_examples 24 --demo_layers 2 --demo_rounds 1 --batch_size 8 --out /tmp/d
 
-SFT builds the judge from scratch (a ~1M-parameter Qwen2 over the demo tokenizer) in rounds:
-round 1 takes copy_steps steps of copying (task.copy_rows, in place of the pretraining an LLM
-has had, with a learning-rate phase of its own) and then distils `examples` teacher traces;
+SFT builds the judge from scratch (a ~1M-parameter Qwen2 over the demo tokenizer, written to
+out/round1/init as the model sft.py fine-tunes) in rounds: round 1 takes copy_steps steps of
+copying (task.copy_rows, in place of the pretraining an LLM has had, with a learning-rate phase
+of its own: sft.py's schedule after them starts afresh) and then distils `examples` teacher traces;
 each later round continues the previous round's export on 4x as many fresh traces (the next
 seed), each seen once, at half the learning rate, with a fresh optimizer and its own warmup
 and cosine. After round 2 the judge files held-out arithmetic as Chat and says A, the habit of
@@ -20,9 +21,11 @@ With more than one round, round r runs in out/round<r> and the last exports to `
 import os
 from dataclasses import asdict, dataclass, replace
 
+import distributed as D
+from checkpoint import save_pretrained
 from cli import check_fields, parse_prefixed, with_defaults
 from demo.task import SHIPPED, build_demo_tokenizer, copy_rows, rlvr_records, sft_records
-from model import ModelConfig
+from model import ModelConfig, on_meta
 
 SFT = dict(lr=2e-3, warmup_steps=20, schedule="cosine", batch_size=32, max_len=2048, epochs=4, bf16=False,
            activation_checkpointing=False, weight_decay=0.01, out="runs/sft-demo", export=SHIPPED)
@@ -94,24 +97,49 @@ def judge_flags(argv):
     return parse_prefixed(Judge, argv, "demo_")
 
 
-def sft(cfg, given, judge: Judge, train, scratch_cls):
-    """`python sft.py` without --model and --data: the SFT preset, then train (sft.train) each
-    round; False if --max_steps stopped one."""
+def initial_judge(path, judge: Judge, seed) -> str:
+    """The judge before any training, as a model directory for sft.py's --model: the demo
+    tokenizer, and a tiny Qwen2 of fresh weights (distributed.init_weights: normal(0, 0.02)).
+    Written once, by rank 0; a resumed run finds it there."""
+    if D.is_main() and not os.path.isdir(path):
+        tokenizer = build_demo_tokenizer(path)
+        model = on_meta(model_config(tokenizer, judge)).materialize("cpu")
+        D.init_weights(model, seed)
+        save_pretrained(model, path)  # beside the tokenizer's files
+    D.barrier()
+    return path
+
+
+def copying_first(copy_steps, batch_size, seed, warmup):
+    """A schedule change for sft.train: copy_steps steps of copy_rows first, their learning rate
+    warming up over `warmup` steps and then constant, then sft.py's own steps, their schedule
+    started afresh (decayed by the copying steps, the rate left for distillation taught the judge
+    far less)."""
+    def schedule(steps, tokenizer):
+        def rows(step):  # ids above the 3 special tokens, below the added phrases; rows as long as an example
+            return copy_rows(batch_size, 256, tokenizer.vocab_size, 3, seed, step) if step < copy_steps else \
+                steps.rows(step - copy_steps)
+
+        def lr(step):
+            if step >= copy_steps:
+                return steps.lr(step - copy_steps)
+            return (step + 1) / warmup if step < warmup else 1.0
+        return replace(steps, total=copy_steps + steps.total, rows=rows, lr=lr)
+    return schedule
+
+
+def sft_rounds(cfg, given, judge: Judge):
+    """`python sft.py` without --model and --data: the SFT preset, then, round by round, what
+    sft.train takes: (its config, its records, its schedule change, what out/config.json records)."""
     cfg = apply(cfg, SFT, given, "sft.py")
+    D.init(cfg.dist_timeout_min)  # initial_judge writes on rank 0 alone
     for r in rounds(cfg, judge):
-        c = r.cfg
-        scratch = None
+        c, schedule = r.cfg, None
         if not c.model:  # round 1: the judge from scratch, copying first
-            scratch = scratch_cls(
-                tokenizer=build_demo_tokenizer, config=lambda tokenizer: model_config(tokenizer, judge),
-                prelude_steps=r.copy_steps,
-                # rows as long as a demo judge example; ids above the 3 special tokens, below the added phrases
-                prelude_rows=lambda step, vocab_size, c=c: copy_rows(c.batch_size, 256, vocab_size, 3, c.seed, step))
-        records = lambda r=r: sft_records(r.examples, seed=r.cfg.seed)  # noqa: E731
-        if not train(c, preset="demo", records=records, scratch=scratch,
-                     recorded={"demo": asdict(judge) | {"round_examples": r.examples}}):
-            return False  # stopped by --max_steps: --resume goes on from here
-    return True
+            c = replace(c, model=initial_judge(os.path.join(c.out, "init"), judge, c.seed))
+            schedule = copying_first(r.copy_steps, c.batch_size, c.seed, c.warmup_steps)
+        yield c, (lambda r=r: sft_records(r.examples, seed=r.cfg.seed)), schedule, \
+            {"demo": asdict(judge) | {"round_examples": r.examples}}
 
 
 def grpo(cfg, given, train):

@@ -333,7 +333,7 @@ def segments(text: str) -> list[str]:
 
 def build_tokenizer(out_dir: str, texts, vocab_size: int = 2048, phrase_share: float = 0.05) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts` (any iterable of strings), save it to `out_dir` (where
-    data.load_tokenizer reads it back), and return it. eos is <|im_end|>, pad is <|endoftext|>, ChatML chat template.
+    tokenization.load_tokenizer reads it back), and return it. eos is <|im_end|>, pad is <|endoftext|>, ChatML chat template.
 
     A judge prompt is mostly fixed text: the ~2.5k-character RM-R1 system prompt costs ~700 tokens
     in a word-level BPE, more than everything else in a demo example together. So every line that

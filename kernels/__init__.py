@@ -171,7 +171,7 @@ def linear_logprobs_and_entropy(hidden, weight, targets, temperature=1.0, chunk_
     """
     if weight.dim() != 2 or hidden.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"need hidden (N, D) and weight (V, D), got {tuple(hidden.shape)} and "
-                         f"{tuple(weight.shape)}: pass the LM head's weight, e.g. model.lm_head_weight")
+                         f"{tuple(weight.shape)}: pass the LM head's weight, e.g. model.lm_head.weight")
     if weight.dtype != hidden.dtype:
         raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}: cast one to the other")
     _check_inputs("hidden", hidden, targets, temperature, weight.shape[0])

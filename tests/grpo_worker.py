@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
+import tokenization
 import distributed as D  # noqa: E402
 from grpo import GRPOConfig, grpo_step, oversampler, rank_share  # noqa: E402
 
@@ -24,13 +24,13 @@ def even_first_token(completions, texts, records):
     return torch.tensor([1.0 if c.token_ids[0] % 2 == 0 else -1.0 for c in completions])
 
 
-def main(model_dir, out, steps, lr, overrides=None):
+def run(model_dir, out, steps, lr, overrides=None):
     cfg = GRPOConfig(model=model_dir, lr=lr, rollout_batch_size=8, mini_batch_size=4, n_samples=4,
                      max_response_len=6, micro_batch_tokens=40, kl_coef=0.01, bf16=False,
                      activation_checkpointing=False, rollout_slots=32, entropy_coef=0.001)
     cfg = replace(cfg, **json.loads(overrides or "{}"))
     ctx = D.init(tp=cfg.rollout_tp)
-    tokenizer = data.load_tokenizer(model_dir)
+    tokenizer = tokenization.load_tokenizer(model_dir)
     model = D.load_model(model_dir, ctx)
     ref = D.load_model(model_dir, ctx, frozen=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -50,8 +50,8 @@ def main(model_dir, out, steps, lr, overrides=None):
     checksum = float(sum(p.double().sum() for p in D.full_state_dict(model).values()))
     if D.is_main():
         Path(out).write_text(json.dumps({"history": history, "checksum": checksum}))
-    D.shutdown()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), *sys.argv[5:6])
+    run(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), *sys.argv[5:6])
+    D.shutdown()  # after run(): what it built on the process group is gone

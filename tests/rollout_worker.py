@@ -20,7 +20,7 @@ CONFIG = ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_h
                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
 
 
-def main():
+def run():
     ctx = D.init()
     sharded = D.load_model(None, ctx, config=CONFIG, seed=3)
     plain_ref = Transformer(CONFIG)
@@ -42,8 +42,8 @@ def main():
     want = generate(plain_ref, prompts, params)
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
     print("ok", flush=True)
-    D.shutdown()
 
 
 if __name__ == "__main__":
-    main()
+    run()
+    D.shutdown()  # after run(): what it built on the process group is gone

@@ -3,13 +3,12 @@ naming the file and the field or tensor, before anything is built or judged."""
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import data
+import tokenization
 from checkpoint import load_config, load_pretrained, save_pretrained
 from model import ModelConfig, Transformer
 
@@ -95,4 +94,4 @@ def test_an_export_killed_between_its_renames_is_repaired_by_the_reader(saved):
 
 def test_a_model_directory_without_tokenizer_files_says_which_are_missing(saved):
     with pytest.raises(ValueError, match=r"no tokenizer files \(looked for tokenizer.json, .*copy those files"):
-        data.load_tokenizer(saved)
+        tokenization.load_tokenizer(saved)

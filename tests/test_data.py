@@ -8,6 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 from transformers import PreTrainedTokenizerFast
 
 import data
+import tokenization
 from conftest import SHARED, bot, needs_shared, user, write_jsonl
 from model import ModelConfig, Transformer
 
@@ -176,16 +177,16 @@ def test_pair_without_prompt_for_string_answers_is_an_error(tmp_path):
 def test_encode_prompt_is_the_chatml_text_tokenized(tokenizer):
     messages = [{"role": "system", "content": "Please judge"}, user("2 + 2 = 4")]
     expected = "<|im_start|>system\nPlease judge<|im_end|>\n<|im_start|>user\n2 + 2 = 4<|im_end|>\n<|im_start|>assistant\n"
-    ids = data.encode_prompt(tokenizer, messages, max_len=1000)
+    ids = tokenization.encode_prompt(tokenizer, messages, max_len=1000)
     assert ids == tokenizer(expected, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == expected
-    assert data.encode_prompt(tokenizer, messages, max_len=len(ids) - 1) is None
+    assert tokenization.encode_prompt(tokenizer, messages, max_len=len(ids) - 1) is None
 
 
 def test_encode_sft_masks_the_trace_and_its_end_of_turn_token_only(tokenizer):
     messages = [{"role": "system", "content": "Please judge"}, user("two answers")]
     trace = "<type>Chat</type> ... <answer>[[A]]</answer>"
-    ids, mask = data.encode_sft(tokenizer, messages, trace, max_len=1000)
+    ids, mask = tokenization.encode_sft(tokenizer, messages, trace, max_len=1000)
     full = ("<|im_start|>system\nPlease judge<|im_end|>\n<|im_start|>user\ntwo answers<|im_end|>\n"
             "<|im_start|>assistant\n" + trace + "<|im_end|>\n")
     assert ids == tokenizer(full, add_special_tokens=False)["input_ids"]
@@ -195,13 +196,13 @@ def test_encode_sft_masks_the_trace_and_its_end_of_turn_token_only(tokenizer):
     assert tokenizer.decode(on) == trace + "<|im_end|>"
     assert tokenizer.decode(ids[:first]).endswith("<|im_start|>assistant\n")
     assert tokenizer.decode(ids[last:]) == "\n"
-    assert data.encode_sft(tokenizer, messages, trace, max_len=len(ids) - 1) is None
+    assert tokenization.encode_sft(tokenizer, messages, trace, max_len=len(ids) - 1) is None
 
 
 def test_tokenizer_without_chat_template_is_an_error(tokenizer):
     plain = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|im_end|>")
     with pytest.raises(ValueError, match="has no chat template"):
-        data.encode_prompt(plain, [user("q")], max_len=100)
+        tokenization.encode_prompt(plain, [user("q")], max_len=100)
 
 
 @pytest.mark.parametrize("template, match", [
@@ -216,22 +217,22 @@ def test_encode_sft_refuses_templates_that_would_train_the_wrong_tokens(tokenize
     t = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|im_end|>")
     t.chat_template = template
     with pytest.raises(ValueError, match=match):
-        data.encode_sft(t, [user("q")], "think</think> <answer>[[A]]</answer>", max_len=1000)
+        tokenization.encode_sft(t, [user("q")], "think</think> <answer>[[A]]</answer>", max_len=1000)
 
 
 def test_pack_and_collate_by_hand():
     examples = [([1, 2, 3], [0, 1, 1]), ([4, 5], [0, 1]), ([6, 7, 8, 9], [0, 0, 1, 1])]
-    rows = data.pack(examples, max_len=5)
+    rows = tokenization.pack(examples, max_len=5)
     assert rows == [{"input_ids": [1, 2, 3, 4, 5], "loss_mask": [0, 1, 1, 0, 1], "position_ids": [0, 1, 2, 0, 1]},
                     {"input_ids": [6, 7, 8, 9], "loss_mask": [0, 0, 1, 1], "position_ids": [0, 1, 2, 3]}]
-    batch = data.collate(rows, pad_id=0)
+    batch = tokenization.collate(rows, pad_id=0)
     expected = {"input_ids": [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]], "loss_mask": [[0, 1, 1, 0, 1], [0, 0, 1, 1, 0]],
                 "position_ids": [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]], "attention_mask": [[1] * 5, [1, 1, 1, 1, 0]]}
     for k, v in expected.items():
         assert batch[k].dtype == torch.long
         torch.testing.assert_close(batch[k], torch.tensor(v), msg=f"collate {k}")
     with pytest.raises(ValueError, match="example 0: 6 tokens > max_len 5"):
-        data.pack([([1] * 6, [1] * 6)], max_len=5)
+        tokenization.pack([([1] * 6, [1] * 6)], max_len=5)
 
 
 def test_packed_documents_give_the_same_logits_as_separate_forwards():
@@ -240,9 +241,9 @@ def test_packed_documents_give_the_same_logits_as_separate_forwards():
                          num_attention_heads=4, num_key_value_heads=2)
     model = Transformer(config).eval()
     docs = [torch.randint(0, 97, (n,)).tolist() for n in (5, 3, 7)]
-    rows = data.pack([(d, [1] * len(d)) for d in docs], max_len=16)
+    rows = tokenization.pack([(d, [1] * len(d)) for d in docs], max_len=16)
     assert len(rows) == 1
-    batch = data.collate(rows, pad_id=0)
+    batch = tokenization.collate(rows, pad_id=0)
     with torch.no_grad():
         packed = model(batch["input_ids"], position_ids=batch["position_ids"], attention_mask=batch["attention_mask"])
         separate = torch.cat([model(torch.tensor([d])) for d in docs], dim=1)

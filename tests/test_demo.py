@@ -9,7 +9,7 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-import data
+import tokenization
 import demo
 import reward as R
 
@@ -260,7 +260,7 @@ def test_saved_tokenizer_next_to_a_qwen2_config_encodes_as_built(tmp_path):
     # Qwen2's split regex ("</solution>\n\n<eval>" gains a "\n\n" token the judge never saw).
     built = demo.build_tokenizer(str(tmp_path), demo.demo_corpus(200, seed=0, build_messages=build_messages))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
-    loaded = data.load_tokenizer(str(tmp_path))
+    loaded = tokenization.load_tokenizer(str(tmp_path))
     texts = demo.demo_corpus(40, seed=9, build_messages=build_messages)
     assert any("</solution>\n\n<eval>" in t for t in texts)
     for text in texts + ["  two  spaces, 2025 and\n\n\n<tags>"]:

@@ -9,6 +9,7 @@ import torch
 
 import benchmarks
 import data
+import tokenization
 import demo
 import eval as E
 import rollout
@@ -142,7 +143,7 @@ def test_verdict_is_right_when_it_names_the_position_the_chosen_answer_was_put_i
     assert [r["uid"] for r in records] == [c.uid for c in comparisons]
     for c, r, prompt in zip(comparisons, records, generate.prompts):
         a, b = (c.chosen, c.rejected) if r["chosen_position"] == "A" else (c.rejected, c.chosen)
-        assert prompt == data.encode_prompt(tokenizer, data.build_judge_messages(a, b), 10**6), \
+        assert prompt == tokenization.encode_prompt(tokenizer, data.build_judge_messages(a, b), 10**6), \
             f"{c.uid}: the prompt does not put the chosen answer at {r['chosen_position']}"
         assert r["verdict"] == "A" and r["correct"] == (r["chosen_position"] == "A")
         assert r["judgment"] == "<type>Chat</type>\n<answer>[[A]]</answer>" and r["prompt_tokens"] == len(prompt)
@@ -151,7 +152,7 @@ def test_verdict_is_right_when_it_names_the_position_the_chosen_answer_was_put_i
 
 def test_overlong_prompts_are_not_judged_and_count_as_wrong(judge_dir, tokenizer, monkeypatch):
     comparisons = demo.comparisons(20, seed=0)
-    lengths = [len(data.encode_prompt(tokenizer, data.build_judge_messages(c.chosen, c.rejected), 10**6))
+    lengths = [len(tokenization.encode_prompt(tokenizer, data.build_judge_messages(c.chosen, c.rejected), 10**6))
                for c in comparisons]
     cut = sorted(lengths)[10]  # about half the prompts are longer
     generate = CountingGenerate(monkeypatch, "<answer>[[A]]</answer> <answer>[[B]]</answer>", tokenizer)

@@ -18,6 +18,7 @@ import torch
 import data
 import demo
 import distributed as D
+import run
 import grpo
 import sft
 from cli import parse_config
@@ -63,16 +64,16 @@ def test_non_finite_weights_are_never_saved_or_exported(tmp_path):
     with torch.no_grad():
         model.norm.weight[0] = float("inf")
     with pytest.raises(FloatingPointError, match="non-finite"):
-        D.save_state(str(tmp_path), 3, model, optimizer, {})
+        run.save_state(str(tmp_path), 3, model, optimizer, {})
     with pytest.raises(FloatingPointError, match="non-finite"):
         D.save_hf(model, None, str(tmp_path / "hf"))
     assert sorted(os.listdir(tmp_path)) == []
 
 
 def test_the_stop_message_names_the_last_good_checkpoint(tmp_path):
-    assert "none (none was saved yet)" in str(D.non_finite_exit(1, "non-finite loss (nan)", str(tmp_path)))
+    assert "none (none was saved yet)" in str(run.non_finite_exit(1, "non-finite loss (nan)", str(tmp_path)))
     (tmp_path / "latest").write_text("step_00000004")
-    message = str(D.non_finite_exit(5, "non-finite loss (nan)", str(tmp_path)))
+    message = str(run.non_finite_exit(5, "non-finite loss (nan)", str(tmp_path)))
     assert "step 5: non-finite loss (nan)" in message and str(tmp_path / "step_00000004") in message
 
 
@@ -184,32 +185,32 @@ def run_config(**changes):
 
 
 def test_a_fresh_run_into_a_used_directory_is_refused(tmp_path):
-    D.start_run(str(tmp_path), run_config(), resume=False)
+    run.start_run(str(tmp_path), run_config(), resume=False)
     assert json.loads((tmp_path / "config.json").read_text())["lr"] == 1e-6
     with pytest.raises(ValueError, match="holds a run already: pass --resume"):
-        D.start_run(str(tmp_path), run_config(), resume=False)
+        run.start_run(str(tmp_path), run_config(), resume=False)
 
 
 def test_resume_needs_a_checkpoint_and_the_same_settings(tmp_path, capsys):
     with pytest.raises(ValueError, match="--resume: .* has no checkpoint to continue from"):
-        D.start_run(str(tmp_path / "typo"), run_config(), resume=True)
-    D.start_run(str(tmp_path), run_config(), resume=False)
+        run.start_run(str(tmp_path / "typo"), run_config(), resume=True)
+    run.start_run(str(tmp_path), run_config(), resume=False)
     (tmp_path / "latest").write_text("step_00000002")
     for change in ({"n_samples": 3}, {"data": "other.jsonl"}, {"seed": 1}, {"epochs": 3}):
         with pytest.raises(ValueError, match=f"--{next(iter(change))}: "):
-            D.start_run(str(tmp_path), run_config(**change), resume=True)
+            run.start_run(str(tmp_path), run_config(**change), resume=True)
     # what the non-finite stop advises (a lower --lr) is a change a resume may make, logged
-    D.start_run(str(tmp_path), run_config(max_steps=5, save_every=2, eval_every=1, lr=5e-7), resume=True)
+    run.start_run(str(tmp_path), run_config(max_steps=5, save_every=2, eval_every=1, lr=5e-7), resume=True)
     out = capsys.readouterr().out
     assert "resume: --max_steps 0 -> 5" in out and "resume: --save_every 0 -> 2" in out
     assert "resume: --lr 1e-06 -> 5e-07" in out
 
 
 def test_a_run_directory_moved_with_mv_resumes(tmp_path):
-    D.start_run(str(tmp_path / "a"), run_config(out=str(tmp_path / "a")), resume=False)
+    run.start_run(str(tmp_path / "a"), run_config(out=str(tmp_path / "a")), resume=False)
     (tmp_path / "a" / "latest").write_text("step_00000002")
     os.replace(tmp_path / "a", tmp_path / "b")  # was: refused, "--out changed"
-    D.start_run(str(tmp_path / "b"), run_config(out=str(tmp_path / "b")), resume=True)
+    run.start_run(str(tmp_path / "b"), run_config(out=str(tmp_path / "b")), resume=True)
     assert json.loads((tmp_path / "b" / "config.json").read_text())["out"] == str(tmp_path / "b")
 
 
@@ -217,24 +218,24 @@ def test_resume_refuses_data_whose_contents_changed_unless_told(tmp_path, capsys
     records = tmp_path / "rlvr.jsonl"
     data.write_records(records, demo.rlvr_records(4, seed=0))
     run_dir = str(tmp_path / "run")
-    D.start_run(run_dir, run_config(data=str(records)), resume=False)
+    run.start_run(run_dir, run_config(data=str(records)), resume=False)
     (tmp_path / "run" / "latest").write_text("step_00000002")
-    D.start_run(run_dir, run_config(data=str(records)), resume=True)  # the same bytes: fine
+    run.start_run(run_dir, run_config(data=str(records)), resume=True)  # the same bytes: fine
     data.write_records(records, demo.rlvr_records(4, seed=1))  # the same path, regenerated
     with pytest.raises(ValueError, match=r"--data_sha256: '[0-9a-f]{64}' -> '[0-9a-f]{64}'.*--resume_data_changed"):
-        D.start_run(run_dir, run_config(data=str(records)), resume=True)
-    D.start_run(run_dir, run_config(data=str(records), resume_data_changed=True), resume=True)
-    D.start_run(run_dir, run_config(data=str(records)), resume=True)  # the new digest is the run's now
+        run.start_run(run_dir, run_config(data=str(records)), resume=True)
+    run.start_run(run_dir, run_config(data=str(records), resume_data_changed=True), resume=True)
+    run.start_run(run_dir, run_config(data=str(records)), resume=True)  # the new digest is the run's now
 
 
 def test_a_checkpoint_renamed_in_before_latest_switched_is_adopted(tmp_path, capsys):
     model = tiny()
     optimizer = torch.optim.AdamW(model.parameters())
-    D.start_run(str(tmp_path), run_config(), resume=False)
-    D.save_state(str(tmp_path), 3, model, optimizer, {})
-    D.save_state(str(tmp_path), 4, model, optimizer, {})
+    run.start_run(str(tmp_path), run_config(), resume=False)
+    run.save_state(str(tmp_path), 3, model, optimizer, {})
+    run.save_state(str(tmp_path), 4, model, optimizer, {})
     (tmp_path / "latest").write_text("step_00000003")  # killed after step 4's rename, before latest moved
-    D.start_run(str(tmp_path), run_config(), resume=True)
+    run.start_run(str(tmp_path), run_config(), resume=True)
     assert (tmp_path / "latest").read_text() == "step_00000004"  # was: one step behind for good
     assert "step_00000004 is complete but `latest` still named step_00000003" in capsys.readouterr().out
 
@@ -256,7 +257,7 @@ def test_every_writer_says_a_full_disk_is_full_and_leaves_nothing_half_written(s
     model = Transformer(ModelConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                     num_attention_heads=2, num_key_value_heads=1))  # 2 MiB of embedding alone
     optimizer = torch.optim.AdamW(model.parameters())
-    writers = {"save_state (grpo.py, sft.py)": lambda: D.save_state(str(small_disk), 1, model, optimizer, {}),
+    writers = {"save_state (grpo.py, sft.py)": lambda: run.save_state(str(small_disk), 1, model, optimizer, {}),
                "save_pretrained (export.py, the runs' hf/)": lambda: save_pretrained(model, small_disk / "hf"),
                "write_atomic": lambda: checkpoint.write_atomic(str(small_disk / "big.txt"), "x" * 2**21)}
     for name, write in writers.items():
@@ -280,7 +281,7 @@ def fill(disk):
 def test_appended_logs_and_the_demo_tokenizer_say_a_full_disk_is_full_and_keep_whole_lines(small_disk):
     # metrics.jsonl (both trainers) and samples.jsonl (eval.py) are appended to a line at a time,
     # through checkpoint.append_whole; sft.py's demo writes its tokenizer first. Was: a raw OSError.
-    logger = D.MetricsLogger(str(small_disk), 2, {})
+    logger = run.MetricsLogger(str(small_disk), 2, {})
     logger.log(1, {"loss": 1.0})
     fill(small_disk)
     full = r"no space left to write .*: it needs about [\d.]+ MiB and its disk has [\d.]+ MiB free"
@@ -298,16 +299,16 @@ def test_start_removes_what_a_killed_save_left(tmp_path):
     (tmp_path / "hf.old").mkdir()
     (tmp_path / "latest.tmp").write_text("x")
     (tmp_path / "latest").write_text("step_00000002")
-    D.start_run(str(tmp_path), run_config(), resume=True)
+    run.start_run(str(tmp_path), run_config(), resume=True)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "latest"]
 
 
 def test_a_resumed_finished_run_keeps_its_checkpoint(tmp_path):
     model = tiny()
     optimizer = torch.optim.AdamW(model.parameters())
-    D.save_state(str(tmp_path), 4, model, optimizer, {})
+    run.save_state(str(tmp_path), 4, model, optimizer, {})
     first = (tmp_path / "step_00000004" / ".metadata").stat().st_mtime_ns
-    D.save_state(str(tmp_path), 4, model, optimizer, {})  # was: delete, then rename the new one in
+    run.save_state(str(tmp_path), 4, model, optimizer, {})  # was: delete, then rename the new one in
     assert (tmp_path / "step_00000004" / ".metadata").stat().st_mtime_ns == first
     assert (tmp_path / "latest").read_text() == "step_00000004"
 
@@ -324,11 +325,11 @@ def test_an_export_left_half_renamed_by_a_kill_comes_back(tmp_path):
 def test_a_full_disk_says_so_and_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise RuntimeError("enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
-    monkeypatch.setattr(D.dcp, "save", full)
+    monkeypatch.setattr(run.dcp, "save", full)
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: SimpleNamespace(free=2**10))
     model = tiny()
     with pytest.raises(OSError, match="no space left to write .*step_00000001.tmp") as e:
-        D.save_state(str(tmp_path), 1, model, torch.optim.AdamW(model.parameters()), {})
+        run.save_state(str(tmp_path), 1, model, torch.optim.AdamW(model.parameters()), {})
     assert e.value.errno == errno.ENOSPC
     assert os.listdir(tmp_path) == []
 
@@ -336,7 +337,7 @@ def test_a_full_disk_says_so_and_leaves_no_partial_checkpoint(tmp_path, monkeypa
 def test_a_resumed_run_drops_the_metrics_past_its_checkpoint(tmp_path):
     lines = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3)] + ['{"step": 4, "lo']
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
-    logger = D.MetricsLogger(str(tmp_path), total_steps=5, config={}, start=2)
+    logger = run.MetricsLogger(str(tmp_path), total_steps=5, config={}, start=2)
     logger.log(3, {"loss": 0.5})
     logger.close()
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -360,7 +361,7 @@ def test_a_run_gone_nan_exits_non_zero_and_exports_nothing(tiny_policy, tmp_path
                                "--lr", "1e6", "--save_every", "1")  # was: NaN from step 1, exported, exit 0
     assert res.returncode == 1, res.stderr[-2000:]
     assert "step 1: non-finite gradient norm (nan); stopped before the optimizer step" in res.stderr
-    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "metrics.jsonl"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json"]  # no step was logged
 
 
 @pytest.mark.parametrize("script", ["grpo.py", "sft.py"])

@@ -22,6 +22,8 @@ import distributed as D
 import model as model_module
 import plan
 import rollout
+import scheduler
+import kvcache
 from kvcache import KVCache
 from model import ModelConfig, Transformer, build_mask, document_lengths, packed_attention
 from grpo import GRPOConfig
@@ -65,10 +67,9 @@ def test_prefill_decode_and_forward_take_the_fused_kernels_output_layout(monkeyp
                             fused_kernel_layout(F.scaled_dot_product_attention))
         assert_close(model(ids), ref_full, "forward")
         cache = KVCache(TINY, 3, 32)
-        for slot, row in ((2, 0), (0, 1)):  # prefill one slot at a time, as rollout.prefill does
-            model(ids[row:row + 1, :11], torch.arange(11)[None], kv_cache=cache,
-                  cache_slots=torch.tensor([slot]), hidden_only=True)
-        out = model(ids[[1, 1, 0], 11:], torch.full((3, 1), 11), kv_cache=cache, kv_len=16)[:, 0]
+        for slot, row in ((2, 0), (0, 1)):  # prefill one slot at a time, as scheduler.prefill does
+            model.prefill(ids[row:row + 1, :11], torch.arange(11)[None], cache, cache_slots=torch.tensor([slot]))
+        out = model.decode(ids[[1, 1, 0], 11:], torch.full((3, 1), 11), cache, kv_len=16)[:, 0]
         assert_close(out[0], ref_last[1], "decode, slot 0")
         assert_close(out[2], ref_last[0], "decode, slot 2")
 
@@ -95,9 +96,9 @@ def test_prefill_and_decode_on_fake_cuda_tensors(monkeypatch):
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device=cuda)
         model.inv_freq = torch.empty(model.inv_freq.shape, device=cuda)
-        cache = rollout.new_cache(model, 3, 32, page_size=4, n_pages=12)
+        cache = kvcache.new_cache(model, 3, 32, page_size=4, n_pages=12)
         pages = cache.take(3)
-        rollout.prefill(model, cache, [([1] * 9, pages)])
+        scheduler.prefill(model, cache, [([1] * 9, pages)])
         cache.set_table(1, cache.share(pages))
         cache.sync()
         state = torch.zeros(4, 3, dtype=torch.long, device=cuda)
@@ -118,10 +119,10 @@ def test_tensor_parallel_prefill_and_decode_on_fake_cuda_tensors(monkeypatch, nc
     with FakeTensorMode(allow_non_fake_inputs=True):
         decoder = tp.build(TINY, mesh, torch.bfloat16, cuda)
         assert decoder.layers[0].self_attn.k_proj.weight.to_local().shape[0] == TINY.num_key_value_heads // 2 * TINY.head_dim
-        cache = rollout.new_cache(decoder, 3, 32, page_size=4, n_pages=12)
+        cache = kvcache.new_cache(decoder, 3, 32, page_size=4, n_pages=12)
         assert cache.k.shape[3] == TINY.num_key_value_heads // 2 and cache.k.device.type == "cuda"
         pages = cache.take(3)
-        rollout.prefill(decoder, cache, [([1] * 9, pages)])
+        scheduler.prefill(decoder, cache, [([1] * 9, pages)])
         cache.sync()
         state = torch.zeros(4, 3, dtype=torch.long, device=cuda)
         next_ids, logprobs = rollout.decode(decoder, cache, state, SamplingParams(), 16)
@@ -229,8 +230,8 @@ def test_varlen_attention_on_fake_tensors_never_holds_a_tokens_by_tokens_tensor(
 
 
 def test_the_default_kv_budget_is_what_is_free_less_5_percent():
-    assert rollout.kv_budget(free_bytes=50 * 2**30, total_bytes=80 * 2**30) == 46 * 2**30
-    assert rollout.kv_budget(free_bytes=2 * 2**30, total_bytes=80 * 2**30) == 0
+    assert kvcache.kv_budget(free_bytes=50 * 2**30, total_bytes=80 * 2**30) == 46 * 2**30
+    assert kvcache.kv_budget(free_bytes=2 * 2**30, total_bytes=80 * 2**30) == 0
 
 
 def test_gpu_reference_is_bf16_and_resharded_after_forward():

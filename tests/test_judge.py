@@ -2,7 +2,6 @@
 user's own pairs; against values worked out by hand on fixed judgments."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -104,7 +103,7 @@ class FixedVerdicts:
 
 
 def test_samples_and_both_orders_end_to_end_and_resumed(tmp_path, monkeypatch):
-    from data import load_tokenizer
+    from tokenization import load_tokenizer
     tokenizer = load_tokenizer(demo.SHIPPED)
     fake = FixedVerdicts(monkeypatch, tokenizer, ["A", "A", "B"])  # every prompt: 2 votes for A, 1 for B
     flags = ["--demo_pairs", "6", "--samples", "3", "--temperature", "1", "--both_orders", "--out", str(tmp_path)]
@@ -129,7 +128,7 @@ def test_samples_and_both_orders_end_to_end_and_resumed(tmp_path, monkeypatch):
 
 
 def test_greedy_eval_is_one_sample_at_temperature_0_and_its_lines_keep_their_fields(tmp_path, monkeypatch):
-    from data import load_tokenizer
+    from tokenization import load_tokenizer
     fake = FixedVerdicts(monkeypatch, load_tokenizer(demo.SHIPPED), ["B"])
     scores = E.main(["--demo_pairs", "4", "--out", str(tmp_path)])
     params = [(n, k) for n, k, _ in fake.calls]
@@ -148,7 +147,8 @@ def test_several_samples_need_a_temperature(tmp_path):
 # ---- the user's own data ----
 
 def test_own_pairs_are_scored_and_unlabeled_pairs_are_labeled_for_the_trainers(tmp_path, monkeypatch):
-    from data import load_tokenizer, pairs_to_rlvr, read_records
+    from data import pairs_to_rlvr, read_records
+    from tokenization import load_tokenizer
     tokenizer = load_tokenizer(demo.SHIPPED)
     FixedVerdicts(monkeypatch, tokenizer, ["A"])  # the judge always says A
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [
@@ -188,7 +188,7 @@ def test_a_malformed_own_record_names_file_line_and_field(tmp_path):
 # ---- the Python API ----
 
 def test_compare_returns_votes_traces_and_consistency(monkeypatch):
-    from data import load_tokenizer
+    from tokenization import load_tokenizer
     tokenizer = load_tokenizer(demo.SHIPPED)
     FixedVerdicts(monkeypatch, tokenizer, ["A", "B", "A", None])
     judge = J.Judge(None, tokenizer, samples=4, temperature=1.0)

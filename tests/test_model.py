@@ -150,12 +150,12 @@ def test_kv_cache_decode_matches_full_forward(tmp_path):
         prompt[b, :n] = full[b][:n]
     positions = torch.arange(P).expand(3, P)
     with torch.no_grad():
-        logits = model(prompt, position_ids=positions, kv_cache=cache)
+        logits = model.lm_head(model.prefill(prompt, positions, cache))
         got = [[logits[b, n - 1]] for b, n in enumerate(lengths)]
         for step in range(new - 1):
             tok = torch.stack([full[b][n + step] for b, n in enumerate(lengths)])[:, None]
             pos = torch.tensor(lengths)[:, None] + step
-            out = model(tok, position_ids=pos, kv_cache=cache)
+            out = model.decode(tok, pos, cache)
             for b in range(3):
                 got[b].append(out[b, 0])
         for b, n in enumerate(lengths):
@@ -173,10 +173,10 @@ def test_kv_cache_attends_only_the_first_kv_len_positions(tmp_path):
     cache.k.normal_()  # stale garbage everywhere, as after earlier sequences
     cache.v.normal_()
     with torch.no_grad():
-        model(ids[:, :11], torch.arange(11).expand(2, 11), kv_cache=cache, kv_len=16)
-        out = model(ids[:, 11:], torch.tensor([[11], [11]]), kv_cache=cache, kv_len=16)[:, 0]
+        model.prefill(ids[:, :11], torch.arange(11).expand(2, 11), cache)
+        out = model.decode(ids[:, 11:], torch.tensor([[11], [11]]), cache, kv_len=16)[:, 0]
         assert_logits_close(out, model(ids)[:, -1], "decode over the first 16 cache positions")
-        short = model(ids[:, 11:], torch.tensor([[11], [11]]), kv_cache=cache, kv_len=8)[:, 0]
+        short = model.decode(ids[:, 11:], torch.tensor([[11], [11]]), cache, kv_len=8)[:, 0]
         assert (short - out).abs().max() > 1e-3, "kv_len below the position must drop keys"
 
 
@@ -189,10 +189,10 @@ def test_kv_cache_slot_refill(tmp_path):
     b = torch.randint(0, TINY["vocab_size"], (14,))
     c = torch.randint(0, TINY["vocab_size"], (4,))
     with torch.no_grad():
-        model(a[None, :8], torch.arange(8)[None], kv_cache=cache, cache_slots=torch.tensor([0]))
-        model(b[None], torch.arange(14)[None], kv_cache=cache, cache_slots=torch.tensor([1]))
-        model(c[None], torch.arange(4)[None], kv_cache=cache, cache_slots=torch.tensor([1]))
-        out = model(torch.stack([a[8:9], a[8:9] * 0 + 7]), torch.tensor([[8], [4]]), kv_cache=cache)
+        model.prefill(a[None, :8], torch.arange(8)[None], cache, cache_slots=torch.tensor([0]))
+        model.prefill(b[None], torch.arange(14)[None], cache, cache_slots=torch.tensor([1]))
+        model.prefill(c[None], torch.arange(4)[None], cache, cache_slots=torch.tensor([1]))
+        out = model.decode(torch.stack([a[8:9], a[8:9] * 0 + 7]), torch.tensor([[8], [4]]), cache)
         assert_logits_close(out[0, 0], model(a[None, :9])[0, -1], "slot 0 after refill of slot 1")
         ref_c = model(torch.cat([c, torch.tensor([7])])[None])[0, -1]
         assert_logits_close(out[1, 0], ref_c, "refilled slot 1")
@@ -217,10 +217,10 @@ def test_hidden_states_and_lm_head_give_logits(tmp_path):
     model = load_pretrained(path)
     ids = torch.randint(0, TINY["vocab_size"], (2, 10))
     with torch.no_grad():
-        h = model.hidden_states(ids)
+        h = model(ids, hidden_only=True)
         assert h.shape == (2, 10, TINY["hidden_size"])
-        assert_logits_close(h @ model.lm_head_weight.T, model(ids), "hidden @ W^T")
-    assert model.lm_head_weight is model.embed_tokens.weight
+        assert_logits_close(h @ model.lm_head.weight.T, model(ids), "hidden @ W^T")
+    assert model.lm_head.weight is model.embed_tokens.weight
 
 
 def test_gradient_checkpointing_gives_same_gradients(tmp_path):

@@ -5,7 +5,8 @@ import pytest
 import torch
 import transformers
 
-import rollout
+import scheduler
+import kvcache
 from checkpoint import load_pretrained
 from kvcache import KVCache
 from rollout import SamplingParams, generate
@@ -57,7 +58,7 @@ def test_samples_do_not_depend_on_page_size_or_budget(models):
     paged, roomy = generate(ours, prompts, params, page_size=4, return_stats=True)
     # room for a little over one longest sequence: sequences wait, get preempted, regenerate
     page = KVCache.bytes_per_slot(ours.config, 4, torch.float32)
-    tight_budget = (rollout.cache_pages(ours.config, prompts, params, torch.float32, None, 1, 4) + 2) * page
+    tight_budget = (kvcache.cache_pages(ours.config, prompts, params, torch.float32, None, 1, 4) + 2) * page
     tight, stats = generate(ours, prompts, params, page_size=4, kv_budget_bytes=tight_budget, return_stats=True)
     assert stats.preemptions > 0 and roomy.preemptions == 0
     for name, other in (("paged", paged), ("paged under a tight budget", tight)):
@@ -82,8 +83,8 @@ def test_a_prompts_samples_share_its_pages(models):
 def test_new_prompts_are_prefilled_together(models, monkeypatch):
     _, ours = models
     calls = []
-    real = rollout.prefill
-    monkeypatch.setattr(rollout, "prefill", lambda model, cache, prefixes: calls.append(len(prefixes)) or
+    real = scheduler.prefill
+    monkeypatch.setattr(scheduler, "prefill", lambda model, cache, prefixes: calls.append(len(prefixes)) or
                         real(model, cache, prefixes))
     prompts = prompts_of([5, 7, 2, 9, 4])
     _, stats = generate(ours, prompts, SamplingParams(temperature=0.0, max_new_tokens=2, n=1), page_size=4,
@@ -109,7 +110,7 @@ def test_preemption_under_many_budgets_keeps_samples_and_pages(models):
     params = SamplingParams(temperature=1.0, max_new_tokens=20, n=4, seed=9)
     static = generate(ours, prompts, params, page_size=13 + 20)
     page = KVCache.bytes_per_slot(ours.config, 4, torch.float32)
-    least = rollout.cache_pages(ours.config, prompts, params, torch.float32, None, 1, 4)
+    least = kvcache.cache_pages(ours.config, prompts, params, torch.float32, None, 1, 4)
     preempted = 0
     for extra in range(0, 40, 3):
         out, stats = generate(ours, prompts, params, page_size=4, kv_budget_bytes=(least + extra) * page,

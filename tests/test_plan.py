@@ -134,13 +134,15 @@ def test_grpo_32b_does_not_fit_one_node_even_with_offloaded_states(tmp_path_fact
 # ---- one step, two uses: the plan walks what a training step runs ----
 
 def direct_calls(fn, caller, module):
-    """Names of `module`'s functions that `caller` (a function of that module) calls directly while fn() runs."""
+    """The project's functions (module.function) that `caller`, a function of `module`, calls
+    directly while fn() runs."""
     calls, path = set(), module.__file__
 
     def profile(frame, event, arg):
-        if event == "call" and frame.f_code.co_filename == path and frame.f_back is not None \
-                and frame.f_back.f_code.co_name == caller and frame.f_back.f_code.co_filename == path:
-            calls.add(frame.f_code.co_name)
+        code, back = frame.f_code, frame.f_back
+        if event == "call" and back is not None and back.f_code.co_name == caller and back.f_code.co_filename == path \
+                and code.co_filename.startswith(str(ROOT)) and "/tests/" not in code.co_filename:
+            calls.add(f"{Path(code.co_filename).stem}.{code.co_name}")
     sys.setprofile(profile)
     try:
         fn()
@@ -151,7 +153,7 @@ def direct_calls(fn, caller, module):
 
 # What a step does on the host alone (no device memory to walk): which groups are kept (the plan
 # keeps all: full mini-batches), the metrics, the traces written to disk.
-HOST_ONLY = {"kept_groups", "step_metrics", "write_traces"}
+HOST_ONLY = {"passes.kept_groups", "grpo.step_metrics", "grpo.write_traces"}
 
 
 def test_every_phase_of_a_grpo_step_is_walked_by_the_plan(tiny_policy):
@@ -166,7 +168,7 @@ def test_every_phase_of_a_grpo_step_is_walked_by_the_plan(tiny_policy):
     step = direct_calls(lambda: grpo.grpo_step(model, ref_model, optimizer, tokenizer, records, [[5, 6, 7]] * 4, 0,
                                                list(range(4)), cfg, ctx), "grpo_step", grpo)
     walked = direct_calls(lambda: plan.walk_once(grpo.plan_walk, cfg, 1, 80, 1, 2), "plan_walk", grpo)
-    assert {"rollout", "score_round", "assemble", "logprob_passes", "train_on"} <= step, step
+    assert {"grpo.rollout", "passes.score_round", "passes.assemble", "grpo.logprob_passes", "passes.train_on"} <= step, step
     assert step - HOST_ONLY <= walked, f"run by a step, not walked by the plan: {step - HOST_ONLY - walked}"
 
 
@@ -174,4 +176,4 @@ def test_the_sft_step_is_what_the_plan_walks(tiny_policy):
     path, _ = tiny_policy
     cfg = SFTConfig(model=path, max_len=16, batch_size=2, bf16=False, activation_checkpointing=False)
     walked = direct_calls(lambda: plan.walk_once(sft.plan_walk, cfg, 1, 80, 1, 1), "plan_walk", sft)
-    assert "sft_step" in walked and "build" in walked, walked
+    assert {"sft.sft_step", "sft.build"} <= walked, walked

@@ -17,6 +17,7 @@ import data
 import demo
 import distributed as D
 import grpo
+import passes
 from grpo import GRPOConfig
 from objective import equal_groups, overlong_penalty, policy_loss
 
@@ -74,12 +75,12 @@ def run_step(tiny_policy, monkeypatch, kinds, draws=(), **overrides):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     prompts = [[5 + i, 6, 7] for i in range(len(kinds))]
     trained = []
-    real_update = grpo.update
+    real_update = passes.update
 
     def update(model, optimizer, rows, cfg, ctx):
         trained.append([(s, a) for r in rows for s, a, m in zip(r["seq"], r["adv"], r["mask"]) if m])
         return real_update(model, optimizer, rows, cfg, ctx)
-    monkeypatch.setattr(grpo, "update", update)
+    monkeypatch.setattr(passes, "update", update)
 
     def draw(resample):
         extra = draws[resample - 1]

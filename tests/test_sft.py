@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
+import tokenization
 import demo
 from model import ModelConfig, Transformer
 from sft import sft_loss
@@ -43,7 +43,7 @@ def tokenizer(tmp_path_factory):
 
 def test_loss_mask_covers_exactly_the_trace_and_its_end(tokenizer):
     record = demo.sft_records(1, seed=3)[0]
-    ids, mask = data.encode_sft(tokenizer, record["context_messages"], record["trace"], 4096)
+    ids, mask = tokenization.encode_sft(tokenizer, record["context_messages"], record["trace"], 4096)
     trained = [t for t, m in zip(ids, mask) if m]
     assert tokenizer.decode(trained) == record["trace"] + "<|im_end|>"
 
@@ -52,13 +52,13 @@ def test_packed_and_unpacked_batches_give_the_same_loss(tokenizer):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
-    examples = [data.encode_sft(tokenizer, r["context_messages"], r["trace"], 4096)
+    examples = [tokenization.encode_sft(tokenizer, r["context_messages"], r["trace"], 4096)
                 for r in demo.sft_records(3, seed=1)]
     n_tokens = sum(sum(m[1:]) for _, m in examples)
-    packed = data.pack(examples, max_len=4096)
+    packed = tokenization.pack(examples, max_len=4096)
     assert len(packed) == 1
     loss_packed, _ = sft_loss(model, packed[0], n_tokens, "cpu")
-    separate = sum(sft_loss(model, data.pack([ex], 4096)[0], n_tokens, "cpu")[0] for ex in examples)
+    separate = sum(sft_loss(model, tokenization.pack([ex], 4096)[0], n_tokens, "cpu")[0] for ex in examples)
     torch.testing.assert_close(loss_packed, separate, atol=1e-5, rtol=1e-5)
     # the token-mean normalizer: equal to the plain mean NLL over every trace token
     nll = []
@@ -120,14 +120,14 @@ def test_demo_rounds_continue_the_last_export_on_fresh_traces_at_half_the_lr():
 def test_second_round_starts_from_the_first_rounds_export(tmp_path):
     # round 2's first logged loss is the round-1 export's loss on round 2's first batch
     from checkpoint import load_pretrained
-    from sft import SFTConfig, load_examples, step_rows
+    from sft import SFTConfig, epochs, load_examples
     run(TINY_RUN + ["--demo_rounds", "2", "--out", str(tmp_path)])  # the later flag wins
     r1, r2 = losses(tmp_path / "round1"), losses(tmp_path / "round2")
     assert len(r1) == 4 and len(r2) == 12  # 24 traces in batches of 8, then 96 fresh ones
     assert (tmp_path / "hf" / "model.safetensors").exists()
     cfg = SFTConfig(model=str(tmp_path / "round1" / "hf"), seed=1, batch_size=8, max_len=400)
-    tok = data.load_tokenizer(cfg.model)
-    rows = step_rows(load_examples(cfg, tok, lambda: demo.sft_records(96, seed=1)), 0, cfg, 12, tok.vocab_size)
+    tok = tokenization.load_tokenizer(cfg.model)
+    rows = epochs(load_examples(cfg, tok, lambda: demo.sft_records(96, seed=1)), cfg).rows(0)
     n_tokens = sum(sum(r["loss_mask"][1:]) for r in rows)
     model = load_pretrained(cfg.model)
     with torch.no_grad():
@@ -145,12 +145,15 @@ def test_copy_steps_are_for_the_demo_judge_from_scratch_only():
 
 
 def test_lr_schedule_restarts_for_distillation_after_the_copying_steps():
-    from sft import SFTConfig, lr_lambda
-    f = lr_lambda(SFTConfig(schedule="cosine", warmup_steps=4), total_steps=30, prelude_steps=10)
+    from demo.recipe import copying_first
+    from sft import SFTConfig, epochs
+    one_step_each = [([1, 2, 3], [0, 1, 1])]
+    distil = epochs(one_step_each * 20, SFTConfig(schedule="cosine", warmup_steps=4, batch_size=1))  # 20 steps
+    f = copying_first(10, batch_size=8, seed=0, warmup=4)(distil, tokenizer=None).lr
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]      # copying: warmup
     assert [f(s) for s in range(4, 10)] == [1.0] * 6                 # then constant
     assert [f(s) for s in range(10, 14)] == [0.25, 0.5, 0.75, 1.0]  # distillation: warmup again
     assert f(14) == 1.0 and f(30) == pytest.approx(0.0)              # cosine over its 16 steps
     assert f(22) == pytest.approx(0.5 * (1 + math.cos(math.pi * 8 / 16)))
-    plain = lr_lambda(SFTConfig(schedule="constant", warmup_steps=2), total_steps=5)
+    plain = epochs(one_step_each * 5, SFTConfig(schedule="constant", warmup_steps=2, batch_size=1)).lr
     assert [plain(s) for s in range(5)] == [0.5, 1.0, 1.0, 1.0, 1.0]

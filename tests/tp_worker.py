@@ -20,7 +20,8 @@ import distributed as D  # noqa: E402
 import tp  # noqa: E402
 from checkpoint import save_pretrained  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-from rollout import SamplingParams, generate, new_cache  # noqa: E402
+from kvcache import new_cache  # noqa: E402
+from rollout import SamplingParams, generate  # noqa: E402
 
 
 def run(out, checkpoint_dir, tied):
