@@ -47,6 +47,7 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import distributed as D  # noqa: E402
+from bench.shapes import QWEN25  # noqa: E402
 import grpo  # noqa: E402
 import tp  # noqa: E402
 from checkpoint import save_pretrained, write_atomic  # noqa: E402
@@ -55,9 +56,7 @@ from model import ModelConfig, Transformer, packed_attention  # noqa: E402
 from kvcache import PAGE_SIZE, cache_pages  # noqa: E402
 from rollout import SamplingParams, generate  # noqa: E402
 
-QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                  num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
-                  rope_theta=1e6, max_position_embeddings=32768)
+QWEN25_05B = dict(QWEN25["0.5B"], rope_theta=1e6, max_position_embeddings=32768)
 TINY = dict(QWEN25_05B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2)
 # What the sections run on: the GPU in bf16 at the 0.5B shape, or (--smoke) the CPU in fp32 at a tiny one.

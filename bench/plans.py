@@ -20,19 +20,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Qwen2.5's configs (the Instruct models' config.json, the fields the model reads)
-QWEN25 = {"0.5B": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                       intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
-          "1.5B": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                       intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
-          "3B": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
-                     intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True),
-          "7B": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                     intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
-          "14B": dict(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
-                      intermediate_size=13824, vocab_size=152064, tie_word_embeddings=False),
-          "32B": dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
-                      intermediate_size=27648, vocab_size=152064, tie_word_embeddings=False)}
+sys.path.insert(0, str(ROOT))
+from bench.shapes import QWEN25  # noqa: E402
+
 COMMON = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1e6,
               max_position_embeddings=32768)
 # (size, trainer, ranks, flags): the paper's runs (RM-R1's release: 7B on one node, 14B on two, 32B on four)

@@ -31,6 +31,7 @@ import tokenization
 import demo  # noqa: E402
 from checkpoint import hf_to_ours, load_pretrained, set_tensor  # noqa: E402
 from kvcache import KVCache  # noqa: E402
+from bench.shapes import QWEN25  # noqa: E402
 from model import Layout, ModelConfig, Transformer, build_mask, rope_inv_freq  # noqa: E402
 import rollout  # noqa: E402
 import scheduler
@@ -38,14 +39,9 @@ from rollout import SamplingParams, attend_len, generate  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS = 64, 128
 
-SHAPES = {
-    "cpu-50M": dict(vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
-                    num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
-    "0.5B": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                 num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
-    "7B": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-               num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
-}
+SHAPES = {"cpu-50M": dict(vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                          num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
+          "0.5B": QWEN25["0.5B"], "7B": QWEN25["7B"]}
 
 # Peak HBM bandwidth by device name (SXM parts); other GPUs fall back to a measured copy.
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
