@@ -14,6 +14,8 @@ import datetime
 import functools
 import gc
 import sys
+import traceback
+import warnings
 import weakref
 import math
 import os
@@ -111,8 +113,23 @@ def make_decode_mesh(device_type: str, world: int, tp: int) -> DeviceMesh | None
     return init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
 
 
-def shutdown():
-    """Leave the process group, every rank done first, and end the groups' C++ objects here, their
+@contextlib.contextmanager
+def running():
+    """An entry point's body: the process groups end with it however it ends. On an error the
+    frames of its traceback let go of their locals (models, contexts, which hold the groups) and
+    no rank waits for the others at a barrier."""
+    try:
+        yield
+    except BaseException as e:
+        traceback.clear_frames(e.__traceback__)
+        shutdown(wait=False)
+        raise
+    shutdown()
+
+
+def shutdown(wait=True):
+    """Leave the process group, every rank done first (wait; an entry point that failed does not
+    wait: see running), and end the groups' C++ objects here, their
     worker threads joined, while the interpreter still runs. A group lives as long as anything
     holds it: the callers drop what they built on it (models, contexts: the trainers return none),
     and torch's DTensor caches keep device meshes, each holding its groups, for the process's
@@ -123,11 +140,15 @@ def shutdown():
     load, before)."""
     if not dist.is_initialized():
         return
-    dist.barrier()
+    if wait:
+        dist.barrier()
     groups = [weakref.ref(pg) for pg in dist.distributed_c10d._world.pg_map]
     dist.destroy_process_group()
     gc.collect()  # FSDP2 modules hold reference cycles, and with them their meshes and groups
-    for mesh in [o for o in gc.get_objects() if isinstance(o, DeviceMesh)]:
+    with warnings.catch_warnings():  # isinstance on every live object wakes torch's deprecation warnings
+        warnings.simplefilter("ignore")
+        meshes = [o for o in gc.get_objects() if isinstance(o, DeviceMesh)]
+    for mesh in meshes:
         mesh._pg_registry.clear()
     gc.collect()
     if any(group() is not None for group in groups):

@@ -25,7 +25,7 @@ rules of votes, ties and orders are judge.py's. Outputs, in `out` (default runs/
 - samples.jsonl: one line per comparison and order (uid, group, category, meta, chosen_position,
   prompt_tokens, judgment, verdict, correct, finish_reason; with --samples K > 1 also votes,
   judgments and finish_reasons, the K samples' own, and judgment / finish_reason are sample 0's,
-  verdict the majority's and correct its score), appended chunk by chunk;
+  verdict the majority's (null on a tie or no vote) and correct its score), appended chunk by chunk;
 - scores.json: benchmarks.py's scores under the benchmark's own metric names, recomputed from the
   whole log, with counts of overlong prompts, unparseable verdicts and truncated judgments; with
   --samples, the voting curve (accuracy of the first k samples' majority, k = 1, 2, 4, ..., K,
@@ -322,19 +322,21 @@ def scores_of(records, bench, samples=1) -> dict:
         "comparisons": len(results),
         **({"judgments": n} if two_orders else {}),
         "prompt_too_long": n - len(judged),
-        # share of judged comparisons whose text holds neither or both of [[A]] / [[B]]
-        "invalid_verdict_rate": sum(r["verdict"] is None for r in judged) / max(1, len(judged)),
+        # share of judgments (samples) whose text holds neither or both of [[A]] / [[B]]
+        "invalid_verdict_rate": sum(votes_of(r).count(None) / len(votes_of(r)) for r in judged) / max(1, len(judged)),
         "truncated_rate": sum(r["finish_reason"] == "length" for r in judged) / max(1, len(judged)),
         # position bias shows as a verdict-A share away from the gold A share
         "verdict_A_share": sum(r["verdict"] == "A" for r in judged) / max(1, len(judged)),
         "gold_A_share": sum(r["chosen_position"] == "A" for r in judged) / max(1, len(judged)),
         "scores": benchmarks.score(bench, results) if benchmarks.BENCHMARKS[bench].score is not None else {},
     }
-    if samples > 1:
+    if samples > 1 and benchmarks.BENCHMARKS[bench].score is not None:  # --bench label grades nothing
         scores["voting"] = {"rule": "majority of the first k samples; equal votes are half right, no vote is wrong",
                             "curve": voting_curve(records, samples, bench)}
     if two_orders:
         scores["both_orders"] = orders_of(records)
+        if benchmarks.BENCHMARKS[bench].score is None:  # --bench label: "correct" is "picked response_a"
+            del scores["both_orders"]["accuracy"], scores["both_orders"]["standard_error"]
     return scores
 
 
@@ -370,8 +372,9 @@ def summary(scores) -> str:
         rows.append((f"majority of {point['k']}", f"{100 * point['accuracy']:.1f} +- {100 * point['standard_error']:.1f}"))
     if "both_orders" in scores:
         orders = scores["both_orders"]
-        rows += [("both orders: accuracy", f"{100 * orders['accuracy']:.1f} +- {100 * orders['standard_error']:.1f}"),
-                 ("both orders: consistency", f"{100 * orders['position_consistency']:.1f}"),
+        if "accuracy" in orders:
+            rows.append(("both orders: accuracy", f"{100 * orders['accuracy']:.1f} +- {100 * orders['standard_error']:.1f}"))
+        rows += [("both orders: consistency", f"{100 * orders['position_consistency']:.1f}"),
                  ("both orders: votes for A", f"{100 * orders['votes_A_share']:.1f}")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v:>7}" for k, v in rows)
@@ -452,8 +455,8 @@ def main(argv=None):
     cfg, given = parse_config(EvalConfig, argv, __doc__)
     if cfg.bench == "demo":
         cfg = demo.recipe.apply(cfg, demo.recipe.EVAL, given, "eval.py --bench demo")
-    scores = evaluate(cfg)
-    D.shutdown()
+    with D.running():
+        scores = evaluate(cfg)
     return scores
 
 

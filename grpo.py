@@ -40,7 +40,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
 import data
@@ -96,7 +95,7 @@ class GRPOConfig:
     rollout_slots: int = 256           # most sequences decoded at once per rank, or per TP group (the KV budget may allow fewer)
     offload_states: bool = False       # AdamW state in host memory outside the updates; the reference re-read for its log-probs only
     rollout_tp: int = 1                # tensor-parallel ranks per rollout (tp.py): each holds 1/tp of the weights and KV heads
-    kv_budget_gib: float = 0.0         # rollout KV-cache memory per rank; 0: what is free then, less 5%
+    kv_budget_gib: float = 0.0         # rollout KV-cache memory per rank; 0: what is free then, less 10%
     eval_every: int = 0                # rollout steps between held-out evaluations; 0: start and end only
     eval_limit: int = 512              # held-out pairs per evaluation
     save_every: int = 0                # rollout steps between resumable checkpoints; 0: end only
@@ -344,13 +343,24 @@ def build_reference(cfg: GRPOConfig, ctx):
 PLAN_ROWS = 2  # rows the plan walks of each pass that accumulates (why: plan_walk)
 
 
+def full_rows(cfg: GRPOConfig) -> SamplingParams:
+    """The placeholder traces the plan trains on: as long as packs trainer rows full (k traces of
+    --micro_batch_tokens / k tokens, the fewest that fill it), or at full length where a prompt
+    leaves no room for that. Real traces end early and pack rows full, fuller than full-length ones
+    (4,096 + 8,192 tokens: one a row, 12,287 of 16,384)."""
+    k = -(-cfg.micro_batch_tokens // (cfg.max_prompt_len + cfg.max_response_len - 1))
+    response = cfg.micro_batch_tokens // k + 1 - cfg.max_prompt_len
+    return SamplingParams(n=cfg.n_samples, max_new_tokens=response if 1 <= response <= cfg.max_response_len
+                          else cfg.max_response_len)
+
+
 def plan_walk(cfg: GRPOConfig, ctx, memory):
     """grpo_step's phases in its order on fake tensors (plan.py), at the longest prompt and
     response: the rollout of this rank's whole share (rollout.Sampler.walk: its first prefill,
     then every slot decoding at the longest length), every group kept (full mini-batches), and
-    the trainer's passes over PLAN_ROWS packed rows of the first mini-batch: from the second row
-    on, the sharded fp32 gradients exist when a backward starts, and every later row is packed
-    to the same --micro_batch_tokens, so the peak is reached by then."""
+    the trainer's passes over PLAN_ROWS rows of the first mini-batch, packed full (full_rows):
+    from the second row on, the sharded fp32 gradients exist when a backward starts, and every
+    later row is as long, so the peak is reached by then."""
     model, optimizer = build_policy(cfg, ctx)
     memory.track(model, optimizer, cfg.micro_batch_tokens)
     share = rank_share(cfg, ctx)
@@ -366,12 +376,12 @@ def plan_walk(cfg: GRPOConfig, ctx, memory):
     with memory.phase(f"rollout: {weights}, KV pool, prefill, decode at full length",
                     "lower --rollout_slots or --kv_budget_gib, " + ("a larger --rollout_tp" if cfg.rollout_tp > 1 else
                     "--rollout_tp N (the full weights are gathered on every rank)") + ", or " + plan.MORE_RANKS) as phase:
-        completions, texts, stats = rollout(model, memory.tokenizer(model.config), prompts, 0, cfg, ctx, share)
-    if phase.error:  # no KV pool: the trainer's phases are still measured, on full-length traces
-        params = SamplingParams(n=cfg.n_samples, max_new_tokens=cfg.max_response_len)
-        completions, texts, stats = full_length(len(prompts), params), [""] * len(prompts) * cfg.n_samples, RolloutStats()
+        _, _, stats = rollout(model, memory.tokenizer(model.config), prompts, 0, cfg, ctx, share)
+    if phase.error:  # no KV pool: the trainer's phases are still measured
+        stats = RolloutStats()
+    completions = full_length(len(prompts), full_rows(cfg))
     with memory.on_host():  # scoring and packing hold nothing on the GPU; the first mini-batch is packed
-        rnd = score_round(records, prompts, completions, texts, stats, cfg, memory.mixed_rewards)
+        rnd = score_round(records, prompts, completions, [""] * len(completions), stats, cfg, memory.mixed_rewards)
         minis = assemble([rnd], [(0, p) for p in range(cfg.mini_batch_size)], share, cfg)
     rows = minis[0][:PLAN_ROWS]
     group = len(prompts) * cfg.rollout_tp * cfg.n_samples
@@ -382,8 +392,9 @@ def plan_walk(cfg: GRPOConfig, ctx, memory):
                     f"({stats.pool_pages * stats.page_bytes / 2**30:.1f} GiB): "
                     f"{stats.pool_pages * stats.page_size // (cfg.max_prompt_len + cfg.max_response_len)} sequences "
                     f"at full length, more as most end early"),
-                   f"trainer: {len(minis[0])} packed rows of {len(rows[0]['ids']):,} tokens per mini-batch per rank; "
-                   f"{len(rows)} walked (from the second on, gradients exist as a backward starts: the peak)"]
+                   f"trainer: {len(minis[0])} rows of {len(rows[0]['ids']):,} tokens ({len(rows[0]['docs'])} traces of "
+                   f"{rows[0]['docs'][0]:,}) per mini-batch per rank; {len(rows)} walked (from the second on, "
+                   f"gradients exist as a backward starts: the peak)"]
     advice = f"lower --micro_batch_tokens (now {cfg.micro_batch_tokens:,})"
     with memory.phase(f"old + reference log-probs ({len(rows)} of {len(minis[0])} rows)" +
                     (", the reference read for them" if cfg.offload_states else ""), advice):
@@ -392,29 +403,6 @@ def plan_walk(cfg: GRPOConfig, ctx, memory):
                     (", AdamW state back" if cfg.offload_states else ""),
                     advice + ("" if cfg.offload_states else ", --offload_states") + ", or " + plan.MORE_RANKS):
         train_on(model, optimizer, [rows], cfg, ctx)
-
-
-def step_prompts(n_records, step, cfg: GRPOConfig) -> list[int]:
-    """The prompts of rollout step `step`, as indices into the records: one seeded permutation
-    per epoch, the epochs end to end, each step the next rollout_batch_size of them. An epoch's
-    leftovers open the next epoch's first step instead of being dropped, and the order is a pure
-    function of (seed, step), so a resumed run takes the same prompts."""
-    first, end = step * cfg.rollout_batch_size, (step + 1) * cfg.rollout_batch_size
-    orders = {epoch: np.random.default_rng([cfg.seed, epoch]).permutation(n_records)
-              for epoch in range(first // n_records, (end - 1) // n_records + 1)}
-    return [int(orders[p // n_records][p % n_records]) for p in range(first, end)]
-
-
-def oversampler(records, prompts, step, cfg: GRPOConfig, share):
-    """draw(k) for grpo_step: this rank's share of the k-th further batch of a step, drawn from all
-    the prompts with the seed (seed, step, k), so that resumed runs and any number of ranks draw
-    the same ones."""
-    def draw(resample):
-        rng = np.random.default_rng([cfg.seed, step, resample])
-        passes = -(-cfg.rollout_batch_size // len(records))
-        order = np.concatenate([rng.permutation(len(records)) for _ in range(passes)])
-        return [records[order[i]] for i in share], [prompts[order[i]] for i in share]
-    return draw
 
 
 def train(cfg: GRPOConfig, preset="", records=None, eval_records=None):
@@ -462,13 +450,13 @@ def train(cfg: GRPOConfig, preset="", records=None, eval_records=None):
     share = rank_share(cfg, ctx)
 
     def step_fn(step):
-        order = step_prompts(len(records), step, cfg)
+        order = data.step_prompts(len(records), step, cfg)
         mine = [order[i] for i in share]
         logged = cfg.log_traces_every and (step + 1) % cfg.log_traces_every == 0 and D.is_main()
         traces = os.path.join(cfg.out, "rollouts", f"step_{step + 1:08d}.jsonl") if logged else None
         m = grpo_step(model, ref_model, optimizer, tokenizer, [records[i] for i in mine],
                       [prompts[i] for i in mine], step, [step * R + i for i in share], cfg, ctx,
-                      draw=oversampler(records, prompts, step, cfg, share), trace_file=traces)
+                      draw=data.oversampler(records, prompts, step, cfg, share), trace_file=traces)
         if eval_prompts and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == total_steps):
             m["eval_accuracy"] = evaluate(model, tokenizer, eval_records, eval_prompts, cfg, ctx)
         return m
@@ -487,11 +475,11 @@ def main(argv=None):
     # The demo's preset is for a bare `grpo.py`: data of one's own starts from a policy of one's own.
     check_fields(cfg, [("data", not (cfg.data and not cfg.model), "needs --model, the policy to start from (an SFT "
                         "export or a DeepSeek-R1-Distill checkpoint); without --model and --data grpo.py runs the demo")])
-    if cfg.model:
-        result = train(cfg)
-    else:  # the CPU demo: its preset, its synthetic pairs
-        result = demo.recipe.grpo(cfg, given, train)
-    D.shutdown()
+    with D.running():
+        if cfg.model:
+            result = train(cfg)
+        else:  # the CPU demo: its preset, its synthetic pairs
+            result = demo.recipe.grpo(cfg, given, train)
     if cfg.plan:
         sys.exit(0 if result.fits else 1)
 

@@ -23,6 +23,7 @@ Each (comparison, order)'s noise is keyed by its own key, so its samples are the
 else is judged with it, in whatever batch or on however many ranks.
 """
 
+import json
 import zlib
 from dataclasses import dataclass
 
@@ -149,7 +150,9 @@ class Judge:
                                      f"{self.max_prompt_len}")
                 units.append((i, position))
                 prompts.append(ids)
-        judged = self.judge(prompts, [noise_key(str(i), position) for i, position in units])
+        # keyed by what is judged, so an item's samples are the same whatever else this call holds
+        keys = [noise_key(json.dumps(items[i], sort_keys=True), position) for i, position in units]
+        judged = self.judge(prompts, keys)
         per_item = [[] for _ in items]
         for (i, position), j in zip(units, judged):
             per_item[i].append((position, j))

@@ -190,14 +190,17 @@ class KVCache(nn.Module):
 
 PAGE_SIZE = 16  # positions per KV page (vLLM's default too)
 
-# Share of device memory a default budget leaves free for everything a decode step allocates
-# besides the cache (logits, sampling noise, attention scores) and for the allocator's slack.
+# Shares of the device a default budget leaves free: for everything a decode step allocates
+# besides the cache (logits, sampling noise, attention scratch), and for the caching allocator's
+# slack (memory it holds that no tensor uses), which the memory plan sets aside as fragmentation.
 KV_RESERVE = 0.05
+ALLOCATOR_SLACK = 0.05
 
 
 def kv_budget(free_bytes, total_bytes) -> int:
-    """The default KV-cache budget: what is free once everything else is resident, less KV_RESERVE."""
-    return max(0, int(free_bytes - KV_RESERVE * total_bytes))
+    """The default KV-cache budget: what is free once everything else is resident, less
+    KV_RESERVE and ALLOCATOR_SLACK of the device."""
+    return max(0, int(free_bytes - (KV_RESERVE + ALLOCATOR_SLACK) * total_bytes))
 
 
 def device_memory(device) -> tuple[int, int]:

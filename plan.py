@@ -35,6 +35,7 @@ from torch.distributed.tensor._sharding_prop import ShardingPropagator
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 import distributed as D
+from kvcache import ALLOCATOR_SLACK
 
 GiB = 2**30
 # What a card reports as its total (cudaMemGetInfo, torch.cuda.mem_get_info), by its nominal GB: an
@@ -53,7 +54,8 @@ NCCL_GIB_PER_GROUP = 1.0
 CUBLAS_GIB_PER_STREAM = 32 / 1024
 # Memory the caching allocator holds but no tensor uses, as a share of the card (expandable
 # segments, set by distributed.init, keep it low; bench/gpu_check.py measures reserved vs allocated).
-FRAGMENTATION = 0.05
+# The rollout's default KV budget leaves the same share free (kvcache.ALLOCATOR_SLACK).
+FRAGMENTATION = ALLOCATOR_SLACK
 
 
 def rules(cfg) -> list:
@@ -69,6 +71,7 @@ def card_gib(gib: float) -> float:
     return REPORTED_GIB.get(gib, gib)
 
 
+ALLOWANCES = ("allocator fragmentation", "varlen attention")  # set aside, but free when the rollout sizes its pool
 MORE_RANKS = "more ranks (--plan_world_size) shrink every rank's shards"  # advice for what is sharded
 
 
@@ -173,14 +176,13 @@ class Plan:
         """Bytes on the simulated GPU (the tracker also lists meta tensors, which hold nothing)."""
         return sum(s["Total"] for device, s in snapshot.items() if device.type != "meta")
 
-    def free(self) -> int:
-        """What the device would have free now, as the CUDA run reads it (mem_get_info)."""
-        return self.usable - self.current()
-
     def memory(self) -> tuple[int, int]:
-        """(free, total): the walk's Context.memory, which the rollout's default KV budget reads
-        (as if fragmentation had taken its allowance: a pool no larger than the run's)."""
-        return self.free(), self.total
+        """(free, total) as a CUDA run reads them (kvcache.device_memory), which the rollout's
+        default KV budget takes less its reserve and the allocator's slack: the set-aside that
+        the card holds (context, NCCL, cuBLAS) is not free; the allowances for fragmentation and
+        the varlen backward's scratch are."""
+        held = sum(b for what, b in self.set_aside if not what.startswith(ALLOWANCES))
+        return self.total - held - self.current(), self.total
 
     @contextlib.contextmanager
     def phase(self, name, advice=""):

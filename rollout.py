@@ -7,7 +7,7 @@
 
 How it works, in the order the code runs (generate's loop: admit, reserve, decode, advance):
 - one pool of KV pages (kvcache.KVCache, PAGE_SIZE positions each) sized from a memory budget
-  (kv_budget_bytes; by default what the device has free, less KV_RESERVE of it); each sequence
+  (kv_budget_bytes; by default what the device has free, less 10% of it: kvcache.kv_budget); each sequence
   holds only the pages its length needs, taken as it grows and given back when it ends;
 - admission: waiting sequences take idle slots (at most max_batch_size decode together) while
   pages last, paced by the pages the decoding ones are expected to grow into (PACE); new

@@ -250,15 +250,15 @@ def main(argv=None):
                         "without --model and --data sft.py builds the demo judge")])
     if cfg.plan:
         sys.exit(0 if train(cfg).fits else 1)
-    if cfg.model:
-        if judge_flags:
-            raise ValueError(f"--demo_{judge_flags[0]} is a setting of the demo judge, which has no --model")
-        train(cfg)
-    else:  # the CPU demo: its preset and its rounds
-        for c, records, schedule, recorded in demo.recipe.sft_rounds(cfg, given, judge):
-            if not train(c, preset="demo", records=records, schedule=schedule, recorded=recorded):
-                break  # stopped by --max_steps: --resume goes on from here
-    D.shutdown()
+    if cfg.model and judge_flags:
+        raise ValueError(f"--demo_{judge_flags[0]} is a setting of the demo judge, which has no --model")
+    with D.running():
+        if cfg.model:
+            train(cfg)
+        else:  # the CPU demo: its preset and its rounds
+            for c, records, schedule, recorded in demo.recipe.sft_rounds(cfg, given, judge):
+                if not train(c, preset="demo", records=records, schedule=schedule, recorded=recorded):
+                    break  # stopped by --max_steps: --resume goes on from here
 
 
 if __name__ == "__main__":

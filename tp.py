@@ -127,6 +127,7 @@ def weights(model, mesh: DeviceMesh, dtype, device) -> Transformer:
     """The trainer's current weights (an FSDP2 model, or a plain one) as a TP model on `mesh`, in
     `dtype` (the rollout's: bf16 on GPUs): built empty, then filled from the shards."""
     decoder = build(model.config, mesh, dtype, device)
+    decoder.attention = model.attention  # varlen where the trainer's takes it (on CUDA, and in the memory plan)
     fill_from_fsdp(decoder, model)
     return decoder
 
@@ -151,7 +152,7 @@ def check_same(token_lists, mesh: DeviceMesh):
 
 def kv_budget(kv_budget_bytes, ctx):
     """The KV budget a rollout or a judge decodes with, decided here alone: kv_budget_bytes when
-    given (--kv_budget_gib), else what this rank's device has free less kvcache.KV_RESERVE (None:
+    given (--kv_budget_gib), else what this rank's device has free less 10% (kvcache.kv_budget; None:
     no limit, on the CPU); and within a TP group the smallest of its ranks' budgets. The ranks of a
     group must schedule alike, step for step, since every step's all-reduces pair them up: a rank
     with a larger pool would admit more and fall out of step."""

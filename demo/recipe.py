@@ -19,10 +19,11 @@ With more than one round, round r runs in out/round<r> and the last exports to `
 """
 
 import os
+import shutil
 from dataclasses import asdict, dataclass, replace
 
 import distributed as D
-from checkpoint import save_pretrained
+from checkpoint import publish, save_pretrained
 from cli import check_fields, parse_prefixed, with_defaults
 from demo.task import SHIPPED, build_demo_tokenizer, copy_rows, rlvr_records, sft_records
 from model import ModelConfig, on_meta
@@ -100,12 +101,17 @@ def judge_flags(argv):
 def initial_judge(path, judge: Judge, seed) -> str:
     """The judge before any training, as a model directory for sft.py's --model: the demo
     tokenizer, and a tiny Qwen2 of fresh weights (distributed.init_weights: normal(0, 0.02)).
-    Written once, by rank 0; a resumed run finds it there."""
+    Written once, by rank 0, through a temporary directory (a kill leaves none half-made); a
+    resumed run finds it there. Its absolute path, which out/config.json records for export.py."""
+    path = os.path.abspath(path)
     if D.is_main() and not os.path.isdir(path):
-        tokenizer = build_demo_tokenizer(path)
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer = build_demo_tokenizer(tmp)
         model = on_meta(model_config(tokenizer, judge)).materialize("cpu")
         D.init_weights(model, seed)
-        save_pretrained(model, path)  # beside the tokenizer's files
+        save_pretrained(model, tmp)  # beside the tokenizer's files
+        publish(tmp, path)
     D.barrier()
     return path
 

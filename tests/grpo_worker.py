@@ -15,7 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tokenization
 import distributed as D  # noqa: E402
-from grpo import GRPOConfig, grpo_step, oversampler, rank_share  # noqa: E402
+from data import oversampler  # noqa: E402
+from grpo import GRPOConfig, grpo_step, rank_share  # noqa: E402
 
 
 def even_first_token(completions, texts, records):

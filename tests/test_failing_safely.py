@@ -22,7 +22,8 @@ import run
 import grpo
 import sft
 from cli import parse_config
-from grpo import GRPOConfig, step_prompts
+from data import step_prompts
+from grpo import GRPOConfig
 from objective import policy_loss
 import checkpoint
 from checkpoint import save_pretrained
@@ -378,3 +379,24 @@ def test_micro_batch_tokens_that_cannot_hold_one_sequence_is_refused_at_start(ti
     assert res.returncode != 0 and not (tmp_path / "out").exists(), res.stderr[-2000:]
     assert re.search(r"--micro_batch_tokens 16: a packed row must hold one prompt and its response, the longest "
                      r"prompt \(\d+ tokens\) \+ --max_response_len \(8\): raise it to at least \d+", res.stderr)
+
+
+def gloo_threads():
+    tasks = Path("/proc/self/task")
+    return [t for t in tasks.iterdir() if "gloo" in (t / "comm").read_text()] if tasks.exists() else []
+
+
+def test_an_entry_point_that_fails_still_ends_its_process_groups():
+    # distributed.running: the groups end with the entry point however it ends (was: only on success,
+    # leaving a failed run's gloo threads to abort the process at interpreter teardown)
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    before = len(gloo_threads())
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    with pytest.raises(ValueError, match="a run that failed"):
+        with D.running():
+            mesh = init_device_mesh("cpu", (1,))  # held by this frame when the error leaves it
+            D.all_reduce_sum(torch.ones(1), mesh.get_group())
+            raise ValueError("a run that failed")
+    assert not dist.is_initialized()
+    assert len(gloo_threads()) == before

@@ -78,6 +78,13 @@ def test_both_orders_by_hand():
     assert picks["z"][1] == {"chosen": 0, "rejected": 3, "none": 1}
 
 
+def test_a_tie_of_votes_is_no_invalid_verdict():
+    log = [line("t", "A", ["A", "B"]), line("u", "B", ["B", None])]  # a tie; a right vote and an unparseable one
+    scores = E.scores_of(log, "demo", samples=2)
+    assert scores["invalid_verdict_rate"] == pytest.approx(0.25)  # one sample of four holds no verdict
+    assert scores["scores"]["accuracy"] == pytest.approx(0.75) and E.no_result(scores) is None
+
+
 def test_a_tie_in_one_best_of_n_judgment_makes_the_item_half_right():
     results = [{"uid": f"i/{k}", "group": "i", "category": "Helpfulness/x", "meta": {"aspect": "Helpfulness"},
                 "correct": c} for k, c in enumerate((1.0, 0.5, 1.0))]
@@ -198,3 +205,9 @@ def test_compare_returns_votes_traces_and_consistency(monkeypatch):
     # both orders: A twice at each place is a for the first order and b for the second
     assert two.pick is None and two.consistent is False and two.votes == {"a": 3, "b": 3, "none": 2}
     assert [p for p, _ in two.orders] == ["A", "B"] and len(two.orders[0][1].texts) == 4
+    # an item's noise is keyed by the item, not by its place in the call
+    fake = FixedVerdicts(monkeypatch, tokenizer, ["A"])
+    judge.compare([("What is 2 + 3?", "5", "6")])
+    judge.compare([("Say hi.", "Hi!", "No."), ("What is 2 + 3?", "5", "6")])
+    (alone,), (_, second) = [keys for _, _, keys in fake.calls]
+    assert alone == second

@@ -70,9 +70,11 @@ def test_grpo_7b_paper_defaults_fit_8_gpus_of_80_gb(qwen7b):
     assert usable(out) == pytest.approx(79.1 - 0.4 - 1.0 - 2 / 32 - 0.05 * 79.1 - 16384 * 28 * 128 * 8 / 2**30, abs=0.06)
     names = list(peaks)
     for phase in ("load", "rollout: gathered weights, KV pool, prefill, decode at full length",
-                  "old + reference log-probs (2 of 112 rows)", "update: forward + backward (2 of 112 rows)"):
+                  "old + reference log-probs (2 of 56 rows)", "update: forward + backward (2 of 56 rows)"):
         assert any(n.startswith(phase) for n in names), f"no {phase!r} phase in {names}"
     assert "fits: the peak is" in out and max(peaks.values()) <= usable(out), out
+    # rows packed full, as real traces that end early pack them, not one 12,287-token trace a row
+    assert "trainer: 56 rows of 16,384 tokens (2 traces of 8,192) per mini-batch per rank" in out, out
     # from the second row on the gradients exist: the update peaks above a one-row walk's 23.8 GiB
     assert peaks[next(n for n in names if n.startswith("update"))] > 25.0, peaks
     assert full_length_sequences(out) >= 32 and "; 256 slots;" in out, out
