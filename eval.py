@@ -258,14 +258,19 @@ def check_resume(cfg: EvalConfig, out):
 
 # ---- scores ----
 
-def per_comparison(records) -> list[dict]:
-    """One result per comparison, in log order: with two orders, the first's line scored with the
-    mean of both (an inconsistent pair is a tie, judge.py)."""
+def by_comparison(records) -> list[list[dict]]:
+    """The log's lines grouped by comparison (one line, or one per order), in log order."""
     lines = {}
     for r in records:
         lines.setdefault(r["uid"], []).append(r)
+    return list(lines.values())
+
+
+def per_comparison(records) -> list[dict]:
+    """One result per comparison, in log order: with two orders, the first's line scored with the
+    mean of both (an inconsistent pair is a tie, judge.py)."""
     return [rs[0] if len(rs) == 1 else dict(rs[0], correct=sum(float(r["correct"]) for r in rs) / len(rs))
-            for rs in lines.values()]
+            for rs in by_comparison(records)]
 
 
 def votes_of(r) -> list:
@@ -282,25 +287,20 @@ def mean_and_error(xs) -> tuple[float, float]:
 
 def voting_curve(records, samples, bench) -> list[dict]:
     """Accuracy of the majority of the first k samples, k = 1, 2, 4, ..., samples (and samples):
-    the same samples for every k, so the points differ by voting alone."""
+    the same samples for every k, so the points differ by voting alone (a graded benchmark's)."""
     curve = []
     for k in sorted({1 << i for i in range(samples.bit_length())} | {samples}):
         results = per_comparison([dict(r, correct=score(r["votes"][:k], r["chosen_position"])) for r in records])
         accuracy, error = mean_and_error([r["correct"] for r in results])
-        point = {"k": k, "accuracy": accuracy, "standard_error": error}
-        if benchmarks.BENCHMARKS[bench].score is not None:
-            point["scores"] = benchmarks.score(bench, results)
-        curve.append(point)
+        curve.append({"k": k, "accuracy": accuracy, "standard_error": error,
+                      "scores": benchmarks.score(bench, results)})
     return curve
 
 
 def orders_of(records) -> dict:
     """With both orders: position consistency (the share of comparisons whose two orders' outcomes
     name the same answer), accuracy with an inconsistent pair a tie, and the share of votes for A."""
-    lines = {}
-    for r in records:
-        lines.setdefault(r["uid"], []).append(r)
-    pairs = [rs for rs in lines.values() if len(rs) == 2]
+    pairs = [rs for rs in by_comparison(records) if len(rs) == 2]
     votes = [v for r in records for v in votes_of(r) if v is not None]
     accuracy, error = mean_and_error([sum(float(r["correct"]) for r in rs) / 2 for rs in pairs])
     return {"comparisons": len(pairs),
@@ -317,6 +317,7 @@ def scores_of(records, bench, samples=1) -> dict:
     judged = [r for r in records if r["finish_reason"] != "prompt_too_long"]
     results = per_comparison(records)
     two_orders = len(results) < n
+    graded = benchmarks.BENCHMARKS[bench].score is not None  # --bench label grades nothing
     scores = {
         "bench": bench,
         "comparisons": len(results),
@@ -328,14 +329,14 @@ def scores_of(records, bench, samples=1) -> dict:
         # position bias shows as a verdict-A share away from the gold A share
         "verdict_A_share": sum(r["verdict"] == "A" for r in judged) / max(1, len(judged)),
         "gold_A_share": sum(r["chosen_position"] == "A" for r in judged) / max(1, len(judged)),
-        "scores": benchmarks.score(bench, results) if benchmarks.BENCHMARKS[bench].score is not None else {},
+        "scores": benchmarks.score(bench, results) if graded else {},
     }
-    if samples > 1 and benchmarks.BENCHMARKS[bench].score is not None:  # --bench label grades nothing
+    if samples > 1 and graded:
         scores["voting"] = {"rule": "majority of the first k samples; equal votes are half right, no vote is wrong",
                             "curve": voting_curve(records, samples, bench)}
     if two_orders:
         scores["both_orders"] = orders_of(records)
-        if benchmarks.BENCHMARKS[bench].score is None:  # --bench label: "correct" is "picked response_a"
+        if not graded:  # --bench label: "correct" is "picked response_a"
             del scores["both_orders"]["accuracy"], scores["both_orders"]["standard_error"]
     return scores
 
@@ -344,17 +345,14 @@ def labeled(records) -> list[dict]:
     """--bench label: each pair the judge picked an answer for, as a preference pair (prompt, chosen,
     rejected: what grpo.py --data and DPO trainers read) with its votes and, with both orders, their
     consistency. Pairs with no pick (a tie, no vote) are left out; scores.json counts them."""
-    lines = {}
-    for r in records:
-        lines.setdefault(r["uid"], []).append(r)
     out = []
-    for uid, rs in lines.items():
+    for rs in by_comparison(records):
         choice, votes, consistent = tally([(r["chosen_position"], votes_of(r)) for r in rs])
         if choice is None:
             continue
         meta = rs[0]["meta"]
         a, b = meta["response_a"], meta["response_b"]
-        out.append({"id": uid, **({"prompt": meta["prompt"]} if "prompt" in meta else {}),
+        out.append({"id": rs[0]["uid"], **({"prompt": meta["prompt"]} if "prompt" in meta else {}),
                     "chosen": a if choice == "chosen" else b, "rejected": b if choice == "chosen" else a,
                     "picked": "response_a" if choice == "chosen" else "response_b",
                     "votes": {"response_a": votes["chosen"], "response_b": votes["rejected"], "none": votes["none"]},
