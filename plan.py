@@ -71,7 +71,6 @@ def card_gib(gib: float) -> float:
     return REPORTED_GIB.get(gib, gib)
 
 
-ALLOWANCES = ("allocator fragmentation", "varlen attention")  # set aside, but free when the rollout sizes its pool
 MORE_RANKS = "more ranks (--plan_world_size) shrink every rank's shards"  # advice for what is sharded
 
 
@@ -131,22 +130,29 @@ def blind_to_shape_propagation(tracker: Tracker):
 
 class Plan:
     """Phases in the order they ran, each with its peak; `total` is one GPU's memory as it
-    reports itself, `set_aside` what no tensor shows, `usable` the rest."""
+    reports itself, `set_aside` what no tensor shows (what the card holds before any tensor, then
+    the allowances), `usable` the rest."""
 
     def __init__(self, world_size: int, gpu_gib: float, process_groups: int, gemm_streams: int):
         self.world_size, self.gpu_gib = world_size, card_gib(gpu_gib)
         self.total = int(self.gpu_gib * GiB)
-        self.set_aside = [
+        # (what, bytes): held by the card outside torch, so never free to a rollout's KV pool
+        self.held = [
             ("CUDA context", CUDA_CONTEXT_GIB * GiB),
             (f"NCCL buffers: {process_groups} process group{'s' * (process_groups > 1)} x "
              f"{NCCL_GIB_PER_GROUP:g} GiB", process_groups * NCCL_GIB_PER_GROUP * GiB),
             (f"cuBLAS workspaces: {gemm_streams} stream{'s' * (gemm_streams > 1)} x 32 MiB",
-             gemm_streams * CUBLAS_GIB_PER_STREAM * GiB),
-            (f"allocator fragmentation: {FRAGMENTATION:.0%} of the card", FRAGMENTATION * self.total)]
+             gemm_streams * CUBLAS_GIB_PER_STREAM * GiB)]
+        # (what, bytes): room kept for what the tracker does not see, free when the pool is sized
+        self.allowances = [(f"allocator fragmentation: {FRAGMENTATION:.0%} of the card", FRAGMENTATION * self.total)]
         self.phases: list[Phase] = []
         self.notes: list[str] = [] if gpu_gib == self.gpu_gib else \
             [f"--plan_gpu_gib {gpu_gib:g}: an {gpu_gib:g} GB card reports {self.gpu_gib:g} GiB"]
         self.tracker = None
+
+    @property
+    def set_aside(self) -> list:
+        return self.held + self.allowances
 
     @property
     def usable(self) -> int:
@@ -161,7 +167,7 @@ class Plan:
         if model.attention == "varlen":
             # FlashAttention's varlen backward holds, for the layer it is in, an fp32 dq accumulator
             # and keys/values expanded to every query head (GQA): its fake kernel allocates neither.
-            self.set_aside.append((f"varlen attention backward scratch: {row_tokens:,} tokens x "
+            self.allowances.append((f"varlen attention backward scratch: {row_tokens:,} tokens x "
                                    f"{c.num_attention_heads} heads", row_tokens * c.num_attention_heads * c.head_dim
                                    * (4 + 2 + 2)))
         self.notes.append(f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, "
@@ -181,8 +187,7 @@ class Plan:
         default KV budget takes less its reserve and the allocator's slack: the set-aside that
         the card holds (context, NCCL, cuBLAS) is not free; the allowances for fragmentation and
         the varlen backward's scratch are."""
-        held = sum(b for what, b in self.set_aside if not what.startswith(ALLOWANCES))
-        return self.total - held - self.current(), self.total
+        return self.total - sum(b for _, b in self.held) - self.current(), self.total
 
     @contextlib.contextmanager
     def phase(self, name, advice=""):
