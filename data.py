@@ -403,11 +403,11 @@ def load_rlvr_or_pairs(path, seed, style):
 # ---- which records a GRPO step takes ----
 
 def step_prompts(n_records, step, cfg) -> list[int]:
-    """The prompts of GRPO's rollout step `step` (cfg: its seed and rollout_batch_size), as
-    indices into the records: one seeded permutation
-    per epoch, the epochs end to end, each step the next rollout_batch_size of them. An epoch's
-    leftovers open the next epoch's first step instead of being dropped, and the order is a pure
-    function of (seed, step), so a resumed run takes the same prompts."""
+    """The prompts of GRPO's rollout step `step` (cfg: its seed and rollout_batch_size), as indices
+    into the records: one seeded permutation per epoch, the epochs end to end, each step the next
+    rollout_batch_size of them. An epoch's leftovers open the next epoch's first step instead of
+    being dropped, and the order is a pure function of (seed, step), so a resumed run takes the same
+    prompts."""
     first, end = step * cfg.rollout_batch_size, (step + 1) * cfg.rollout_batch_size
     orders = {epoch: np.random.default_rng([cfg.seed, epoch]).permutation(n_records)
               for epoch in range(first // n_records, (end - 1) // n_records + 1)}
@@ -415,9 +415,9 @@ def step_prompts(n_records, step, cfg) -> list[int]:
 
 
 def oversampler(records, prompts, step, cfg, share):
-    """draw(k) for grpo.grpo_step's --oversample: this rank's share of the k-th further batch of a step, drawn from all
-    the prompts with the seed (seed, step, k), so that resumed runs and any number of ranks draw
-    the same ones."""
+    """draw(k) for grpo.grpo_step's --oversample: this rank's share of the k-th further batch of a
+    step, drawn from all the prompts with the seed (seed, step, k), so that resumed runs and any
+    number of ranks draw the same ones."""
     def draw(resample):
         rng = np.random.default_rng([cfg.seed, step, resample])
         passes = -(-cfg.rollout_batch_size // len(records))

@@ -129,15 +129,14 @@ def running():
 
 def shutdown(wait=True):
     """Leave the process group, every rank done first (wait; an entry point that failed does not
-    wait: see running), and end the groups' C++ objects here, their
-    worker threads joined, while the interpreter still runs. A group lives as long as anything
-    holds it: the callers drop what they built on it (models, contexts: the trainers return none),
-    and torch's DTensor caches keep device meshes, each holding its groups, for the process's
-    life, so the meshes let go of theirs. A gloo worker thread left alive frees its last
-    collective's work object whenever it gets to it; if that is during interpreter teardown, the
-    tensors' Python objects can no longer be released (no GIL to take), and the process aborts,
-    "terminate called without an active exception" (a 2-rank TP worker: 18 of 200 runs under
-    load, before)."""
+    wait: see running), and end the groups' C++ objects here, their worker threads joined, while the
+    interpreter still runs. A group lives as long as anything holds it: the callers drop what they
+    built on it (models, contexts: the trainers return none), and torch's DTensor caches keep device
+    meshes, each holding its groups, for the process's life, so the meshes let go of theirs. A gloo
+    worker thread left alive frees its last collective's work object whenever it gets to it; if that
+    is during interpreter teardown, the tensors' Python objects can no longer be released (no GIL to
+    take), and the process aborts, "terminate called without an active exception" (a 2-rank TP
+    worker: 18 of 200 runs under load, before)."""
     if not dist.is_initialized():
         return
     if wait:

@@ -163,10 +163,10 @@ def old_and_ref_logprobs(model, ref_model, rows, cfg, ctx):
 
 
 def assemble(rounds, kept, share, cfg) -> list[list[dict]]:
-    """This rank's packed rows of each mini-batch, from the rollout rounds (grpo.Round): mini-batch j trains on kept groups j*M..(j+1)*M
-    in (round, position) order, each rank on its own, so the mini-batches are the same whatever
-    the number of ranks. Each trace's advantage is computed within its group; --overlong mask
-    leaves truncated traces out."""
+    """This rank's packed rows of each mini-batch, from the rollout rounds (Round): mini-batch j
+    trains on kept groups j*M..(j+1)*M in (round, position) order, each rank on its own, so the
+    mini-batches are the same whatever the number of ranks. Each trace's advantage is computed
+    within its group; --overlong mask leaves truncated traces out."""
     n, M = cfg.n_samples, cfg.mini_batch_size
     mine = {(r, p): i for r in range(len(rounds)) for i, p in enumerate(share)}
     minis = []
