@@ -22,6 +22,7 @@ size (check_before_training), and refuses, with the table, a run that cannot fit
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -263,6 +264,16 @@ class Plan:
             elif self.over(p):
                 lines.append(f"does not fit: {p.name} peaks at {p.peak / GiB:.1f} GiB, {usable}; {p.advice}")
         return "\n".join(lines)
+
+
+def read_table(text) -> tuple[list[tuple[str, float | None, bool]], float | None]:
+    """Plan.table read back from a child's output (bench/plans.py, the GPU check, the tests): each
+    phase's (name, peak GiB, or None for one that could not start, whether it is over), and the
+    usable GiB; ([], None) when the text holds no table."""
+    phases = [(name, None if peak == "-" else float(peak), bool(over)) for name, peak, over in
+              re.findall(r"^(\S.*?)\s{2,}([\d.]+|-)\s+[\d.]+(  <- over)?$", text, re.M)]
+    usable = re.search(r"^  usable\s+([\d.]+)$", text, re.M)
+    return phases, float(usable.group(1)) if usable else None
 
 
 class PlaceholderTokenizer:

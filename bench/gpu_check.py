@@ -53,6 +53,7 @@ import tp  # noqa: E402
 from checkpoint import save_pretrained, write_atomic  # noqa: E402
 from kvcache import KVCache  # noqa: E402
 from model import ModelConfig, Transformer, packed_attention  # noqa: E402
+from plan import read_table  # noqa: E402
 from kvcache import PAGE_SIZE, cache_pages  # noqa: E402
 from rollout import SamplingParams, generate  # noqa: E402
 
@@ -229,12 +230,12 @@ def grpo_step_one_gpu(tmp):
         reserved = torch.cuda.max_memory_reserved() / 2**30
         outside = (total - free) / 2**30 - torch.cuda.memory_reserved() / 2**30  # context, NCCL, cuBLAS
         argv = [x for k, v in flags.items() if k != "bf16" for x in (f"--{k}", str(v))]
-        gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+        gpu_gib = total / 2**30  # the card as it reports itself, as plan.check_before_training reads it
         planned = child([sys.executable, "grpo.py", "--plan", "--plan_world_size", "1", "--no-plan_alternatives",
                          "--plan_gpu_gib", f"{gpu_gib:.1f}", *argv])
-        peaks = re.findall(r"^\S.*?\s{2,}([\d.]+)\s+[\d.]+", planned["output"], re.M)
+        peaks = [peak for _, peak, _ in read_table(planned["output"])[0] if peak is not None]
         check(peaks, f"the plan of this run printed no table: {planned['output'][-1500:]}")
-        plan_peak = max(map(float, peaks))
+        plan_peak = max(peaks)
         out.update(peak_allocated_gib=round(peak, 2), peak_reserved_gib=round(reserved, 2),
                    outside_torch_gib=round(outside, 2), plan_peak_gib=plan_peak,
                    measured_over_plan=round(peak / plan_peak, 3), plan_fits=planned["returncode"] == 0,

@@ -13,7 +13,6 @@ whose first optimizer step alone does not fit fits at no length, and says so.
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -21,10 +20,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.shapes import QWEN25  # noqa: E402
+from bench.shapes import config_json  # noqa: E402
+from plan import read_table  # noqa: E402
 
-COMMON = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1e6,
-              max_position_embeddings=32768)
 # (size, trainer, ranks, flags): the paper's runs (RM-R1's release: 7B on one node, 14B on two, 32B on four)
 CLUSTER = [("7B", "grpo", 8, []), ("14B", "grpo", 8, ["--rollout_tp", "2"]),
            ("32B", "grpo", 8, ["--rollout_tp", "8", "--offload_states"]), ("32B", "grpo", 16, ["--rollout_tp", "8"]),
@@ -35,7 +33,7 @@ CLUSTER = [("7B", "grpo", 8, []), ("14B", "grpo", 8, ["--rollout_tp", "2"]),
 def model_dir(size, tmp):
     path = Path(tmp) / size
     path.mkdir(exist_ok=True)
-    (path / "config.json").write_text(json.dumps({**COMMON, **QWEN25[size]}))
+    (path / "config.json").write_text(json.dumps(config_json(size)))
     return str(path)
 
 
@@ -44,12 +42,11 @@ def walk(trainer, model, ranks, gib, flags):
     res = subprocess.run([sys.executable, f"{trainer}.py", "--plan", "--model", model, "--plan_world_size",
                           str(ranks), "--plan_gpu_gib", str(gib), "--no-plan_alternatives", *flags],
                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    phases = re.findall(r"^(\S.*?)\s{2,}([\d.]+|-)\s+[\d.]+(  <- over)?$", res.stdout, re.M)
-    usable = re.search(r"^  usable\s+([\d.]+)$", res.stdout, re.M)
+    phases, usable = read_table(res.stdout)
     if res.returncode not in (0, 1) or not phases or usable is None:
         raise RuntimeError(f"{trainer}.py --plan failed:\n{res.stdout[-2000:]}{res.stderr[-3000:]}")
-    peak = max(float(p) for _, p, _ in phases if p != "-")
-    return res.returncode == 0, peak, float(usable.group(1)), [name for name, _, over in phases if over]
+    peak = max(p for _, p, _ in phases if p is not None)
+    return res.returncode == 0, peak, usable, [name for name, _, over in phases if over]
 
 
 # One GPU: the paper's lengths, then settings that save memory, then shorter responses / rows.

@@ -13,3 +13,10 @@ QWEN25 = {"0.5B": dict(hidden_size=896, num_hidden_layers=24, num_attention_head
                       intermediate_size=13824, vocab_size=152064, tie_word_embeddings=False),
           "32B": dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
                       intermediate_size=27648, vocab_size=152064, tie_word_embeddings=False)}
+
+
+def config_json(size) -> dict:
+    """The config.json of Qwen2.5 of `size` (a model directory that holds it alone is what the
+    memory plan reads)."""
+    return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1e6,
+                max_position_embeddings=32768, **QWEN25[size])

@@ -16,17 +16,11 @@ import distributed as D
 import grpo
 import plan
 import sft
+from bench.shapes import config_json
 from grpo import GRPOConfig
 from sft import SFTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-QWEN25_7B = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=3584,
-                 num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                 intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False,
-                 rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768)
-QWEN25_14B = dict(QWEN25_7B, hidden_size=5120, num_hidden_layers=48, num_attention_heads=40,
-                  num_key_value_heads=8, intermediate_size=13824)
-QWEN25_32B = dict(QWEN25_14B, num_hidden_layers=64, intermediate_size=27648)
 
 
 def config_dir(tmp_path_factory, name, config):
@@ -38,19 +32,18 @@ def config_dir(tmp_path_factory, name, config):
 
 @pytest.fixture(scope="module")
 def qwen7b(tmp_path_factory):
-    return config_dir(tmp_path_factory, "qwen7b", QWEN25_7B)
+    return config_dir(tmp_path_factory, "qwen7b", config_json("7B"))
 
 
 def run_plan(script, *args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, script, "--plan", *args], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
-    phases = dict(re.findall(r"^(\S.*?)\s{2,}([\d.]+)\s+[\d.]+(?:\s+<- over)?$", res.stdout, re.M))
-    return res, {name: float(gib) for name, gib in phases.items()}
+    return res, {name: peak for name, peak, _ in plan.read_table(res.stdout)[0] if peak is not None}
 
 
 def usable(stdout):
-    return float(re.search(r"^  usable\s+([\d.]+)$", stdout, re.M).group(1))
+    return plan.read_table(stdout)[1]
 
 
 def full_length_sequences(stdout):
@@ -113,7 +106,7 @@ def test_a_cuda_run_checks_the_plan_on_the_card_as_it_reports_itself(monkeypatch
 
 
 def test_grpo_14b_fits_one_node_with_a_tensor_parallel_rollout(tmp_path_factory):
-    res, peaks = run_plan("grpo.py", "--model", config_dir(tmp_path_factory, "q14b", QWEN25_14B), "--rollout_tp", "2")
+    res, peaks = run_plan("grpo.py", "--model", config_dir(tmp_path_factory, "q14b", config_json("14B")), "--rollout_tp", "2")
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
     assert any(n.startswith("rollout: TP weights (1/2 of every matrix)") for n in peaks), peaks
     assert "NCCL buffers: 3 process groups" in res.stdout  # the world's, and the mesh's dp and tp ones
@@ -125,7 +118,7 @@ def test_grpo_14b_fits_one_node_with_a_tensor_parallel_rollout(tmp_path_factory)
 def test_grpo_32b_does_not_fit_one_node_even_with_offloaded_states(tmp_path_factory):
     # The second row's backward, then AdamW's step, go over (a one-row walk on a card taken as 80 GiB
     # said 73.5 of 77 and called it a fit). Four nodes fit: bench/plans.py, docs/scale.md.
-    model = config_dir(tmp_path_factory, "q32b", QWEN25_32B)
+    model = config_dir(tmp_path_factory, "q32b", config_json("32B"))
     res, peaks = run_plan("grpo.py", "--model", model, "--rollout_tp", "8", "--offload_states",
                           "--no-plan_alternatives")
     assert res.returncode == 1, res.stdout + res.stderr[-3000:]
