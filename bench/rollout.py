@@ -27,14 +27,14 @@ import torch
 import transformers
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import tokenization
+import tokenization  # noqa: E402
 import demo  # noqa: E402
 from checkpoint import hf_to_ours, load_pretrained, set_tensor  # noqa: E402
 from kvcache import KVCache  # noqa: E402
 from bench.shapes import QWEN25  # noqa: E402
 from model import Layout, ModelConfig, Transformer, build_mask, rope_inv_freq  # noqa: E402
 import rollout  # noqa: E402
-import scheduler
+import scheduler  # noqa: E402
 from rollout import SamplingParams, attend_len, generate  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS = 64, 128

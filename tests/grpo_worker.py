@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import tokenization
+import tokenization  # noqa: E402
 import distributed as D  # noqa: E402
 from data import oversampler  # noqa: E402
 from grpo import GRPOConfig, grpo_step, rank_share  # noqa: E402
