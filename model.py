@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils.checkpoint import checkpoint
 
 from kernels import linear_logprobs_and_entropy, triton_runs
@@ -273,7 +273,7 @@ class Attention(nn.Module):
         cache, slots, mask = layout.kv_cache, layout.slots, layout.mask
         B, _, H, Dh = q.shape
         S, group = mask.shape[-1], H // self.n_kv_heads
-        if triton_runs(q) or is_fake(q):  # fake (the memory plan's): the kernel's allocations, as on CUDA
+        if triton_runs(q):
             from kernels import paged_attention  # imported on first use: triton reads TRITON_INTERPRET at import
             table = cache.block_table[:B] if slots is None else cache.block_table[slots]
             out = paged_attention.paged_decode(q[:, 0], cache.k[self.layer_idx], cache.v[self.layer_idx], table,

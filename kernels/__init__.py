@@ -35,9 +35,10 @@ def _interpreting():
 
 
 def triton_runs(x) -> bool:
-    """Whether Triton kernels run on x: a CUDA tensor, or any under TRITON_INTERPRET=1; never a
-    fake tensor (the memory plan's), which has no data to launch a kernel on."""
-    return (x.is_cuda or _interpreting()) and not is_fake(x)
+    """Whether x takes the Triton kernels' path: a CUDA tensor, any under TRITON_INTERPRET=1, or a
+    fake tensor (the memory plan's, which stands for a CUDA one: the kernels' wrappers then
+    allocate what they would and launch nothing, as there is no data to launch on)."""
+    return x.is_cuda or _interpreting() or is_fake(x)
 
 
 class _TritonShapes:
@@ -59,8 +60,7 @@ def _implementation(x, backend):
     if is_fake(x) and backend is None:
         return _TritonShapes
     if backend is None:
-        use_triton = (x.is_cuda or _interpreting()) and x.dtype != torch.float64
-        backend = "triton" if use_triton else "torch"
+        backend = "triton" if triton_runs(x) and x.dtype != torch.float64 else "torch"
     if backend == "torch":
         return torch_logprobs
     if backend == "triton":
