@@ -12,6 +12,8 @@ BENCHMARKS; eval.py takes its names from there. The demo's comparisons come from
 (they are drawn, not read from a file); its scorer lives here with the rest.
 """
 
+import hashlib
+import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,9 +124,15 @@ def load_rmb_bon(file):
     return out
 
 
-def record_id(record, where):
-    """A record's own `id` when it has one, else where it is (file:line)."""
-    return str(get_field(record, where, "id", (int, str))) if "id" in record else where
+def record_id(record, where, file):
+    """A record's own `id` when it has one, else its place in its file and its content:
+    "pairs.jsonl:12#<12 hex of its sha256>". Never the path as typed or the working directory, so a
+    log resumed with the path spelled otherwise finds its comparisons (and their A/B coins and
+    sampling noise, which are keyed by the uid) again."""
+    if "id" in record:
+        return str(get_field(record, where, "id", (int, str)))
+    place = Path(file).name + where[len(str(file)):]  # where: "<file as given>:12" or "<file>[3]"
+    return f"{place}#{hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]}"
 
 
 def load_pairs(file):
@@ -133,7 +141,7 @@ def load_pairs(file):
     `category`."""
     out = []
     for where, r in read_file(file):
-        uid = record_id(r, where)
+        uid = record_id(r, where, file)
         chosen, rejected = pair_conversations(r, where)
         category = get_field(r, where, "category", str) if "category" in r else "pairs"
         out.append(Comparison(uid, uid, category, chosen, rejected))
@@ -146,7 +154,7 @@ def load_unlabeled(file):
     the judge picked a. The record's own fields ride along in meta, for labeled.jsonl."""
     out = []
     for where, r in read_file(file):
-        uid = record_id(r, where)
+        uid = record_id(r, where, file)
         a, b = pair_conversations(r, where, "response_a", "response_b")
         meta = {k: r[k] for k in ("prompt", "response_a", "response_b") if k in r}
         out.append(Comparison(uid, uid, "label", a, b, meta))

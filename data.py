@@ -13,7 +13,9 @@ dropped silently. Prompt strings are the released RM-R1 ones, byte for byte, so 
 RM-R1 checkpoints work with this code.
 """
 
+import hashlib
 import json
+import os
 import random
 from pathlib import Path
 
@@ -173,6 +175,19 @@ def build_judge_messages(conversation_a, conversation_b, style="instruct"):
 # ---- reading files ----
 
 SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def content_digest(path) -> str:
+    """sha256 of a data file's bytes (a folder: of each file's name and bytes, in name order): what
+    ties a training run or an evaluation log to the records it was made from."""
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if os.path.isdir(path) else [Path(path)]
+    for file in files:
+        h.update(str(file.relative_to(path) if os.path.isdir(path) else "").encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(2**24), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def data_files(path):

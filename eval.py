@@ -60,7 +60,7 @@ import data
 import demo.recipe
 import distributed as D
 import tp
-from checkpoint import append_whole, load_config, write_atomic
+from checkpoint import append_whole, load_config, repair_export, write_atomic
 from cli import check_fields, parse_config
 from judge import SCORE, Judge, Judgments, noise_key, outcome, score, tally
 from reward import LETTERS, label
@@ -87,7 +87,7 @@ class EvalConfig:
 
 BENCHES = tuple(benchmarks.BENCHMARKS)
 # Fields that change what a logged judgment is; resuming a log made with other values would mix two runs.
-RUN_IDENTITY = ("model", "bench", "data", "style", "max_new_tokens", "max_prompt_len", "seed", "samples",
+RUN_IDENTITY = ("model", "bench", "data_sha256", "style", "max_new_tokens", "max_prompt_len", "seed", "samples",
                 "temperature", "both_orders")
 # Sampler batches per logged chunk: continuous batching keeps slots busy while the longest
 # judgments finish, and a killed run loses at most one chunk.
@@ -240,20 +240,33 @@ def read_log(path) -> list[dict]:
 
 
 def check_resume(cfg: EvalConfig, out):
-    """Write out/config.json on the first run; on a rerun, refuse settings that would mix two runs."""
+    """Write out/config.json on the first run; on a rerun, refuse settings that would mix two runs.
+    The data is known by its contents (data_sha256), not by how its path is spelled."""
     path = os.path.join(out, "config.json")
-    current = asdict(cfg) | {"model": os.path.abspath(cfg.model), "data": cfg.data and os.path.abspath(cfg.data)}
+    current = asdict(cfg) | {"model": os.path.abspath(cfg.model), "data": cfg.data and os.path.abspath(cfg.data),
+                             "data_sha256": cfg.data and data.content_digest(cfg.data)}
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        # a log written before a setting existed was made with its default
-        changed = [k for k in RUN_IDENTITY if saved.get(k, getattr(EvalConfig, k)) != current[k]]
+        # a log written before a setting existed was made with its default (its data: the uids tell)
+        before = asdict(EvalConfig()) | {"data_sha256": current["data_sha256"]}
+        changed = [k for k in RUN_IDENTITY if saved.get(k, before[k]) != current[k]]
         if changed:
-            diff = ", ".join(f"{k}: {saved.get(k, getattr(EvalConfig, k))!r} -> {current[k]!r}" for k in changed)
-            raise ValueError(f"{out} holds a run with other settings ({diff}); pass a new --out, "
+            diff = ", ".join(f"{k}: {saved.get(k, before[k])!r} -> {current[k]!r}" for k in changed)
+            what = f" (--data {saved.get('data')!r} then, {current['data']!r} now)" if "data_sha256" in changed else ""
+            raise ValueError(f"{out} holds a run with other settings ({diff}){what}; pass a new --out, "
                              f"or the same settings to resume")
     else:
         write_atomic(path, json.dumps(current, indent=2) + "\n")
+
+
+def check_log_matches(logged: set, comparisons, log_path, cfg: EvalConfig):
+    """A log that shares no comparison with the data is another run's: refused, both named."""
+    uids = {c.uid for c in comparisons}
+    if logged and not logged & uids:
+        raise ValueError(f"{log_path} holds {len(logged)} judged comparisons and none of them is in "
+                         f"{cfg.data or 'the demo pairs'} (the log has e.g. {min(logged)!r}, the data "
+                         f"{min(uids)!r}); pass a new --out for this data")
 
 
 # ---- scores ----
@@ -271,11 +284,6 @@ def per_comparison(records) -> list[dict]:
     mean of both (an inconsistent pair is a tie, judge.py)."""
     return [rs[0] if len(rs) == 1 else dict(rs[0], correct=sum(float(r["correct"]) for r in rs) / len(rs))
             for rs in by_comparison(records)]
-
-
-def votes_of(r) -> list:
-    """A line's sample verdicts (one greedy verdict: itself)."""
-    return r["votes"] if "votes" in r else [r["verdict"]]
 
 
 def mean_and_error(xs) -> tuple[float, float]:
@@ -297,24 +305,48 @@ def voting_curve(records, samples, bench) -> list[dict]:
     return curve
 
 
+def samples_of(r, field) -> list:
+    """A line's per-sample values of `field` ("votes": the verdicts, "finish_reasons"): with
+    --samples K the K samples' own, else the line's one greedy value."""
+    return r[field] if field in r else [r["verdict" if field == "votes" else "finish_reason"]]
+
+
+def votes_of(r) -> list:
+    """A line's sample verdicts (one greedy verdict: itself)."""
+    return samples_of(r, "votes")
+
+
 def orders_of(records) -> dict:
-    """With both orders: position consistency (the share of comparisons whose two orders' outcomes
-    name the same answer), accuracy with an inconsistent pair a tie, and the share of votes for A."""
+    """With both orders: position consistency (the share of the comparisons judged in both orders
+    whose two outcomes name the same answer; a comparison with an order not judged, its prompt
+    too long, is no evidence either way), accuracy over every comparison (an unjudged order is
+    wrong, as in the scores) with an inconsistent pair a tie, and the share of votes for A."""
     pairs = [rs for rs in by_comparison(records) if len(rs) == 2]
+    judged = [rs for rs in pairs if all(r["finish_reason"] != "prompt_too_long" for r in rs)]
     votes = [v for r in records for v in votes_of(r) if v is not None]
     accuracy, error = mean_and_error([sum(float(r["correct"]) for r in rs) / 2 for rs in pairs])
-    return {"comparisons": len(pairs),
+    return {"comparisons": len(pairs), "judged_in_both_orders": len(judged),
             "position_consistency": sum(tally([(r["chosen_position"], votes_of(r)) for r in rs])[2]
-                                        for rs in pairs) / len(pairs),
+                                        for rs in judged) / max(1, len(judged)),
             "accuracy": accuracy, "standard_error": error,
             "votes_A_share": sum(v == "A" for v in votes) / max(1, len(votes))}
 
 
+# What each rate of scores.json counts, said there when it is not one greedy judgment per comparison.
+COUNTED_OVER = {"invalid_verdict_rate": "samples", "truncated_rate": "samples",
+                "verdict_A_share": "judgments (a comparison in one order; its verdict the samples' majority)",
+                "gold_A_share": "judgments", "both_orders.position_consistency": "comparisons judged in both orders",
+                "both_orders.votes_A_share": "samples with a verdict"}
+
+
 def scores_of(records, bench, samples=1) -> dict:
     """The benchmark's official scores from log records, and the judge's own health counts; with
-    samples > 1 the voting curve, and with both orders in the log their consistency."""
+    samples > 1 the voting curve, and with both orders in the log their consistency. Every rate
+    counts over the judged lines (prompts too long are counted apart), per sample where a line
+    holds several (COUNTED_OVER, written beside them when samples or orders make it matter)."""
     n = len(records)
     judged = [r for r in records if r["finish_reason"] != "prompt_too_long"]
+    judged_samples = [(v, reason) for r in judged for v, reason in zip(votes_of(r), samples_of(r, "finish_reasons"))]
     results = per_comparison(records)
     two_orders = len(results) < n
     graded = benchmarks.BENCHMARKS[bench].score is not None  # --bench label grades nothing
@@ -323,14 +355,16 @@ def scores_of(records, bench, samples=1) -> dict:
         "comparisons": len(results),
         **({"judgments": n} if two_orders else {}),
         "prompt_too_long": n - len(judged),
-        # share of judgments (samples) whose text holds neither or both of [[A]] / [[B]]
-        "invalid_verdict_rate": sum(votes_of(r).count(None) / len(votes_of(r)) for r in judged) / max(1, len(judged)),
-        "truncated_rate": sum(r["finish_reason"] == "length" for r in judged) / max(1, len(judged)),
+        # share of samples whose text holds neither or both of [[A]] / [[B]]
+        "invalid_verdict_rate": sum(v is None for v, _ in judged_samples) / max(1, len(judged_samples)),
+        "truncated_rate": sum(reason == "length" for _, reason in judged_samples) / max(1, len(judged_samples)),
         # position bias shows as a verdict-A share away from the gold A share
         "verdict_A_share": sum(r["verdict"] == "A" for r in judged) / max(1, len(judged)),
         "gold_A_share": sum(r["chosen_position"] == "A" for r in judged) / max(1, len(judged)),
         "scores": benchmarks.score(bench, results) if graded else {},
     }
+    if samples > 1 or two_orders:
+        scores["counted_over"] = {k: v for k, v in COUNTED_OVER.items() if two_orders or "both_orders" not in k}
     if samples > 1 and graded:
         scores["voting"] = {"rule": "majority of the first k samples; equal votes are half right, no vote is wrong",
                             "curve": voting_curve(records, samples, bench)}
@@ -382,6 +416,7 @@ def summary(scores) -> str:
 
 def load_judge(cfg: EvalConfig, ctx) -> Judge:
     """The judge, whole on this rank, or with --tp this rank's 1/tp of it (read from safetensors)."""
+    repair_export(cfg.model)  # a kill inside an export's two renames left it at MODEL.old
     if not os.path.isdir(cfg.model):
         hint = " (train the demo judge with `python sft.py`)" if cfg.model == demo.SHIPPED else ""
         raise ValueError(f"--model {cfg.model}: no such model directory{hint}")
@@ -410,13 +445,16 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.tp > 1:
         tp.check_divisible(load_config(cfg.model), cfg.tp)
     out = cfg.out or f"runs/eval-{cfg.bench}"
-    comparisons = ordered(load_comparisons(cfg), cfg.limit)
+    every = load_comparisons(cfg)
+    comparisons = ordered(every, cfg.limit)
     log_path = os.path.join(out, "samples.jsonl")
 
     def resume():
         os.makedirs(out, exist_ok=True)
         check_resume(cfg, out)
-        return {(r["uid"], r["chosen_position"]) for r in read_log(log_path)}
+        done = {(r["uid"], r["chosen_position"]) for r in read_log(log_path)}
+        check_log_matches({uid for uid, _ in done}, every, log_path, cfg)
+        return done
     done = on_main(resume)
     units = units_of(comparisons, cfg)
     # one order: a comparison in the log is done; both orders: each (comparison, order) is its own
@@ -464,7 +502,7 @@ def no_result(scores) -> str | None:
     if judged and scores["invalid_verdict_rate"] == 1.0:
         return (f"none of the {judged} judgments holds a verdict ([[A]] or [[B]]): the scores are written, but "
                 f"they are not a result. Check the model (its weights, its tokenizer), --style and "
-                f"--max_new_tokens ({100 * scores['truncated_rate']:.0f}% of the judgments were cut there)")
+                f"--max_new_tokens ({100 * scores['truncated_rate']:.0f}% of the sampled judgments were cut there)")
     return None
 
 

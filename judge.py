@@ -137,26 +137,29 @@ class Judge:
     def compare(self, items, both_orders=False) -> list["Verdict"]:
         """Judge (prompt, answer a, answer b) triples: prompt a string (one user turn) or the
         messages before the answers, a and b strings. Answer a is shown first, or with both_orders
-        in both places (one random order is eval.py's way with labeled data)."""
+        in both places (one random order is eval.py's way with labeled data). An item whose judge
+        prompt is over max_prompt_len is not judged (never cut: a cut pair is another pair) and
+        comes back with `too_long` set; the others are judged all the same."""
         orders = ("A", "B") if both_orders else ("A",)
-        units, prompts = [], []
+        units, prompts, too_long = [], [], {}
         for i, (question, a, b) in enumerate(items):
             context = [{"role": "user", "content": question}] if isinstance(question, str) else list(question)
             convs = [context + [{"role": "assistant", "content": answer}] for answer in (a, b)]
             for position in orders:  # "chosen" here is answer a
                 ids = self.prompt(*convs, position)
                 if len(ids) > self.max_prompt_len:
-                    raise ValueError(f"items[{i}]: its judge prompt has {len(ids)} tokens, over max_prompt_len="
-                                     f"{self.max_prompt_len}")
+                    too_long[i] = max(too_long.get(i, 0), len(ids))
                 units.append((i, position))
                 prompts.append(ids)
+        judged_units = [(u, ids) for u, ids in zip(units, prompts) if u[0] not in too_long]
         # keyed by what is judged, so an item's samples are the same whatever else this call holds
-        keys = [noise_key(json.dumps(items[i], sort_keys=True), position) for i, position in units]
-        judged = self.judge(prompts, keys)
+        keys = [noise_key(json.dumps(items[i], sort_keys=True), position) for (i, position), _ in judged_units]
+        judged = self.judge([ids for _, ids in judged_units], keys) if judged_units else []
         per_item = [[] for _ in items]
-        for (i, position), j in zip(units, judged):
+        for ((i, position), _), j in zip(judged_units, judged):
             per_item[i].append((position, j))
-        return [Verdict.of(orders) for orders in per_item]
+        return [Verdict.of(orders) if i not in too_long else Verdict.too_long_by(too_long[i], self.max_prompt_len)
+                for i, orders in enumerate(per_item)]
 
 
 @dataclass
@@ -166,9 +169,16 @@ class Verdict:
     votes: dict                # {"a": n, "b": n, "none": n} over every sample of every order
     consistent: bool | None    # both orders: their outcomes name the same answer; None for one order
     orders: list               # per order: (position of a, Judgments)
+    too_long: str | None = None  # why it was not judged: its judge prompt is over max_prompt_len
 
     @classmethod
     def of(cls, orders):
         choice, votes, consistent = tally([(position, judged.verdicts) for position, judged in orders])
         letters = {"chosen": "a", "rejected": "b", "none": "none", None: None}
         return cls(letters[choice], {letters[k]: n for k, n in votes.items()}, consistent, orders)
+
+    @classmethod
+    def too_long_by(cls, tokens, max_prompt_len):
+        """An item that was not judged: no pick, no votes."""
+        return cls(None, {"a": 0, "b": 0, "none": 0}, None, [],
+                   f"its judge prompt has {tokens} tokens, over max_prompt_len={max_prompt_len}")

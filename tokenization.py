@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import repair_export
+
 # What a Hugging Face model directory holds its tokenizer in (tokenizer.json, or sentencepiece / BPE files).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -23,6 +25,7 @@ def load_tokenizer(path):
     encoding text differently from the way the model was trained. Checkpoints without a
     tokenizer.json (sentencepiece only) go through AutoTokenizer."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    repair_export(path)  # a kill inside an export's two renames left it at path.old
     if not Path(path).is_dir():  # AutoTokenizer would take it for a hub name and wait for the network
         raise ValueError(f"{path}: no such model directory")
     if Path(path, "tokenizer.json").exists():

@@ -2,6 +2,7 @@
 user's own pairs; against values worked out by hand on fixed judgments."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,8 @@ import eval as E
 import judge as J
 import rollout
 from conftest import write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- the rules, on verdicts fixed by hand ----
@@ -211,3 +214,96 @@ def test_compare_returns_votes_traces_and_consistency(monkeypatch):
     judge.compare([("Say hi.", "Hi!", "No."), ("What is 2 + 3?", "5", "6")])
     (alone,), (_, second) = [keys for _, _, keys in fake.calls]
     assert alone == second
+
+
+def test_compare_marks_an_overlong_item_and_judges_the_rest(monkeypatch):
+    from tokenization import load_tokenizer
+    tokenizer = load_tokenizer(demo.SHIPPED)
+    fake = FixedVerdicts(monkeypatch, tokenizer, ["A"])
+    judge = J.Judge(None, tokenizer, max_prompt_len=700)
+    short = [("What is 2 + 3?", "5", "6"), ("Say hi.", "Hi!", "No."), ("What is 1 + 1?", "2", "3")]
+    long = ("What is 2 + 3? " * 200, "5", "6")
+    verdicts = judge.compare(short[:2] + [long] + short[2:], both_orders=True)
+    assert [v.pick for v in verdicts] == [None, None, None, None]  # always A: inconsistent, no pick
+    assert [v.too_long is not None for v in verdicts] == [False, False, True, False]
+    assert "over max_prompt_len=700" in verdicts[2].too_long and verdicts[2].orders == []
+    assert [v.votes for v in verdicts[:2]] == [{"a": 1, "b": 1, "none": 0}] * 2
+    assert [n for n, _, _ in fake.calls] == [6], "the three short items' two orders, in one call"
+
+
+def test_health_rates_count_samples_and_consistency_counts_pairs_judged_in_both_orders():
+    # 4 comparisons x 4 samples: sample 0 of each ends, the other 12 samples hit max_new_tokens
+    line = {"group": "g", "category": "c", "meta": {}, "prompt_tokens": 9, "judgment": "", "correct": 1.0,
+            "chosen_position": "A", "verdict": "A", "finish_reason": "stop",
+            "votes": ["A", None, None, None], "finish_reasons": ["stop", "length", "length", "length"]}
+    records = [dict(line, uid=f"u{i}") for i in range(4)]
+    scores = E.scores_of(records, "demo", samples=4)
+    assert scores["truncated_rate"] == 0.75 and scores["invalid_verdict_rate"] == 0.75
+    assert scores["counted_over"]["truncated_rate"] == "samples"
+    assert "truncated_rate" in E.summary(scores)
+    assert "75% of the sampled judgments were cut" in E.no_result(dict(scores, invalid_verdict_rate=1.0))
+    # both orders: u0 judged in both and consistent; u1's prompts too long in both orders
+    greedy = {k: v for k, v in line.items() if k not in ("votes", "finish_reasons")}
+    both = [dict(greedy, uid="u0"), dict(greedy, uid="u0", chosen_position="B", verdict="B"),
+            *[dict(greedy, uid="u1", chosen_position=p, verdict=None, correct=0.0, finish_reason="prompt_too_long")
+              for p in "AB"]]
+    orders = E.scores_of(both, "demo")["both_orders"]
+    assert orders["position_consistency"] == 1.0 and orders["judged_in_both_orders"] == 1
+    assert orders["accuracy"] == 0.5, "the unjudged pair still counts as wrong in the accuracy"
+
+
+def test_greedy_one_order_scores_say_nothing_new():
+    line = {"uid": "u0", "group": "g", "category": "c", "meta": {}, "prompt_tokens": 9, "judgment": "",
+            "correct": True, "chosen_position": "A", "verdict": "A", "finish_reason": "stop"}
+    assert set(E.scores_of([line], "demo")) == {"bench", "comparisons", "prompt_too_long", "invalid_verdict_rate",
+                                                 "truncated_rate", "verdict_A_share", "gold_A_share", "scores"}
+
+
+def test_a_resume_with_the_data_path_spelled_otherwise_judges_nothing_again(tmp_path, monkeypatch):
+    from tokenization import load_tokenizer
+    fake = FixedVerdicts(monkeypatch, load_tokenizer(demo.SHIPPED), ["A"])
+    pairs = [{"prompt": f"What is {i} + 1?", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(4)]
+    write_jsonl(tmp_path / "x.jsonl", pairs)
+    monkeypatch.chdir(tmp_path)
+    flags = ["--model", demo.SHIPPED, "--bench", "pairs", "--out", str(tmp_path / "e"), "--max_new_tokens", "8"]
+    first = E.main(flags + ["--data", "x.jsonl"])
+    log = (tmp_path / "e" / "samples.jsonl").read_text()
+    monkeypatch.chdir(ROOT)
+    fake.calls.clear()
+    assert E.main(flags + ["--data", str(tmp_path / "x.jsonl")]) == first
+    assert fake.calls == [] and (tmp_path / "e" / "samples.jsonl").read_text() == log
+    assert first["comparisons"] == 4
+    # a record's uid is its place in its file and its content, not the path as typed
+    uids = [json.loads(line)["uid"] for line in log.splitlines()]
+    assert all(u.startswith("x.jsonl:") and "/" not in u.split("#")[0] for u in uids)
+    # other records at the same path: the digest differs, refused with both paths named
+    write_jsonl(tmp_path / "x.jsonl", pairs[:3])
+    with pytest.raises(ValueError, match=r"data_sha256.*x\.jsonl"):
+        E.main(flags + ["--data", str(tmp_path / "x.jsonl")])
+
+
+def test_a_log_that_shares_no_comparison_with_the_data_is_refused(tmp_path, monkeypatch):
+    from tokenization import load_tokenizer
+    FixedVerdicts(monkeypatch, load_tokenizer(demo.SHIPPED), ["A"])
+    data = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "What is 1 + 1?", "chosen": "2", "rejected": "3"}])
+    out = tmp_path / "e"
+    out.mkdir()
+    # a log made before data digests were recorded, its uids the path as typed then
+    (out / "samples.jsonl").write_text(json.dumps({"uid": "somewhere/x.jsonl:1", "chosen_position": "A",
+                                                   "correct": True, "verdict": "A", "finish_reason": "stop"}) + "\n")
+    with pytest.raises(ValueError, match=r"none of them is in .*x\.jsonl.*'somewhere/x\.jsonl:1'.*x\.jsonl:1#"):
+        E.main(["--model", demo.SHIPPED, "--bench", "pairs", "--data", str(data), "--out", str(out),
+                "--max_new_tokens", "8"])
+
+
+def test_a_model_directory_left_at_its_old_name_by_a_killed_export_is_put_back(tmp_path, monkeypatch):
+    # an export killed between publish's two renames: X missing, X.old holding the previous version
+    import shutil
+    from tokenization import load_tokenizer
+    FixedVerdicts(monkeypatch, load_tokenizer(demo.SHIPPED), ["A"])
+    shutil.copytree(demo.SHIPPED, tmp_path / "judge.old")
+    scores = E.main(["--model", str(tmp_path / "judge"), "--demo_pairs", "2", "--out", str(tmp_path / "e")])
+    assert scores["comparisons"] == 2 and (tmp_path / "judge" / "config.json").exists()
+    assert not (tmp_path / "judge.old").exists()
+    shutil.move(tmp_path / "judge", tmp_path / "judge.old")
+    assert load_tokenizer(str(tmp_path / "judge")) is not None and not (tmp_path / "judge.old").exists()
