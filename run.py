@@ -9,7 +9,6 @@ A run directory holds config.json (the settings the run started with, and its da
 digests), step_N/ checkpoints with `latest` naming the newest, metrics.jsonl and the hf/ export.
 """
 
-import hashlib
 import json
 import math
 import os
@@ -18,13 +17,13 @@ import shutil
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
+import data
 from checkpoint import append_whole, disk_errors, publish, tensor_bytes, write_atomic
 from distributed import barrier, check_finite, is_main, log, save_hf
 
@@ -33,24 +32,12 @@ from distributed import barrier, check_finite, is_main, log, save_hf
 
 # Settings a resumed run may change: they do not change what a step computes, or (lr, the fix a
 # non-finite stop advises) they change it on purpose, from the resumed step on. Each is logged.
-SAFE_TO_CHANGE = {"resume", "max_steps", "save_every", "eval_every", "wandb_project", "dist_timeout_min",
+SAFE_TO_CHANGE = {"resume", "resume_step", "max_steps", "save_every", "eval_every", "wandb_project", "dist_timeout_min",
                   "check_memory", "plan", "plan_world_size", "plan_gpu_gib", "keep_last", "export_every",
                   "log_traces_every", "out", "lr", "resume_data_changed", "plan_alternatives"}
 # The data files whose contents a run is tied to, by digest: the same path holding other records
 # is another run (resume_data_changed says the change is meant).
 DATA_FIELDS = ("data", "eval_data")
-
-
-def content_digest(path) -> str:
-    """sha256 of a data file's bytes (a folder: of each file's name and bytes, in name order)."""
-    h = hashlib.sha256()
-    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if os.path.isdir(path) else [Path(path)]
-    for file in files:
-        h.update(str(file.relative_to(path) if os.path.isdir(path) else "").encode())
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(2**24), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def adopt_newest_checkpoint(run_dir):
@@ -76,14 +63,18 @@ def start_run(run_dir, config: dict, resume: bool, preset: str = ""):
         with open(path) as f:
             saved = json.load(f)
     current = {**config, "preset": preset}
-    current |= {f"{k}_sha256": content_digest(config[k]) for k in DATA_FIELDS
+    current |= {f"{k}_sha256": data.content_digest(config[k]) for k in DATA_FIELDS
                 if config.get(k) and os.path.exists(config[k])}
     if not resume and (saved is not None or latest_checkpoint(run_dir)):
         raise ValueError(f"--out {run_dir} holds a run already: pass --resume to continue it, or another "
                          f"--out (or delete {run_dir})")
-    if resume and latest_checkpoint(run_dir) is None:
+    back_to = config.get("resume_step", -1)
+    if resume and back_to < 0 and latest_checkpoint(run_dir) is None:
         raise ValueError(f"--resume: {run_dir} has no checkpoint to continue from (no {run_dir}/latest); "
                          f"check --out, or start without --resume")
+    if resume and back_to > 0 and back_to not in kept_steps(run_dir):
+        raise ValueError(f"--resume_step {back_to}: {run_dir} holds no complete step_{back_to:08d}; its "
+                         f"checkpoints are at steps {kept_steps(run_dir) or 'none'} (0: start again from --model)")
     if resume and saved is not None:
         changed = {k for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
         if current.get("resume_data_changed"):
@@ -106,9 +97,38 @@ def start_run(run_dir, config: dict, resume: bool, preset: str = ""):
                 shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
         if resume:
             adopt_newest_checkpoint(run_dir)
+            if back_to >= 0:
+                roll_back(run_dir, back_to)
         if saved != current:  # a fresh run, or a resume that changed safe settings: they are the run's now
             write_atomic(path, json.dumps(current, indent=2) + "\n")
     barrier()
+
+
+def kept_steps(run_dir) -> list[int]:
+    """The steps of the complete step_N checkpoints in run_dir, oldest first."""
+    if not os.path.isdir(run_dir):
+        return []
+    return [int(d[5:]) for d in sorted(os.listdir(run_dir)) if re.fullmatch(r"step_\d{8}", d)
+            and os.path.isfile(os.path.join(run_dir, d, "trainer_state.json"))]
+
+
+def roll_back(run_dir, step):
+    """--resume_step K (rank 0): the run goes on from step_K (0: from --model); the checkpoints
+    after it are moved to run_dir/abandoned/ (kept, out of the run's way: the run writes its own
+    step_N again), and `latest` names step_K."""
+    later = [k for k in kept_steps(run_dir) if k > step]
+    if later:
+        os.makedirs(os.path.join(run_dir, "abandoned"), exist_ok=True)
+    for k in later:
+        name = f"step_{k:08d}"
+        shutil.rmtree(os.path.join(run_dir, "abandoned", name), ignore_errors=True)
+        os.replace(os.path.join(run_dir, name), os.path.join(run_dir, "abandoned", name))
+    if step:
+        write_atomic(os.path.join(run_dir, "latest"), f"step_{step:08d}")
+    elif os.path.exists(os.path.join(run_dir, "latest")):
+        os.remove(os.path.join(run_dir, "latest"))
+    log(f"resume: from {f'step {step}' if step else 'the start (--model)'}"
+        + (f"; steps {later} moved to {os.path.join(run_dir, 'abandoned')}" if later else ""))
 
 
 # ---- resumable training state ----
@@ -117,6 +137,9 @@ def run_rules(cfg) -> list:
     """check_fields rules of the settings run_steps reads (and init's timeout), for both trainers."""
     return [
         ("max_steps", cfg.max_steps >= 0, "must be >= 0 (0: no limit)"),
+        ("resume_step", cfg.resume_step >= -1, "must be >= 0 (a step_N checkpoint's N; 0: from --model), "
+         "or -1 for the latest"),
+        ("resume_step", cfg.resume_step == -1 or cfg.resume, "goes with --resume"),
         ("save_every", cfg.save_every >= 0, "must be >= 0 (0: at the end only)"),
         ("keep_last", cfg.keep_last >= 0, "must be >= 0 (0: keep every checkpoint)"),
         ("export_every", cfg.export_every >= 0, "must be >= 0 (0: at the end only)"),
@@ -165,12 +188,17 @@ def run_steps(cfg, model, optimizer, tokenizer, total_steps, step_fn, export, sh
 
 
 def non_finite_exit(step, error, run_dir) -> SystemExit:
-    """How a trainer stops on a non-finite loss or gradient: the step was not taken, and the
-    newest checkpoint is good (no checkpoint or export is ever written from non-finite weights)."""
-    latest = latest_checkpoint(run_dir)
-    return SystemExit(f"step {step}: {error}; stopped before the optimizer step. The last good checkpoint: "
-                      f"{latest or 'none (none was saved yet)'}. Resume from it with a lower --lr, or check "
-                      f"the data")
+    """How a trainer stops on a non-finite loss or gradient: the step was not taken, and no
+    checkpoint or export is ever written from non-finite weights. But the steps before it may
+    have ruined the weights without making them non-finite (a learning rate far too high does
+    that in a step or two), so the advice names every checkpoint kept and how to start from each."""
+    kept = kept_steps(run_dir)
+    where = (f"The checkpoints kept: steps {', '.join(map(str, kept))} (the newest, {latest_checkpoint(run_dir)}, "
+             f"holds finite weights, which the steps before the failure may already have ruined)."
+             if kept else "No checkpoint was saved yet.")
+    return SystemExit(f"step {step}: {error}; stopped before the optimizer step. {where} Go on from an earlier "
+                      f"step with --resume --resume_step K (K one of {[0, *kept]}; 0 starts again from --model, "
+                      f"in this --out) and a lower --lr, or check the data")
 
 
 def latest_checkpoint(run_dir) -> str | None:

@@ -58,6 +58,7 @@ class SFTConfig:
     keep_last: int = 0               # keep only the newest K step_N checkpoints; 0: keep all
     export_every: int = 0            # also export HF weights to EXPORT/step_N every N steps; 0: only at the end
     resume: bool = False             # continue from out/latest
+    resume_step: int = -1            # with --resume: go on from step_N (0: from --model); later checkpoints set aside
     resume_data_changed: bool = False # --resume although --data's contents changed (digest in out/config.json)
     max_steps: int = 0               # stop (with a checkpoint) after this many steps of this run; 0: no limit
     seed: int = 0

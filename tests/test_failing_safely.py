@@ -71,11 +71,41 @@ def test_non_finite_weights_are_never_saved_or_exported(tmp_path):
     assert sorted(os.listdir(tmp_path)) == []
 
 
-def test_the_stop_message_names_the_last_good_checkpoint(tmp_path):
-    assert "none (none was saved yet)" in str(run.non_finite_exit(1, "non-finite loss (nan)", str(tmp_path)))
+def test_the_stop_message_names_every_kept_checkpoint(tmp_path):
+    assert "No checkpoint was saved yet" in str(run.non_finite_exit(1, "non-finite loss (nan)", str(tmp_path)))
+    for step in (2, 4):
+        (tmp_path / f"step_{step:08d}").mkdir()
+        (tmp_path / f"step_{step:08d}" / "trainer_state.json").write_text("{}")
     (tmp_path / "latest").write_text("step_00000004")
     message = str(run.non_finite_exit(5, "non-finite loss (nan)", str(tmp_path)))
     assert "step 5: non-finite loss (nan)" in message and str(tmp_path / "step_00000004") in message
+    assert "--resume --resume_step K (K one of [0, 2, 4]" in message
+
+
+def test_the_non_finite_stop_advice_works_when_followed(tmp_path):
+    # --lr 1e6 ruins the weights at step 1 (still finite: saved) and goes NaN at step 2. Resuming from
+    # step 1 with a lower --lr fails again; the advice names step 0 too, and following it works.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    demo_sft = [sys.executable, "sft.py", "--demo_examples", "24", "--demo_layers", "2", "--demo_hidden", "32",
+                "--demo_rounds", "1", "--demo_copy_steps", "0", "--batch_size", "8", "--warmup_steps", "0",
+                "--epochs", "1", "--out", str(tmp_path / "d"), "--export", str(tmp_path / "d" / "hf"), "--save_every", "1"]
+    res = subprocess.run(demo_sft + ["--lr", "1e6"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "step 2: non-finite" in res.stderr, res.stderr[-2000:]
+    advice = re.search(r"--resume --resume_step K \(K one of \[([\d, ]+)\]", res.stderr)
+    assert advice and advice.group(1) == "0, 1", res.stderr[-2000:]
+    again = subprocess.run(demo_sft + ["--resume", "--lr", "1e-3"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 1 and "step 2: non-finite" in again.stderr, "step 1's weights are ruined"
+    followed = subprocess.run(demo_sft + ["--resume", "--resume_step", "0", "--lr", "1e-3"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert followed.returncode == 0, followed.stderr[-2000:]
+    assert (tmp_path / "d" / "hf" / "model.safetensors").exists()
+    assert os.listdir(tmp_path / "d" / "abandoned") == ["step_00000001"], "the abandoned checkpoint is kept aside"
+    steps = [json.loads(line)["step"] for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3], "one line per step, from the restart"
+    bad = subprocess.run(demo_sft + ["--resume", "--resume_step", "7"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode != 0 and "--resume_step 7" in bad.stderr and "steps [1, 2, 3]" in bad.stderr
 
 
 def test_policy_loss_is_finite_for_any_log_ratio():
