@@ -26,8 +26,9 @@ Options the paper did not use are off by default, each described by its field be
 (--filter_equal_groups / --oversample, --overlong, --clip_ratio_c, --log_traces_every,
 --keep_last, --export_every, --rollout_tp, --offload_states). Failing safely: every setting is
 checked before any data or model is read; a non-finite loss or gradient norm stops the run before
-the optimizer step, naming the last good checkpoint; --resume refuses settings other than the
-run's (out/config.json) but those safe to change (run.SAFE_TO_CHANGE).
+the optimizer step, naming every kept checkpoint (--resume --resume_step K goes on from any);
+--resume refuses settings other than the run's (out/config.json) but those safe to change
+(run.SAFE_TO_CHANGE).
 """
 
 import contextlib
@@ -103,6 +104,7 @@ class GRPOConfig:
     export_every: int = 0              # rollout steps between HF exports to out/hf/step_N; 0: at the end only
     log_traces_every: int = 0          # rollout steps between writing sample traces to out/rollouts/step_N.jsonl
     resume: bool = False               # continue from out/latest: same prompts, same rollouts
+    resume_step: int = -1              # with --resume: go on from step_N (0: from --model); later checkpoints set aside
     resume_data_changed: bool = False  # --resume although --data's contents changed (digest in out/config.json)
     max_steps: int = 0                 # stop (with a checkpoint) after this many steps of this run
     seed: int = 0
@@ -164,10 +166,10 @@ def logprob_passes(model, ref_model, rows, cfg: GRPOConfig, ctx):
     if not cfg.offload_states:
         return old_and_ref_logprobs(model, ref_model, rows, cfg, ctx)
     ref_model = build_reference(cfg, ctx)
-    gap = old_and_ref_logprobs(model, ref_model, rows, cfg, ctx)
+    mismatch = old_and_ref_logprobs(model, ref_model, rows, cfg, ctx)
     del ref_model
     gc.collect()  # FSDP2's modules hold reference cycles: free the shards now, not at a later collection
-    return gap
+    return mismatch
 
 
 def place_states(optimizer, where, cfg: GRPOConfig):
@@ -202,14 +204,14 @@ def grpo_step(model, ref_model, optimizer, tokenizer, records, prompts, step, pr
             break
     t_gen = time.time()
     minis = assemble(rounds, kept[:R], share, cfg)
-    gap = logprob_passes(model, ref_model, [r for rows in minis for r in rows], cfg, ctx)
+    mismatch = logprob_passes(model, ref_model, [r for rows in minis for r in rows], cfg, ctx)
     t_logprobs = time.time()
     updates = train_on(model, optimizer, minis, cfg, ctx)
     t_update = time.time()
     if trace_file is not None:
         write_traces(trace_file, tokenizer, rounds[0], cfg.n_samples)
     m = step_metrics(rounds, updates, cfg)
-    m.update(rollout_logprob_gap=float(gap), lr=optimizer.param_groups[0]["lr"], updates=len(updates),
+    m.update(mismatch, lr=optimizer.param_groups[0]["lr"], updates=len(updates),
              kept_groups=min(len(kept), R) / R, time_generate=t_gen - t0, time_logprobs=t_logprobs - t_gen,
              time_update=t_update - t_logprobs, tokens_per_s=m.pop("tokens") / (t_update - t0),
              rollout_tokens_per_s=m.pop("generated") / (t_gen - t0))

@@ -82,6 +82,45 @@ def kl_penalty(logprobs, ref_logprobs, estimator):
     raise ValueError(f"kl_estimator must be k1, mse or low_var_kl, got {estimator!r}")
 
 
+# |sampler - trainer| log-prob differences are binned on a log scale (MISMATCH_BINS_PER_DECADE bins
+# per factor of 10 from MISMATCH_FLOOR to 100 nats), so the 99th percentile over every rank's
+# tokens is one all-reduce of a fixed-size histogram, exact to a bin's width (15%).
+MISMATCH_FLOOR, MISMATCH_BINS_PER_DECADE = 1e-8, 16
+MISMATCH_EDGES = torch.logspace(-8, 2, 10 * MISMATCH_BINS_PER_DECADE + 1, dtype=torch.float64)
+
+
+def logprob_mismatch(trainer, sampler, mask):
+    """Sums that say how far the sampler's log-probs (of the tokens it sampled) are from the
+    trainer's for the same weights, over the response tokens (mask), to be added over rows and
+    ranks and read by mismatch_metrics: the token count, sum and max of |d| with d = sampler -
+    trainer, the sums of the two KL(sampler || trainer) estimators over the sampler's tokens (k1 =
+    d, k3 = exp(-d) + d - 1, which is >= 0), and the histogram of |d| (MISMATCH_EDGES)."""
+    mask = mask.double()
+    d = sampler.double() - trainer.double()
+    bins = torch.bucketize(d.abs(), MISMATCH_EDGES.to(d.device))
+    hist = torch.zeros(len(MISMATCH_EDGES) + 1, dtype=torch.float64, device=d.device).index_add_(0, bins, mask)
+    return {"tokens": mask.sum(), "abs": (d.abs() * mask).sum(), "max": (d.abs() * mask).amax(),
+            "k1": (d * mask).sum(), "k3": ((torch.exp(-d) + d - 1) * mask).sum(), "hist": hist}
+
+
+def mismatch_metrics(sums) -> dict:
+    """logprob_mismatch's sums (over every row and rank) as per-token figures: the mean, 99th
+    percentile (the upper edge of its bin) and max of |sampler - trainer|, and the two KL estimates.
+
+    >>> mismatch_metrics(logprob_mismatch(torch.tensor([0., 0.]), torch.tensor([0.1, -0.1]), torch.ones(2)))
+    {'rollout_logprob_diff_mean': 0.1, ..., 'rollout_kl_k1': 0.0, 'rollout_kl_k3': 0.0050...}
+    """
+    n = float(sums["tokens"])
+    if n == 0:
+        return {}
+    cumulative = torch.cumsum(sums["hist"], 0)
+    bin_99 = int(torch.searchsorted(cumulative, 0.99 * cumulative[-1]))
+    p99 = float(MISMATCH_EDGES[min(bin_99, len(MISMATCH_EDGES) - 1)]) if bin_99 else 0.0
+    return {"rollout_logprob_diff_mean": float(sums["abs"]) / n, "rollout_logprob_diff_p99": p99,
+            "rollout_logprob_diff_max": float(sums["max"]), "rollout_kl_k1": float(sums["k1"]) / n,
+            "rollout_kl_k3": float(sums["k3"]) / n}
+
+
 def policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, response_mask, entropy, seq_ids,
                 cfg: LossConfig, n_tokens, n_seqs):
     """PPO clipped objective + kl_coef * KL - entropy_coef * entropy, as a sum that callers add

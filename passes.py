@@ -3,7 +3,7 @@
     rnd = score_round(records, prompts, completions, texts, stats, cfg, rlvr_rewards)  # rewards
     kept += kept_groups(rnd, resample, share, cfg)                 # the groups that train
     minis = assemble(rounds, kept, share, cfg)                     # packed rows per mini-batch
-    gap = old_and_ref_logprobs(model, ref_model, rows, cfg, ctx)   # stores row["old"], row["ref"]
+    mismatch = old_and_ref_logprobs(model, ref_model, rows, cfg, ctx)  # stores row["old"], row["ref"]
     updates = train_on(model, optimizer, minis, cfg, ctx)          # one optimizer step per mini-batch
 
 A row packs several traces (documents that never attend to each other) with, per token, the
@@ -19,7 +19,8 @@ import torch
 
 import tokenization
 import distributed as D
-from objective import LossConfig, equal_groups, group_advantages, overlong_penalty, policy_loss
+from objective import (LossConfig, equal_groups, group_advantages, logprob_mismatch, mismatch_metrics, overlong_penalty,
+                       policy_loss)
 from scheduler import RolloutStats
 
 
@@ -49,9 +50,12 @@ def score_round(records, prompts, completions, texts, stats, cfg, score) -> Roun
 
 def kept_groups(rnd: Round, resample, share, cfg) -> list:
     """The (round, position in the rollout batch) of every group of this round that trains, over
-    all ranks: all of them, or with --filter_equal_groups those whose rewards differ."""
+    all ranks: all of them, or with --filter_equal_groups those whose verdicts' rewards differ.
+    DAPO filters on correctness: a group of all-wrong verdicts is dropped even when --overlong
+    penalty made one trace's reward differ by a few thousandths (its advantages would be a
+    full-size update driven by that length penalty alone)."""
     keep = torch.zeros(cfg.rollout_batch_size)
-    keep[share] = (~equal_groups(rnd.train_rewards, cfg.n_samples)).float() if cfg.filter_equal_groups else 1.0
+    keep[share] = (~equal_groups(rnd.rewards, cfg.n_samples)).float() if cfg.filter_equal_groups else 1.0
     return [(resample, p) for p in torch.nonzero(D.all_reduce_sum(keep)).flatten().tolist()]
 
 
@@ -146,20 +150,28 @@ def update(model, optimizer, rows, cfg, ctx):
     return {k: v / n_tokens for k, v in totals.items() if k != "loss"} | {"loss": totals["loss"], "grad_norm": grad_norm}
 
 
-def old_and_ref_logprobs(model, ref_model, rows, cfg, ctx):
+def old_and_ref_logprobs(model, ref_model, rows, cfg, ctx) -> dict:
     """Before any update: the policy's own log-probs (the PPO denominator) and the reference
-    model's, stored on each row. Returns the largest |sampler - trainer| log-prob gap, which
-    should be ~0 in fp32: a large one means rollout and trainer disagree (a known failure)."""
-    gap = torch.zeros((), device=ctx.device)
+    model's, stored on each row. Returns how far the sampler's log-probs are from the trainer's
+    (objective.mismatch_metrics, over every rank's response tokens): ~1e-6 in fp32, larger in bf16
+    and with other kernels; a run whose sampler drifts from its trainer is off-policy (a known
+    failure), and these say by how much."""
+    sums = {}
     with torch.no_grad():
         for row in D.pad_to_ranks(rows, empty_row()):
             t = row_tensors(row, ctx.device)
             old, _ = forward_logprobs(model, t, cfg.temperature)
-            gap = torch.maximum(gap, ((old - t["sampler"]) * t["mask"]).abs().max())
+            for name, value in logprob_mismatch(old, t["sampler"], t["mask"]).items():
+                sums[name] = value if name not in sums else torch.maximum(sums[name], value) if name == "max" \
+                    else sums[name] + value
             row["old"] = old if cfg.recompute_old_logprobs else t["sampler"]
             row["ref"] = forward_logprobs(ref_model, t, cfg.temperature)[0] if ref_model is not None \
                 else old
-    return D.all_reduce_max(gap)
+    if ctx.simulated or not sums:  # fake tensors hold no values; no rank has a row (every trace masked out)
+        return {}
+    largest, hist = D.all_reduce_max(sums.pop("max")), sums.pop("hist")
+    totals = D.all_reduce_sum(torch.cat([torch.stack(list(sums.values())), hist]))  # one collective
+    return mismatch_metrics(dict(zip(sums, totals)) | {"hist": totals[len(sums):], "max": largest})
 
 
 def assemble(rounds, kept, share, cfg) -> list[list[dict]]:

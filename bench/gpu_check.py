@@ -221,7 +221,7 @@ def grpo_step_one_gpu(tmp):
         m = grpo.grpo_step(model, ref_model, optimizer, NoTokenizer(), [{"label": "model_a"}] * 16,
                            prompts, step, list(range(16)), cfg, ctx, score=first_token_even)
         steps.append({k: m[k] for k in ("time_generate", "time_logprobs", "time_update", "tokens_per_s",
-                                        "rollout_logprob_gap", "loss", "grad_norm", "kl")})
+                                        "rollout_logprob_diff_max", "loss", "grad_norm", "kl")})
     check(all(abs(s["loss"]) < 1e3 and s["grad_norm"] == s["grad_norm"] for s in steps), f"losses {steps}")
     out = {"steps": steps}
     if on_gpu:

@@ -123,3 +123,21 @@ def test_pack_rows_marks_response_targets():
     assert r["adv"] == [0.5] * 4 + [-1.0] * 2 and r["seq"] == [0] * 4 + [1] * 2
     assert r["sampler"] == [0.0, 0.0, -0.1, -0.2, 0.0, -0.3]
     assert len(pack_rows(seqs, max_tokens=5)) == 2
+
+
+def test_sampler_trainer_mismatch_figures_by_hand():
+    from objective import logprob_mismatch, mismatch_metrics
+    # 100 response tokens: 98 off by 0.01, one by -0.5, one by 3; one prompt token (mask 0) by 50
+    sampler = torch.tensor([0.01] * 98 + [-0.5, 3.0, 50.0])
+    trainer, mask = torch.zeros(101), torch.tensor([1.0] * 100 + [0.0])
+    # two rows summed as passes.old_and_ref_logprobs sums them over rows and ranks
+    a, b = logprob_mismatch(trainer[:60], sampler[:60], mask[:60]), logprob_mismatch(trainer[60:], sampler[60:], mask[60:])
+    sums = {k: torch.maximum(a[k], b[k]) if k == "max" else a[k] + b[k] for k in a}
+    m = mismatch_metrics(sums)
+    d = [0.01] * 98 + [-0.5, 3.0]
+    assert m["rollout_logprob_diff_mean"] == pytest.approx(sum(map(abs, d)) / 100)
+    assert m["rollout_logprob_diff_max"] == pytest.approx(3.0), "the prompt token is not counted"
+    assert m["rollout_kl_k1"] == pytest.approx(sum(d) / 100)
+    assert m["rollout_kl_k3"] == pytest.approx(sum(math.exp(-x) + x - 1 for x in d) / 100)
+    # the 99th of 100 is |-0.5|: reported as the upper edge of its bin, at most 15.5% above it
+    assert 0.5 <= m["rollout_logprob_diff_p99"] <= 0.5 * 10 ** (1 / 16)

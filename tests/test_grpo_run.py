@@ -51,7 +51,7 @@ def test_two_ranks_match_one_rank(model_dir, tmp_path, two_ranks):
 ])
 def test_tensor_parallel_rollout_and_offloading_take_the_same_steps(model_dir, tmp_path, two_ranks, variant):
     other = run_worker(model_dir, tmp_path / "variant.json", steps=2, lr=1e-3, nproc=2, **variant)
-    for key in ("reward", "response_len", "loss", "kl", "entropy", "grad_norm", "rollout_logprob_gap"):
+    for key in ("reward", "response_len", "loss", "kl", "entropy", "grad_norm", "rollout_logprob_diff_max"):
         for step, (a, b) in enumerate(zip(two_ranks["history"], other["history"])):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), f"{key} at step {step}"
     assert other["checksum"] == pytest.approx(two_ranks["checksum"], rel=1e-5)
@@ -61,7 +61,7 @@ def test_first_mini_batch_has_ratio_one_and_rollout_logprobs_match(model_dir, tm
     res = run_worker(model_dir, tmp_path / "r.json", steps=1, lr=1e-3)
     m = res["history"][0]
     # fp32 on CPU: the sampler's log-probs and the trainer's agree to rounding
-    assert m["rollout_logprob_gap"] < 1e-4
+    assert m["rollout_logprob_diff_max"] < 1e-4
     # two mini-batches: the first has ratio exactly 1, so its ppo_kl is 0 and the mean is
     # the second's alone, which moved by one small step
     assert abs(m["ppo_kl"]) < 1e-2

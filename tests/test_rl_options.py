@@ -53,6 +53,24 @@ def test_dual_clip_bounds_the_loss_of_negative_advantages():
     assert float(sums["dual_clip_frac"]) == 1
 
 
+def test_filtering_reads_the_verdicts_not_the_overlong_penalty():
+    # 7 wrong verdicts, one trace 1 token into the overlong buffer: DAPO filters on correctness,
+    # so the group is dropped; read off the penalised rewards, it would train on advantages
+    # [0.38 x 6, -2.26] driven by the length penalty alone.
+    from scheduler import Completion
+    cfg = GRPOConfig(rollout_batch_size=1, mini_batch_size=1, n_samples=7, max_response_len=8, overlong_buffer=4,
+                     overlong="penalty", filter_equal_groups=True)
+    lengths = [2, 2, 2, 5, 2, 2, 2]
+    completions = [Completion(0, s, [1] * n, [0.0] * n, "stop") for s, n in enumerate(lengths)]
+    rnd = passes.score_round([{"label": "model_a"}], [[5, 6]], completions, [""] * 7, None, cfg,
+                             lambda completions, texts, records: -torch.ones(len(completions)))
+    assert rnd.train_rewards[3] == pytest.approx(-1.25) and rnd.train_rewards[0] == -1
+    assert passes.kept_groups(rnd, 0, [0], cfg) == []
+    mixed = passes.score_round([{"label": "model_a"}], [[5, 6]], completions, [""] * 7, None, cfg,
+                               lambda completions, texts, records: torch.tensor([1.0] + [-1.0] * 6))
+    assert passes.kept_groups(mixed, 0, [0], cfg) == [(0, 0)]
+
+
 # ---- in one process: which groups and traces a step trains on ----
 
 def by_kind(completions, texts, records):
