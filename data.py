@@ -18,6 +18,7 @@ import json
 import os
 import random
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -135,7 +136,8 @@ PROMPTS = {
         "Output your final verdict at last by strictly following this format: '<answer>[[A]]</answer>' if Chatbot A is better, or '<answer>[[B]]</answer>' if Chatbot B is better."
     ),
 }
-STYLES = ("instruct", "reasoning")
+Style = Literal["instruct", "reasoning"]  # instruct: system + user prompt; reasoning: one user turn (R1-distilled)
+STYLES = get_args(Style)
 ROLES = ("system", "user", "assistant")
 LABELS = ("model_a", "model_b")
 
@@ -330,8 +332,20 @@ def load_rlvr(path):
         label = get_field(r, where, "winner", str)
         if label not in LABELS:
             raise ValueError(f"{where}: field 'winner' must be 'model_a' or 'model_b', got {label[:80]!r}")
-        records.append({"context_messages": messages, "label": label})
+        records.append({"context_messages": messages, "label": label, **own_settings(r, where)})
     return records
+
+
+def own_settings(record, where) -> dict:
+    """What a record may set for itself: its own `max_new_tokens` (a response limit below the
+    run's --max_response_len, say for a short task among long ones), checked here with the
+    record's place."""
+    if "max_new_tokens" not in record:
+        return {}
+    limit = get_field(record, where, "max_new_tokens", int)
+    if limit < 1:
+        raise ValueError(f"{where}: field 'max_new_tokens' must be >= 1, got {limit}")
+    return {"max_new_tokens": limit}
 
 
 def write_records(path, records):
@@ -387,13 +401,13 @@ def pairs_to_rlvr(pairs, seed, style="instruct"):
             raise ValueError(f"{where}: a record must be a dict, got {type(r).__name__}")
         chosen, rejected = pair_conversations(r, where)
         if chosen[-1]["content"].strip() != rejected[-1]["content"].strip():
-            conversations.append((chosen, rejected))
+            conversations.append((chosen, rejected, own_settings(r, where)))
     chosen_is_a = [k % 2 == 0 for k in range(len(conversations))]
     random.Random(seed).shuffle(chosen_is_a)
     records = []
-    for (chosen, rejected), a_first in zip(conversations, chosen_is_a):
+    for (chosen, rejected, own), a_first in zip(conversations, chosen_is_a):
         a, b = place(chosen, rejected, a_first)
-        records.append({"context_messages": build_judge_messages(a, b, style), "label": label(a_first)})
+        records.append({"context_messages": build_judge_messages(a, b, style), "label": label(a_first), **own})
     return records, len(rows) - len(conversations)
 
 
@@ -429,13 +443,10 @@ def step_prompts(n_records, step, cfg) -> list[int]:
     return [int(orders[p // n_records][p % n_records]) for p in range(first, end)]
 
 
-def oversampler(records, prompts, step, cfg, share):
-    """draw(k) for grpo.grpo_step's --oversample: this rank's share of the k-th further batch of a
-    step, drawn from all the prompts with the seed (seed, step, k), so that resumed runs and any
-    number of ranks draw the same ones."""
-    def draw(resample):
-        rng = np.random.default_rng([cfg.seed, step, resample])
-        passes = -(-cfg.rollout_batch_size // len(records))
-        order = np.concatenate([rng.permutation(len(records)) for _ in range(passes)])
-        return [records[order[i]] for i in share], [prompts[order[i]] for i in share]
-    return draw
+def oversample_prompts(n_records, step, resample, cfg) -> list[int]:
+    """The prompts of the resample-th further rollout round of step `step` (--oversample), as
+    indices into the records: a whole batch drawn from all of them with the seed (seed, step,
+    resample), so that resumed runs and any number of ranks draw the same ones."""
+    rng = np.random.default_rng([cfg.seed, step, resample])
+    passes = -(-cfg.rollout_batch_size // n_records)
+    return [int(i) for i in np.concatenate([rng.permutation(n_records) for _ in range(passes)])]

@@ -10,6 +10,7 @@ the step loop and resumable checkpoints are run.py's.
 """
 
 import contextlib
+import copy
 import datetime
 import functools
 import gc
@@ -202,11 +203,11 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(x) / (dist.get_world_size() if dist.is_initialized() else 1)
 
 
-def pad_to_ranks(mine: list, empty: dict) -> list:
+def pad_to_ranks(mine: list, empty) -> list:
     """This rank's items, then copies of `empty` up to the most any rank holds: FSDP needs every
     rank to run the same number of forwards (each one's collectives), so the short ranks run
     empty rows that carry no loss."""
-    return mine + [dict(empty) for _ in range(max_over_ranks(len(mine)) - len(mine))]
+    return mine + [copy.copy(empty) for _ in range(max_over_ranks(len(mine)) - len(mine))]
 
 
 def max_over_ranks(n: int, group=None) -> int:

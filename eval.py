@@ -58,12 +58,14 @@ from tqdm import tqdm
 import benchmarks
 import data
 import demo.recipe
-import distributed as D
+import distributed
 import tp
 from checkpoint import append_whole, load_config, repair_export, write_atomic
 from cli import check_fields, parse_config
-from judge import SCORE, Judge, Judgments, noise_key, outcome, score, tally
+from data import Style
+from judge import SCORE, Judge, Judgments, noise_key, outcome
 from reward import LETTERS, label
+from scores import labeled, no_result, scores_of, summary
 
 
 @dataclass
@@ -71,7 +73,7 @@ class EvalConfig:
     model: str = demo.SHIPPED        # HF model directory (weights + tokenizer with a chat template)
     bench: str = "demo"              # demo | rewardbench | rm-bench | rmb-pairwise | rmb-bon | pairs | label
     data: str = ""                   # benchmark file or folder (not needed for demo)
-    style: str = "instruct"          # instruct: system + user prompt; reasoning: one user turn (R1-distilled)
+    style: Style = "instruct"        # instruct: system + user prompt; reasoning: one user turn (R1-distilled)
     max_new_tokens: int = 8192       # judgment length; one that reaches it is logged as "length" (demo: 160)
     max_prompt_len: int = 4096       # longer prompts are not judged and count as wrong (paper: 4096)
     batch_size: int = 64             # sequences decoded at once by the sampler
@@ -98,7 +100,6 @@ def check_config(cfg: EvalConfig, world_size=1):
     """Every setting, before any data or model is read; an error names the flag and the fix."""
     check_fields(cfg, [
         ("bench", cfg.bench in BENCHES, f"must be one of {BENCHES}"),
-        ("style", cfg.style in data.STYLES, f"must be one of {data.STYLES}"),
         ("data", cfg.bench == "demo" or cfg.data, f"--bench {cfg.bench} needs --data (a file or a folder of "
          f"the benchmark's files)"),
         ("data", cfg.bench != "demo" or not cfg.data, "is not read by --bench demo (it judges the demo's own "
@@ -193,7 +194,7 @@ def judge(judge_: Judge, units, cfg: EvalConfig, log=None) -> list[dict]:
     lead = ctx is None or ctx.tp_mesh is None or ctx.tp_mesh.get_local_rank() == 0
     chunk = cfg.batch_size * CHUNK_BATCHES * groups
     records = []
-    with tqdm(total=len(units), desc=f"judging ({cfg.bench})", unit="judgment", disable=not D.is_main()) as bar:
+    with tqdm(total=len(units), desc=f"judging ({cfg.bench})", unit="judgment", disable=not distributed.is_main()) as bar:
         for start in range(0, len(units), chunk):
             mine = units[start:start + chunk][group::groups]
             prompts = [judge_.prompt(c.chosen, c.rejected, position) for c, position in mine]
@@ -203,7 +204,7 @@ def judge(judge_: Judge, units, cfg: EvalConfig, log=None) -> list[dict]:
             part = [record_of(c, position, len(ids), judged.get(i), cfg)
                     for i, ((c, position), ids) in enumerate(zip(mine, prompts))]
             # group g judged the chunk's units g, g + groups, ...: interleave them back
-            parts = [p for p in D.all_gather_objects((group, part) if lead else None) if p]
+            parts = [p for p in distributed.all_gather_objects((group, part) if lead else None) if p]
             done = [None] * sum(len(p) for _, p in parts)
             for g, part in parts:
                 done[g::groups] = part
@@ -269,149 +270,6 @@ def check_log_matches(logged: set, comparisons, log_path, cfg: EvalConfig):
                          f"{min(uids)!r}); pass a new --out for this data")
 
 
-# ---- scores ----
-
-def by_comparison(records) -> list[list[dict]]:
-    """The log's lines grouped by comparison (one line, or one per order), in log order."""
-    lines = {}
-    for r in records:
-        lines.setdefault(r["uid"], []).append(r)
-    return list(lines.values())
-
-
-def per_comparison(records) -> list[dict]:
-    """One result per comparison, in log order: with two orders, the first's line scored with the
-    mean of both (an inconsistent pair is a tie, judge.py)."""
-    return [rs[0] if len(rs) == 1 else dict(rs[0], correct=sum(float(r["correct"]) for r in rs) / len(rs))
-            for rs in by_comparison(records)]
-
-
-def mean_and_error(xs) -> tuple[float, float]:
-    """The mean of xs and its standard error (sample standard deviation / sqrt(n))."""
-    n = len(xs)
-    mean = sum(xs) / n
-    return mean, (sum((x - mean) ** 2 for x in xs) / (n - 1) / n) ** 0.5 if n > 1 else 0.0
-
-
-def voting_curve(records, samples, bench) -> list[dict]:
-    """Accuracy of the majority of the first k samples, k = 1, 2, 4, ..., samples (and samples):
-    the same samples for every k, so the points differ by voting alone (a graded benchmark's)."""
-    curve = []
-    for k in sorted({1 << i for i in range(samples.bit_length())} | {samples}):
-        results = per_comparison([dict(r, correct=score(r["votes"][:k], r["chosen_position"])) for r in records])
-        accuracy, error = mean_and_error([r["correct"] for r in results])
-        curve.append({"k": k, "accuracy": accuracy, "standard_error": error,
-                      "scores": benchmarks.score(bench, results)})
-    return curve
-
-
-def samples_of(r, field) -> list:
-    """A line's per-sample values of `field` ("votes": the verdicts, "finish_reasons"): with
-    --samples K the K samples' own, else the line's one greedy value."""
-    return r[field] if field in r else [r["verdict" if field == "votes" else "finish_reason"]]
-
-
-def votes_of(r) -> list:
-    """A line's sample verdicts (one greedy verdict: itself)."""
-    return samples_of(r, "votes")
-
-
-def orders_of(records) -> dict:
-    """With both orders: position consistency (the share of the comparisons judged in both orders
-    whose two outcomes name the same answer; a comparison with an order not judged, its prompt
-    too long, is no evidence either way), accuracy over every comparison (an unjudged order is
-    wrong, as in the scores) with an inconsistent pair a tie, and the share of votes for A."""
-    pairs = [rs for rs in by_comparison(records) if len(rs) == 2]
-    judged = [rs for rs in pairs if all(r["finish_reason"] != "prompt_too_long" for r in rs)]
-    votes = [v for r in records for v in votes_of(r) if v is not None]
-    accuracy, error = mean_and_error([sum(float(r["correct"]) for r in rs) / 2 for rs in pairs])
-    return {"comparisons": len(pairs), "judged_in_both_orders": len(judged),
-            "position_consistency": sum(tally([(r["chosen_position"], votes_of(r)) for r in rs])[2]
-                                        for rs in judged) / max(1, len(judged)),
-            "accuracy": accuracy, "standard_error": error,
-            "votes_A_share": sum(v == "A" for v in votes) / max(1, len(votes))}
-
-
-# What each rate of scores.json counts, said there when it is not one greedy judgment per comparison.
-COUNTED_OVER = {"invalid_verdict_rate": "samples", "truncated_rate": "samples",
-                "verdict_A_share": "judgments (a comparison in one order; its verdict the samples' majority)",
-                "gold_A_share": "judgments", "both_orders.position_consistency": "comparisons judged in both orders",
-                "both_orders.votes_A_share": "samples with a verdict"}
-
-
-def scores_of(records, bench, samples=1) -> dict:
-    """The benchmark's official scores from log records, and the judge's own health counts; with
-    samples > 1 the voting curve, and with both orders in the log their consistency. Every rate
-    counts over the judged lines (prompts too long are counted apart), per sample where a line
-    holds several (COUNTED_OVER, written beside them when samples or orders make it matter)."""
-    n = len(records)
-    judged = [r for r in records if r["finish_reason"] != "prompt_too_long"]
-    judged_samples = [(v, reason) for r in judged for v, reason in zip(votes_of(r), samples_of(r, "finish_reasons"))]
-    results = per_comparison(records)
-    two_orders = len(results) < n
-    graded = benchmarks.BENCHMARKS[bench].score is not None  # --bench label grades nothing
-    scores = {
-        "bench": bench,
-        "comparisons": len(results),
-        **({"judgments": n} if two_orders else {}),
-        "prompt_too_long": n - len(judged),
-        # share of samples whose text holds neither or both of [[A]] / [[B]]
-        "invalid_verdict_rate": sum(v is None for v, _ in judged_samples) / max(1, len(judged_samples)),
-        "truncated_rate": sum(reason == "length" for _, reason in judged_samples) / max(1, len(judged_samples)),
-        # position bias shows as a verdict-A share away from the gold A share
-        "verdict_A_share": sum(r["verdict"] == "A" for r in judged) / max(1, len(judged)),
-        "gold_A_share": sum(r["chosen_position"] == "A" for r in judged) / max(1, len(judged)),
-        "scores": benchmarks.score(bench, results) if graded else {},
-    }
-    if samples > 1 or two_orders:
-        scores["counted_over"] = {k: v for k, v in COUNTED_OVER.items() if two_orders or "both_orders" not in k}
-    if samples > 1 and graded:
-        scores["voting"] = {"rule": "majority of the first k samples; equal votes are half right, no vote is wrong",
-                            "curve": voting_curve(records, samples, bench)}
-    if two_orders:
-        scores["both_orders"] = orders_of(records)
-        if not graded:  # --bench label: "correct" is "picked response_a"
-            del scores["both_orders"]["accuracy"], scores["both_orders"]["standard_error"]
-    return scores
-
-
-def labeled(records) -> list[dict]:
-    """--bench label: each pair the judge picked an answer for, as a preference pair (prompt, chosen,
-    rejected: what grpo.py --data and DPO trainers read) with its votes and, with both orders, their
-    consistency. Pairs with no pick (a tie, no vote) are left out; scores.json counts them."""
-    out = []
-    for rs in by_comparison(records):
-        choice, votes, consistent = tally([(r["chosen_position"], votes_of(r)) for r in rs])
-        if choice is None:
-            continue
-        meta = rs[0]["meta"]
-        a, b = meta["response_a"], meta["response_b"]
-        out.append({"id": rs[0]["uid"], **({"prompt": meta["prompt"]} if "prompt" in meta else {}),
-                    "chosen": a if choice == "chosen" else b, "rejected": b if choice == "chosen" else a,
-                    "picked": "response_a" if choice == "chosen" else "response_b",
-                    "votes": {"response_a": votes["chosen"], "response_b": votes["rejected"], "none": votes["none"]},
-                    "consistent": consistent})
-    return out
-
-
-def summary(scores) -> str:
-    """A two-column table: every scalar score in percent, then the counts."""
-    rows = [(k, f"{100 * v:.1f}") for k, v in scores["scores"].items() if isinstance(v, float)]
-    rows += [(k, str(scores[k])) for k in ("comparisons", "prompt_too_long")]
-    rows += [(k, f"{100 * scores[k]:.1f}") for k in ("invalid_verdict_rate", "truncated_rate",
-                                                      "verdict_A_share", "gold_A_share")]
-    for point in scores.get("voting", {}).get("curve", []):
-        rows.append((f"majority of {point['k']}", f"{100 * point['accuracy']:.1f} +- {100 * point['standard_error']:.1f}"))
-    if "both_orders" in scores:
-        orders = scores["both_orders"]
-        if "accuracy" in orders:
-            rows.append(("both orders: accuracy", f"{100 * orders['accuracy']:.1f} +- {100 * orders['standard_error']:.1f}"))
-        rows += [("both orders: consistency", f"{100 * orders['position_consistency']:.1f}"),
-                 ("both orders: votes for A", f"{100 * orders['votes_A_share']:.1f}")]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v:>7}" for k, v in rows)
-
-
 # ---- entry point ----
 
 def load_judge(cfg: EvalConfig, ctx) -> Judge:
@@ -427,12 +285,12 @@ def on_main(fn):
     """fn() on rank 0 alone (the one that reads and writes `out`), its result shared with every
     rank; a ValueError it raises is raised on every rank, so none waits for a rank that stopped."""
     result = error = None
-    if D.is_main():
+    if distributed.is_main():
         try:
             result = fn()
         except ValueError as e:
             error = str(e)
-    result, error = D.all_gather_objects((result, error))[0]
+    result, error = distributed.all_gather_objects((result, error))[0]
     if error is not None:
         raise ValueError(error)
     return result
@@ -440,8 +298,8 @@ def on_main(fn):
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Judge what the log lacks, append it, and return (and write) the scores of the whole log."""
-    check_config(cfg, D.world_size())
-    ctx = D.init(tp=cfg.tp)
+    check_config(cfg, distributed.world_size())
+    ctx = distributed.init(tp=cfg.tp)
     if cfg.tp > 1:
         tp.check_divisible(load_config(cfg.model), cfg.tp)
     out = cfg.out or f"runs/eval-{cfg.bench}"
@@ -461,10 +319,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     done |= {(uid, None) for uid, _ in done}
     todo = [(c, position) for c, position in units if (c.uid, position if cfg.both_orders else None) not in done]
     what = "comparisons" if len(units) == len(comparisons) else f"comparisons ({len(units)} judgments, both orders)"
-    D.log(f"{len(comparisons)} {what}, {len(units) - len(todo)} already in {log_path}, "
+    distributed.log(f"{len(comparisons)} {what}, {len(units) - len(todo)} already in {log_path}, "
           f"{len(todo)} to judge" + (f" on {ctx.dp[1]} data-parallel groups" if ctx.world_size > 1 else ""))
     if todo:
-        judge(load_judge(cfg, ctx), todo, cfg, log_path if D.is_main() else None)
+        judge(load_judge(cfg, ctx), todo, cfg, log_path if distributed.is_main() else None)
     return on_main(lambda: score_log(cfg, out, log_path))
 
 
@@ -491,19 +349,9 @@ def main(argv=None):
     cfg, given = parse_config(EvalConfig, argv, __doc__)
     if cfg.bench == "demo":
         cfg = demo.recipe.apply(cfg, demo.recipe.EVAL, given, "eval.py --bench demo")
-    with D.running():
+    with distributed.running():
         scores = evaluate(cfg)
     return scores
-
-
-def no_result(scores) -> str | None:
-    """Why a finished evaluation is no result (and eval.py exits non-zero): no judgment held a verdict."""
-    judged = scores.get("judgments", scores["comparisons"]) - scores["prompt_too_long"]
-    if judged and scores["invalid_verdict_rate"] == 1.0:
-        return (f"none of the {judged} judgments holds a verdict ([[A]] or [[B]]): the scores are written, but "
-                f"they are not a result. Check the model (its weights, its tokenizer), --style and "
-                f"--max_new_tokens ({100 * scores['truncated_rate']:.0f}% of the sampled judgments were cut there)")
-    return None
 
 
 if __name__ == "__main__":

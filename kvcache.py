@@ -216,11 +216,12 @@ def device_kv_budget(device) -> int | None:
 
 def cache_pages(config, prompts, params, dtype, budget_bytes, slots, page_size=PAGE_SIZE) -> int:
     """Pages in the pool: what the budget (bytes; None: no limit) holds, and no more than this
-    call could ever use at once (every slot at full length, every prompt's pages, the scratch
-    page). A budget below what one sequence needs is an error that names the number."""
-    L = max(map(len, prompts))
-    per_seq = -(-(L + params.max_new_tokens) // page_size)
-    prefix = -(-(L - 1) // page_size)
+    call could ever use at once (every slot at its longest sequence, every prompt's pages, the
+    scratch page). prompts are scheduler.Prompts (their tokens and their own limits). A budget
+    below what one sequence needs is an error that names the number."""
+    longest = max(prompts, key=lambda p: len(p.ids) + p.limit(params))
+    per_seq = -(-(len(longest.ids) + longest.limit(params)) // page_size)
+    prefix = -(-(max(len(p.ids) for p in prompts) - 1) // page_size)
     page_bytes = KVCache.bytes_per_slot(config, page_size, dtype)
     most = slots * per_seq + min(slots, len(prompts)) * prefix + 1
     if budget_bytes is None:
@@ -228,8 +229,8 @@ def cache_pages(config, prompts, params, dtype, budget_bytes, slots, page_size=P
     one = per_seq + prefix + 1
     if budget_bytes < one * page_bytes:
         raise ValueError(f"the KV cache needs {one} pages of {page_size} positions ({one * page_bytes / 2**30:.2f} "
-                         f"GiB) for one sequence of {L} + {params.max_new_tokens} tokens, but its budget is "
-                         f"{budget_bytes / 2**30:.2f} GiB: raise the budget (kv_budget_gib), free device "
+                         f"GiB) for one sequence of {len(longest.ids)} + {longest.limit(params)} tokens, but its "
+                         f"budget is {budget_bytes / 2**30:.2f} GiB: raise the budget (kv_budget_gib), free device "
                          f"memory, or shorten prompts / max_new_tokens")
     return min(most, budget_bytes // page_bytes)
 

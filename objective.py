@@ -3,33 +3,53 @@ clipped surrogate (with dual clip), and DAPO's overlong penalty and all-equal-gr
 grpo.py calls them; tests check them against values worked out by hand.
 
     advantages = group_advantages(rewards, group_size=7)            # (G * n,)
-    loss, sums = policy_loss(logprobs, old, ref, advantages, mask, entropy, seq_ids, LossConfig(), n_tokens, n_seqs)
+    loss, sums = policy_loss(logprobs, entropy, row, cfg, n_tokens, n_seqs)   # row: a packed Row
 
-A new objective is a change here: its settings are fields of LossConfig (and flags of the same
-names in grpo.GRPOConfig, which LossConfig.of reads), its metrics more entries of policy_loss's
-dict of sums, which passes.py sums over rows and ranks and logs under their names.
+A new objective is a change here: its settings are fields of LossConfig (grpo.GRPOConfig extends
+it, so each is a flag of grpo.py as it is), a per-token quantity it needs is a field of Row (and
+the place in passes.py that fills it), its metrics more entries of policy_loss's dict of sums,
+which passes.py sums over rows and ranks and logs under their names.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from typing import Literal, get_args
 
 import torch
 
 
 @dataclass
 class LossConfig:
-    """What policy_loss reads; grpo.GRPOConfig has a flag of each name (LossConfig.of)."""
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.2       # > clip_ratio_low: DAPO's clip-higher
-    clip_ratio_c: float = 0.0          # dual clip; 0: off
-    kl_coef: float = 1e-3              # 0: no KL term
-    kl_estimator: str = "low_var_kl"   # k1 | mse (k2) | low_var_kl (k3)
-    entropy_coef: float = 0.0
-    loss_agg: str = "token-mean"       # token-mean | seq-mean-token-mean
+    """What policy_loss reads: grpo.GRPOConfig extends it, so each is a flag of grpo.py."""
+    clip_ratio_low: float = 0.2        # PPO's clip below 1: the ratio's floor is 1 - this
+    clip_ratio_high: float = 0.2       # PPO's clip above 1; > clip_ratio_low: DAPO's clip-higher
+    clip_ratio_c: float = 0.0          # dual clip: a negative advantage's loss <= -A * c (verl: 3); 0: off
+    kl_coef: float = 1e-3              # weight of the KL-to-reference loss term; 0 skips the ref model
+    kl_estimator: Literal["k1", "mse", "low_var_kl"] = "low_var_kl"  # k1, k2 (mse) or k3 (low_var_kl) of KL(policy || ref)
+    entropy_coef: float = 0.0          # weight of the entropy bonus
+    loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"  # one mean over the mini-batch's tokens, or of each trace's mean
 
-    @classmethod
-    def of(cls, cfg):
-        """The settings of these names in a trainer's config."""
-        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
+@dataclass
+class Row:
+    """One packed row of traces (documents that never attend to each other), per token (T,):
+    what the trainer's forward reads and what the loss reads. passes.pack_rows builds it on the
+    host; to(device) moves it; the log-prob pass fills old_logprobs and ref_logprobs."""
+    ids: torch.Tensor               # (T,) input tokens
+    targets: torch.Tensor           # (T,) the token each position predicts
+    positions: torch.Tensor         # (T,) position ids, restarting at 0 with each trace
+    mask: torch.Tensor              # (T,) 1 where the target is a response token: what trains
+    advantages: torch.Tensor        # (T,) each token's trace's advantage
+    seq: torch.Tensor               # (T,) which trace of the mini-batch a token belongs to
+    sampler_logprobs: torch.Tensor  # (T,) the sampler's log-prob of each response target (0 elsewhere)
+    doc_lens: list[int]             # the traces' lengths in the row, for the attention (host ints:
+    traces: list[int]               # each trace's index in the mini-batch, and the row's count of
+    response_tokens: int            # response targets, so counting them never waits on a device)
+    old_logprobs: torch.Tensor | None = None  # (T,) the policy before this step's updates (PPO's denominator)
+    ref_logprobs: torch.Tensor | None = None  # (T,) the reference policy's (the KL term)
+
+    def to(self, device) -> "Row":
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
 def group_advantages(rewards, group_size, norm_by_std=True, eps=1e-6):
@@ -79,7 +99,7 @@ def kl_penalty(logprobs, ref_logprobs, estimator):
         # = NaN: clamp the exponent first, as verl does (there its gradient is 0, as the outer clamp's).
         log_ratio = log_ratio.clamp(-20, 20)
         return (torch.exp(-log_ratio) + log_ratio - 1).clamp(-10, 10)
-    raise ValueError(f"kl_estimator must be k1, mse or low_var_kl, got {estimator!r}")
+    raise ValueError(f"kl_estimator {estimator!r}: not one of {get_args(LossConfig.__annotations__['kl_estimator'])}")
 
 
 # |sampler - trainer| log-prob differences are binned on a log scale (MISMATCH_BINS_PER_DECADE bins
@@ -121,18 +141,18 @@ def mismatch_metrics(sums) -> dict:
             "rollout_kl_k3": float(sums["k3"]) / n}
 
 
-def policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, response_mask, entropy, seq_ids,
-                cfg: LossConfig, n_tokens, n_seqs):
+def policy_loss(logprobs, entropy, row: Row, cfg: LossConfig, n_tokens, n_seqs):
     """PPO clipped objective + kl_coef * KL - entropy_coef * entropy, as a sum that callers add
     over micro-batches and ranks: n_tokens / n_seqs are the mini-batch's global counts, so the
     total is one token mean (or one mean over sequences of per-sequence token means) however
-    the mini-batch was split. All tensors (N,) over packed tokens; seq_ids (N,) says which
-    sequence a token belongs to (for seq-mean-token-mean). Returns (loss, {metric: sum over the
-    response tokens}), the sums to be divided by the token count once they are summed everywhere.
+    the mini-batch was split. logprobs and entropy (T,) are the policy's on the row's targets;
+    the row gives the old and reference log-probs, advantages, response mask and trace ids.
+    Returns (loss, {metric: sum over the response tokens}), the sums to be divided by the token
+    count once they are summed everywhere.
     """
-    mask = response_mask.float()
+    mask, advantages = row.mask.float(), row.advantages
     # Clamped as verl does: exp() overflows past ~88 in fp32, and 0 * inf (a zero advantage) is NaN.
-    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
+    log_ratio = (logprobs - row.old_logprobs).clamp(-20.0, 20.0)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - cfg.clip_ratio_low, 1 + cfg.clip_ratio_high)
@@ -142,17 +162,17 @@ def policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, response_mask,
         # Dual clip (Ye et al. 2020): with A < 0 a huge ratio would make an unbounded loss.
         dual = (advantages < 0) & (per_token > -advantages * cfg.clip_ratio_c)
         per_token = torch.where(dual, -advantages * cfg.clip_ratio_c, per_token)
-    kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator) if cfg.kl_coef else torch.zeros_like(logprobs)
+    kl = kl_penalty(logprobs, row.ref_logprobs, cfg.kl_estimator) if cfg.kl_coef else torch.zeros_like(logprobs)
     per_token = per_token + cfg.kl_coef * kl - cfg.entropy_coef * entropy
     if cfg.loss_agg == "token-mean":
         loss = (per_token * mask).sum() / n_tokens
     elif cfg.loss_agg == "seq-mean-token-mean":
-        n_seq_local = int(seq_ids.max()) + 1 if seq_ids.numel() else 0
-        seq_sum = torch.zeros(n_seq_local, device=mask.device).index_add(0, seq_ids, per_token * mask)
-        seq_len = torch.zeros(n_seq_local, device=mask.device).index_add(0, seq_ids, mask)
+        n_seq_local = int(row.seq.max()) + 1 if row.seq.numel() else 0
+        seq_sum = torch.zeros(n_seq_local, device=mask.device).index_add(0, row.seq, per_token * mask)
+        seq_len = torch.zeros(n_seq_local, device=mask.device).index_add(0, row.seq, mask)
         loss = (seq_sum / seq_len.clamp(min=1)).sum() / n_seqs
     else:
-        raise ValueError(f"loss_agg must be token-mean or seq-mean-token-mean, got {cfg.loss_agg!r}")
+        raise ValueError(f"loss_agg {cfg.loss_agg!r}: not one of {get_args(LossConfig.__annotations__['loss_agg'])}")
     with torch.no_grad():
         sums = {"clip_frac": ((clipped > unclipped).float() * mask).sum(),
                 "ppo_kl": (-log_ratio * mask).sum(), "kl": (kl * mask).sum(),

@@ -4,9 +4,10 @@
     python sft.py  --plan --plan_world_size 8 --plan_gpu_gib 141 --model DIR   # H200s
 
 Each trainer walks its own step (grpo.plan_walk, sft.plan_walk): it builds the run the way
-train() does and calls the step's own phase functions in the step's order, on data at the
-configured maximum lengths, each device phase inside `plan.phase(name)`, every pass that
-accumulates over at least two rows. The walk runs as rank 0 of world_size ranks in one CPU
+train() does and runs the step itself (grpo.grpo_step, sft.sft_step) on data at the configured
+maximum lengths, handing it this plan as its `phases`: every device phase the step opens with
+phases.phase(...) is measured here (a phase added to the step is in the plan with no other
+edit), and every pass that accumulates runs over at least two rows. The walk runs as rank 0 of world_size ranks in one CPU
 process: torch's fake process group stands in for NCCL, fake tensors (shapes, no storage) for
 GPU memory (ctx.simulated), and FSDP2's memory tracker records each phase's peak, so a 32B step
 costs seconds and no memory. It measures the CUDA code paths (bf16 compute, the bf16 reference,
@@ -29,13 +30,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor._sharding_prop import ShardingPropagator
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-import distributed as D
+import distributed
 from kvcache import ALLOCATOR_SLACK
 
 GiB = 2**30
@@ -150,6 +151,9 @@ class Plan:
         self.notes: list[str] = [] if gpu_gib == self.gpu_gib else \
             [f"--plan_gpu_gib {gpu_gib:g}: an {gpu_gib:g} GB card reports {self.gpu_gib:g} GiB"]
         self.tracker = None
+        # GPU memory: tensors made inside it are fake (shapes, no storage); host tensors made
+        # outside it are real and become fake where they meet fake ones.
+        self.fake = FakeTensorMode(allow_non_fake_inputs=True)
 
     @property
     def set_aside(self) -> list:
@@ -191,26 +195,24 @@ class Plan:
         return self.total - sum(b for _, b in self.held) - self.current(), self.total
 
     @contextlib.contextmanager
-    def phase(self, name, advice=""):
-        """Measure one phase: the tracker's peak is reset on entry (it restarts from the
-        current total whenever it is entered). A ValueError inside (a phase that cannot start:
-        no room for one KV sequence) is the phase's error, and the walk goes on."""
+    def phase(self, key, name, advice=""):
+        """Measure one phase of the trainer's step (the step opens each of its device phases with
+        phases.phase(key, name, advice), which the plan is given as `phases`): on fake tensors,
+        the tracker's peak reset on entry (it restarts from the current total whenever it is
+        entered). What runs between phases is host work, on real tensors. A ValueError inside (a
+        phase that cannot start: no room for one KV sequence) is the phase's error, and the walk
+        goes on; the step's metrics are not read (fake tensors hold no values)."""
         phase = Phase(name, 0, 0, advice)
         self.phases.append(phase)
         self.tracker.reset_mod_stats()  # per-module stats are per forward; phases repeat forwards
         try:
-            with self.tracker, blind_to_shape_propagation(self.tracker):
+            with self.fake, self.tracker, blind_to_shape_propagation(self.tracker):
                 yield phase
                 phase.peak = self.total_of(self.tracker.get_tracker_snapshot("peak"))
         except ValueError as e:
             phase.error = str(e)
         finally:
             phase.after = self.current()
-
-    @staticmethod
-    def on_host():
-        """Host work inside a walk (scoring, packing): real tensors, outside the fake mode."""
-        return unset_fake_temporarily()
 
     @staticmethod
     def tokenizer(config):
@@ -295,12 +297,11 @@ def fake_world(plan: Plan, tp: int = 1):
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
         # outside fake mode: the meshes read real rank ids
-        mesh, decode_mesh = init_device_mesh("cpu", (world_size,)), D.make_decode_mesh("cpu", world_size, tp)
-        # Real tensors made on the host (token lists, counts) become fake when they meet fake ones.
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            # Offloaded state goes to the meta device, which holds nothing: off the simulated GPU.
-            yield D.Context(rank=0, world_size=world_size, device=torch.device("cpu"), gpu=True, mesh=mesh,
-                            decode_mesh=decode_mesh, host=torch.device("meta"), simulated=True, memory=plan.memory)
+        mesh, decode_mesh = init_device_mesh("cpu", (world_size,)), distributed.make_decode_mesh("cpu", world_size, tp)
+        # Offloaded state goes to the meta device, which holds nothing: off the simulated GPU.
+        yield distributed.Context(rank=0, world_size=world_size, device=torch.device("cpu"), gpu=True, mesh=mesh,
+                                  decode_mesh=decode_mesh, host=torch.device("meta"), simulated=True,
+                                  memory=plan.memory)
     finally:
         dist.destroy_process_group()
 
@@ -347,7 +348,7 @@ def check_before_training(argv=None):
     and this GPU's memory (in a child process, so nothing of the fake world stays behind), and
     stop every rank with the table when it does not fit."""
     verdict = torch.zeros(())  # 0 fits, 1 does not fit, 2 the plan itself failed
-    if D.is_main():
+    if distributed.is_main():
         gpu_gib = torch.cuda.mem_get_info()[1] / GiB  # the card as it reports itself
         world = dist.get_world_size() if dist.is_initialized() else 1
         argv = sys.argv if argv is None else argv
@@ -360,7 +361,7 @@ def check_before_training(argv=None):
             verdict += 1 if "does not fit" in child.stdout else 2
             if verdict == 2:
                 print(child.stderr[-3000:], file=sys.stderr, flush=True)
-    verdict = int(D.all_reduce_max(verdict))
+    verdict = int(distributed.all_reduce_max(verdict))
     if verdict == 1:
         raise SystemExit("the memory plan above says this run does not fit; change what it says, or "
                          "pass --no-check_memory to start anyway")

@@ -45,7 +45,7 @@ import torch
 
 from kvcache import PAGE_SIZE, cache_pages, device_kv_budget, new_cache
 from reward import parse_verdict
-from scheduler import Completion, Scheduler
+from scheduler import Completion, Scheduler, as_prompts
 
 
 @dataclass
@@ -60,9 +60,13 @@ class SamplingParams:
 
 
 def check_inputs(prompts, params, vocab_size, max_batch_size):
+    """prompts: [Prompt]; an error names the prompt, the token or the setting."""
     if not prompts:
         raise ValueError("prompts is empty; pass a list of token-id lists")
-    for i, p in enumerate(prompts):
+    for i, prompt in enumerate(prompts):
+        p = prompt.ids
+        if prompt.max_new_tokens is not None and prompt.max_new_tokens < 1:
+            raise ValueError(f"prompts[{i}].max_new_tokens={prompt.max_new_tokens} must be >= 1 (or None)")
         if len(p) == 0:
             raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token")
         if min(p) < 0 or max(p) >= vocab_size:
@@ -200,16 +204,16 @@ class Sampler:
 
     def __init__(self, model, prompts, params: SamplingParams, max_batch_size=64, use_cuda_graph=True,
                  prompt_keys=None, kv_budget_bytes=None, page_size=PAGE_SIZE):
-        keys = list(range(len(prompts))) if prompt_keys is None else list(prompt_keys)
+        prompts = as_prompts(prompts, prompt_keys)
         check_inputs(prompts, params, model.config.vocab_size, max_batch_size)
         weight = model.embed_tokens.weight
         self.model, self.prompts, self.params = model, prompts, params
         self.slots = min(max_batch_size, len(prompts) * params.n)
-        self.seq_len = max(map(len, prompts)) + params.max_new_tokens
+        self.seq_len = max(len(p.ids) + p.limit(params) for p in prompts)
         budget = device_kv_budget(weight.device) if kv_budget_bytes is None else kv_budget_bytes
         n_pages = cache_pages(model.config, prompts, params, weight.dtype, budget, self.slots, page_size)
         self.cache = new_cache(model, self.slots, self.seq_len, page_size, n_pages)
-        self.batch = Scheduler(self.cache, prompts, keys, params, self.slots)
+        self.batch = Scheduler(self.cache, prompts, params, self.slots)
         # The decode step's inputs, one column per slot: the token to feed, its position, and
         # which (prompt, sample) the slot holds, for the sampling noise. Fixed address and shape.
         self.state = torch.zeros(4, self.slots, dtype=torch.long, device=weight.device)
@@ -277,7 +281,8 @@ def full_length(n_prompts, params: SamplingParams) -> list[Completion]:
 @torch.no_grad()
 def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda_graph=True,
              prompt_keys=None, kv_budget_bytes=None, page_size=PAGE_SIZE, return_stats=False):
-    """Sample params.n completions for each prompt (a list of token ids); returns
+    """Sample params.n completions for each prompt (a list of token ids, or a scheduler.Prompt
+    with a key and a limit of its own); returns
     len(prompts) * n Completions, prompt-major (prompt 0 samples 0..n-1, then prompt 1, ...),
     and, with return_stats, (completions, RolloutStats).
 

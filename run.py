@@ -1,14 +1,17 @@
-"""A training run's directory and loop, shared by sft.py and grpo.py: what a fresh run and a
-resumed one may do, the step loop, resumable checkpoints, metrics.
+"""What sft.py's and grpo.py's loops share, as plain functions they call: a run directory that a
+fresh run and a resumed one may use, resumable checkpoints, metrics, a stop on a non-finite value.
 
     start_run(cfg.out, asdict(cfg), cfg.resume, preset)   # before any model is loaded
-    run_steps(cfg, model, optimizer, tokenizer, total_steps, step_fn, export_dir)   # resume, steps, saves
+    start = resume(cfg, model, optimizer)                 # 0, or the step out/latest holds
+    with stop_on_non_finite(step + 1, cfg.out): ...       # the step; a NaN ends the run with advice
     save_state(run_dir, step, model, optimizer, meta)     # resumable (torch.distributed.checkpoint), atomic
+    finish(cfg, stop, total_steps, model, optimizer, tokenizer, export)   # last checkpoint, HF export
 
 A run directory holds config.json (the settings the run started with, and its data files'
 digests), step_N/ checkpoints with `latest` naming the newest, metrics.jsonl and the hf/ export.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -16,7 +19,6 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import asdict
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -134,7 +136,7 @@ def roll_back(run_dir, step):
 # ---- resumable training state ----
 
 def run_rules(cfg) -> list:
-    """check_fields rules of the settings run_steps reads (and init's timeout), for both trainers."""
+    """check_fields rules of the settings these functions read (and init's timeout), for both trainers."""
     return [
         ("max_steps", cfg.max_steps >= 0, "must be >= 0 (0: no limit)"),
         ("resume_step", cfg.resume_step >= -1, "must be >= 0 (a step_N checkpoint's N; 0: from --model), "
@@ -147,44 +149,66 @@ def run_rules(cfg) -> list:
     ]
 
 
-def run_steps(cfg, model, optimizer, tokenizer, total_steps, step_fn, export, show=("loss", "lr"),
-              on_start=None) -> int:
-    """The loop both trainers run, around their step_fn(step) -> metrics dict:
-    - resume from out/latest with cfg.resume (the data order is a function of the step, so a
-      resumed run sees what an uninterrupted one would), then on_start(start, metrics) if given;
-    - steps start..stop, stop = total_steps or cfg.max_steps later; each step's metrics logged as
-      step + 1; a non-finite loss or gradient (FloatingPointError) stops the run, naming the last
-      good checkpoint;
-    - a resumable checkpoint every cfg.save_every steps (keeping cfg.keep_last), an HF export to
-      export/step_N every cfg.export_every, and one at `stop`; once all total_steps are done, the
-      HF export to `export`; a run stopped early by --max_steps says how to go on.
-    Returns stop."""
-    start = 0
-    if cfg.resume and (state := load_state(cfg.out, model, optimizer)) is not None:
-        start = state["step"]
-        log(f"resumed from step {start}")
-    metrics = MetricsLogger(cfg.out, total_steps, asdict(cfg), cfg.wandb_project, start)
-    if on_start is not None:
-        on_start(start, metrics)
-    stop = min(total_steps, start + cfg.max_steps) if cfg.max_steps else total_steps
-    for step in range(start, stop):
+def resume(cfg, model, optimizer) -> int:
+    """The step a run starts from: with --resume, that of the checkpoint out/latest names,
+    restored into model and optimizer (a run's data order and sampling noise are functions of the
+    step, so a resumed run sees what an uninterrupted one would); else 0."""
+    state = load_state(cfg.out, model, optimizer) if cfg.resume else None
+    if state is None:
+        return 0
+    log(f"resumed from step {state['step']}")
+    return state["step"]
+
+
+def last_step(cfg, start, total_steps) -> int:
+    """Where this run stops: after all total_steps, or --max_steps after `start`."""
+    return min(total_steps, start + cfg.max_steps) if cfg.max_steps else total_steps
+
+
+def due(every, step) -> bool:
+    """Whether a thing done every `every` steps (0: never) is due after step `step`."""
+    return bool(every) and step % every == 0
+
+
+@contextlib.contextmanager
+def stop_on_non_finite(step, run_dir):
+    """Around a step: a non-finite loss or gradient (FloatingPointError, raised before the
+    optimizer step) ends the run with exit status 1 and advice that works (non_finite_exit)."""
+    try:
+        yield
+    except FloatingPointError as e:
+        raise non_finite_exit(step, e, run_dir) from None
+
+
+class Timings:
+    """The seconds a step spends in each of its phases, as `time_<key>` metrics: what a step is
+    handed as its `phases` in training (the memory plan hands it a plan.Plan, which measures the
+    same phases' memory instead)."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def phase(self, key, name="", advice=""):
+        start = time.time()
         try:
-            m = step_fn(step)
-        except FloatingPointError as e:
-            raise non_finite_exit(step + 1, e, cfg.out) from None
-        metrics.log(step + 1, m, show=show)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < stop:
-            save_state(cfg.out, step + 1, model, optimizer, {}, cfg.keep_last)
-        if cfg.export_every and (step + 1) % cfg.export_every == 0 and step + 1 < total_steps:
-            save_hf(model, tokenizer, os.path.join(export, f"step_{step + 1:08d}"))
-    metrics.close()
+            yield
+        finally:
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.time() - start
+
+    def metrics(self) -> dict:
+        return {f"time_{k}": v for k, v in self.seconds.items()}
+
+
+def finish(cfg, stop, total_steps, model, optimizer, tokenizer, export):
+    """After the last step of this run: its resumable checkpoint; once all total_steps are done,
+    the Hugging Face export to `export`; a run stopped early by --max_steps says how to go on."""
     save_state(cfg.out, stop, model, optimizer, {}, cfg.keep_last)
     if stop < total_steps:
         log(f"stopped after step {stop} of {total_steps}; continue with --resume")
     else:
         save_hf(model, tokenizer, export)
         log(f"wrote {export}")
-    return stop
 
 
 def non_finite_exit(step, error, run_dir) -> SystemExit:

@@ -1,13 +1,13 @@
 """The host side of the sampler (rollout.Sampler): which sequence each decode slot holds, which
 KV pages it holds, who waits, who is preempted, and the prefill of newly admitted prompts.
 
-    batch = Scheduler(cache, prompts, keys, params, n_slots)
+    batch = Scheduler(cache, prompts, params, n_slots)      # prompts: [Prompt]
     batch.admit(model); batch.reserve(); cache.sync()       # before each decode step
     batch.advance(next_ids, logprobs)                       # after it: tokens appended, ends released
 """
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -19,6 +19,33 @@ PREFILL_TOKENS = 8192   # prompt tokens per prefill forward, at most (one prompt
 # grow into (1: all of them, so almost nothing is ever preempted, and fewer run at once); lower
 # runs more at once and preempts more. The README's benchmark table has what 0.3 gives.
 PACE = 0.3
+
+
+@dataclass
+class Prompt:
+    """A prompt to sample from, with what is its own: its tokens, the key of its sampling noise
+    (a data-parallel caller passes its global index, so the same prompt draws the same traces
+    whatever the number of ranks), and its own limit. It travels whole through the TP gather
+    (tp.generate_in_group), the sampler and the scheduler, so a per-prompt setting is a field here
+    and the place that reads it."""
+    ids: list[int]
+    key: int
+    max_new_tokens: int | None = None   # this prompt's own limit; None: SamplingParams.max_new_tokens
+
+    def limit(self, params) -> int:
+        return self.max_new_tokens or params.max_new_tokens
+
+    @classmethod
+    def of(cls, ids, key, record: dict) -> "Prompt":
+        """The prompt of a data record (data.py), with the record's own settings: the fields after
+        ids and key that the record holds."""
+        return cls(ids, key, **{f.name: record[f.name] for f in fields(cls)[2:] if f.name in record})
+
+
+def as_prompts(prompts, keys=None) -> list[Prompt]:
+    """Token-id lists (each keyed by keys[i], default i) as Prompts; Prompts as they are."""
+    return [p if isinstance(p, Prompt) else Prompt(list(p), i if keys is None else keys[i])
+            for i, p in enumerate(prompts)]
 
 
 @dataclass
@@ -80,8 +107,10 @@ class Scheduler:
     step runs n slots, not all.
     """
 
-    def __init__(self, cache, prompts, keys, params, n_slots):
-        self.cache, self.prompts, self.keys, self.params = cache, prompts, keys, params
+    def __init__(self, cache, prompts: list[Prompt], params, n_slots):
+        self.cache, self.params = cache, params
+        self.prompts, self.keys = [p.ids for p in prompts], [p.key for p in prompts]
+        self.limits = [p.limit(params) for p in prompts]
         self.stop = frozenset(params.stop_token_ids)
         self.waiting = deque((p, s) for p in range(len(prompts)) for s in range(params.n))
         # Per slot: the (prompt, sample) it holds (None: idle), the token it feeds next and that
@@ -99,13 +128,14 @@ class Scheduler:
     def busy(self):
         return bool(self.order or self.waiting)
 
-    def expected_pages(self, cached, pos, held):
-        """Pages a sequence whose prompt caches `cached` positions, now at `pos` and holding
-        `held` pages (shared ones included), is counted on to take beyond them: up to its next
-        position, and PACE of the way from there to the length sequences have been ending at
-        (the mean of the finished ones; half of max_new_tokens before any has finished)."""
-        length = self.finished_tokens / self.finished if self.finished else self.params.max_new_tokens / 2
-        end = max(pos + 1, min(cached + 1 + round(length), cached + self.params.max_new_tokens))
+    def expected_pages(self, p, pos, held):
+        """Pages a sequence of prompt p (which caches all its positions but the last), now at
+        `pos` and holding `held` pages (shared ones included), is counted on to take beyond them:
+        up to its next position, and PACE of the way from there to the length sequences have been
+        ending at (the mean of the finished ones; half of its limit before any has finished)."""
+        cached, limit = len(self.prompts[p]) - 1, self.limits[p]
+        length = self.finished_tokens / self.finished if self.finished else limit / 2
+        end = max(pos + 1, min(cached + 1 + round(length), cached + limit))
         end = pos + 1 + round((end - pos - 1) * PACE)
         return max(0, self.cache.pages_for(end) - held)
 
@@ -113,8 +143,7 @@ class Scheduler:
         """Pages the busy sequences are expected to take before they end. Admitting into them
         would have the newcomers preempted (their work lost) as soon as the others grow; this
         only paces admission, results never depend on it."""
-        return sum(self.expected_pages(len(self.prompts[self.seq[s][0]]) - 1, self.pos[s], len(self.cache.tables[s]))
-                   for s in self.order)
+        return sum(self.expected_pages(self.seq[s][0], self.pos[s], len(self.cache.tables[s])) for s in self.order)
 
     def admit(self, model):
         """Fill idle slots from the front of the waiting sequences while pages last (at least the
@@ -132,7 +161,7 @@ class Scheduler:
             fresh = p not in self.prefixes and p not in to_prefill
             prefix = cache.pages_for(cached) if fresh else 0
             # The prefix's full pages are shared: the sample's own pages start at the partial one.
-            need = prefix + self.expected_pages(cached, cached, cached // P)
+            need = prefix + self.expected_pages(p, cached, cached // P)
             if fresh and to_prefill and tokens + cached > PREFILL_TOKENS:
                 break
             if need + growth > free:
@@ -250,11 +279,11 @@ class Scheduler:
 
     def advance(self, next_ids, logprobs):
         """Append each busy slot's token; a finished sequence gives its pages back."""
-        n, limit, done = len(self.order), self.params.max_new_tokens, []
+        n, done = len(self.order), []
         for slot, t, lp, ids, lps in zip(range(n), next_ids, logprobs, self.ids, self.lps):
             ids.append(t)
             lps.append(lp)
-            if t in self.stop or len(ids) == limit:
+            if t in self.stop or len(ids) == self.limits[self.seq[slot][0]]:
                 done.append(slot)
         self.token[:n] = next_ids[:n]
         self.pos[:n] = [pos + 1 for pos in self.pos[:n]]

@@ -23,18 +23,18 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
 import data
-import tokenization
-import demo.recipe
-import distributed as D
-import run
+import distributed
 import plan
-from cli import check_fields, parse_config
+import run
+import tokenization
 from checkpoint import load_config
+from cli import check_fields, parse_config
 from model import document_lengths
 
 
@@ -45,15 +45,15 @@ class SFTConfig:
     out: str = "runs/sft"            # checkpoints and metrics.jsonl
     export: str = ""                 # Hugging Face export directory; empty: out/hf
     lr: float = 5e-6                 # paper: 5e-6
-    schedule: str = "constant"       # constant | cosine (to 0 over the run), after warmup
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
+    schedule: Literal["constant", "cosine"] = "constant"  # after warmup: constant, or a cosine to 0 over the run
+    warmup_steps: int = 0            # linear warmup of the learning rate over this many steps
+    weight_decay: float = 0.0        # AdamW's
     batch_size: int = 128            # sequences per optimizer step, over all ranks (paper: 128)
     max_len: int = 12288             # tokens per packed row and per sequence (paper: 12288)
-    epochs: int = 1
-    grad_clip: float = 1.0
+    epochs: int = 1                  # passes over the records
+    grad_clip: float = 1.0           # the global gradient norm's cap
     bf16: bool = True                # bf16 compute with fp32 master weights (CUDA only)
-    activation_checkpointing: bool = True
+    activation_checkpointing: bool = True  # recompute each block's activations in backward
     save_every: int = 0              # steps between resumable checkpoints; 0: only at the end
     keep_last: int = 0               # keep only the newest K step_N checkpoints; 0: keep all
     export_every: int = 0            # also export HF weights to EXPORT/step_N every N steps; 0: only at the end
@@ -61,7 +61,7 @@ class SFTConfig:
     resume_step: int = -1            # with --resume: go on from step_N (0: from --model); later checkpoints set aside
     resume_data_changed: bool = False # --resume although --data's contents changed (digest in out/config.json)
     max_steps: int = 0               # stop (with a checkpoint) after this many steps of this run; 0: no limit
-    seed: int = 0
+    seed: int = 0                    # the data order derives from it
     wandb_project: str = ""          # log to wandb too (pip install wandb)
     dist_timeout_min: float = 60.0   # how long a rank waits at a collective
     check_memory: bool = True        # CUDA: walk the memory plan before step 1, refuse a run that cannot fit
@@ -92,7 +92,7 @@ def load_examples(cfg: SFTConfig, tokenizer, records=None):
             dropped += 1
         else:
             examples.append(enc)
-    D.log(f"{len(examples)} sequences, {dropped} dropped as longer than max_len={cfg.max_len}")
+    distributed.log(f"{len(examples)} sequences, {dropped} dropped as longer than max_len={cfg.max_len}")
     if not examples:
         raise ValueError("no training sequence fits max_len")
     return examples
@@ -143,21 +143,26 @@ def sft_loss(model, row, n_tokens, device):
 
 def build(cfg: SFTConfig, ctx):
     """The model (--model's weights) and its AdamW, as train() and the memory plan build them."""
-    model = D.load_model(cfg.model, ctx, bf16=cfg.bf16, activation_checkpointing=cfg.activation_checkpointing)
-    return model, D.adamw(model, ctx, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    model = distributed.load_model(cfg.model, ctx, bf16=cfg.bf16, activation_checkpointing=cfg.activation_checkpointing)
+    return model, distributed.adamw(model, ctx, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
 
-def sft_step(model, optimizer, rows, n_tokens, cfg: SFTConfig, ctx):
+def sft_step(model, optimizer, rows, n_tokens, cfg: SFTConfig, ctx, phases=None):
     """One optimizer step on this rank's packed rows: each row's forward and backward (gradients
     accumulate; FSDP sums them over ranks), then clip and AdamW. n_tokens is the step's trace-token
-    count over all ranks. Returns the summed NLL over ranks and the gradient norm."""
-    nll_sum = torch.zeros((), device=ctx.device)
-    for row in D.pad_to_ranks(rows, EMPTY_ROW):
-        loss, nll = sft_loss(model, row, n_tokens, ctx.device)
-        loss.backward()
-        nll_sum += nll
-    nll_total = D.all_reduce_sum(nll_sum)
-    return nll_total, D.clip_and_step(model, optimizer, cfg.grad_clip, ctx, loss=nll_total)
+    count over all ranks. `phases` (run.Timings in training, plan.Plan in the memory plan) sees
+    the step's one device phase. Returns the summed NLL over ranks and the gradient norm."""
+    phases = phases or run.Timings()
+    per_rank = math.ceil(cfg.batch_size / ctx.world_size)
+    with phases.phase("step", f"step: forward + backward ({len(rows)} of {per_rank} rows of {cfg.max_len:,} tokens), "
+                      f"clip, AdamW step", "lower --max_len, or " + plan.MORE_RANKS):
+        nll_sum = torch.zeros((), device=ctx.device)
+        for row in distributed.pad_to_ranks(rows, EMPTY_ROW):
+            loss, nll = sft_loss(model, row, n_tokens, ctx.device)
+            loss.backward()
+            nll_sum += nll
+        nll_total = distributed.all_reduce_sum(nll_sum)
+        return nll_total, distributed.clip_and_step(model, optimizer, cfg.grad_clip, ctx, loss=nll_total)
 
 
 # What a rank short of rows runs (distributed.pad_to_ranks): tokenization.pack's row of 2 tokens that carry no loss.
@@ -165,28 +170,26 @@ EMPTY_ROW = tokenization.pack([([0, 0], [0, 0])], 2)[0]
 PLAN_ROWS = 2  # rows of a step the plan walks (why: plan_walk)
 
 
-def plan_walk(cfg: SFTConfig, ctx, memory):
-    """sft_step on fake tensors (plan.py) over PLAN_ROWS packed rows of max_len tokens: from the
-    second row on, the sharded fp32 gradients exist when a backward starts, and every later row
-    is alike, so the peak is reached by then."""
-    model, optimizer = build(cfg, ctx)
+def plan_walk(cfg: SFTConfig, ctx, memory: plan.Plan):
+    """sft_step itself on fake tensors (plan.py), with this plan as its `phases`, over PLAN_ROWS
+    packed rows of max_len tokens: from the second row on, the sharded fp32 gradients exist when a
+    backward starts, and every later row is alike, so the peak is reached by then."""
+    with memory.fake:
+        model, optimizer = build(cfg, ctx)
     memory.track(model, optimizer, cfg.max_len)
     per_rank = math.ceil(cfg.batch_size / ctx.world_size)
     rows = tokenization.pack([([0] * cfg.max_len, [1] * cfg.max_len)] * min(PLAN_ROWS, per_rank), cfg.max_len)
     memory.notes += [f"a step: {cfg.batch_size} sequences, at most {per_rank} packed rows of <= {cfg.max_len:,} tokens "
-                   f"per rank; {len(rows)} walked (from the second on, gradients exist as a backward starts: the peak)"]
-    with memory.phase("load: shards, AdamW state", plan.MORE_RANKS + ", or a smaller model"):
+                     f"per rank; {len(rows)} walked (from the second on, gradients exist as a backward starts: the peak)"]
+    with memory.phase("load", "load: shards, AdamW state", plan.MORE_RANKS + ", or a smaller model"):
         memory.make_optimizer_state(model, optimizer)
     model.train()
-    with memory.phase(f"step: forward + backward ({len(rows)} of {per_rank} rows of {cfg.max_len:,} tokens), clip, "
-                    f"AdamW step", "lower --max_len, or " + plan.MORE_RANKS):
-        sft_step(model, optimizer, rows, cfg.max_len * len(rows), cfg, ctx)
+    sft_step(model, optimizer, rows, cfg.max_len * len(rows), cfg, ctx, phases=memory)
 
 
 def check_config(cfg: SFTConfig):
     """Every setting, before any data or model is read; an error names the flag."""
     check_fields(cfg, [
-        ("schedule", cfg.schedule in ("constant", "cosine"), "must be constant or cosine"),
         ("lr", cfg.lr > 0, "must be > 0"),
         ("warmup_steps", cfg.warmup_steps >= 0, "must be >= 0"),
         ("weight_decay", cfg.weight_decay >= 0, "must be >= 0"),
@@ -209,7 +212,7 @@ def train(cfg: SFTConfig, preset="", records=None, schedule=None, recorded=None)
                          ("; --plan reads only its config.json" if cfg.plan else ""))
     if cfg.plan:
         return plan.run(plan_walk, cfg, f"memory plan of sft.py --model {cfg.model}, per rank")
-    ctx = D.init(cfg.dist_timeout_min)
+    ctx = distributed.init(cfg.dist_timeout_min)
     torch.manual_seed(cfg.seed)
     # Settings, data and the run directory are checked before any model is loaded.
     load_config(cfg.model)
@@ -220,32 +223,40 @@ def train(cfg: SFTConfig, preset="", records=None, schedule=None, recorded=None)
     run.start_run(cfg.out, asdict(cfg) | (recorded or {}), cfg.resume, preset)
     if ctx.gpu and cfg.check_memory:
         plan.check_before_training()
-    model, optimizer = build(cfg, ctx)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, steps.lr)
-    n_params = sum(p.numel() for p in model.parameters())
-    D.log(f"{n_params / 1e6:.2f}M parameters, {steps.total} steps, {ctx.world_size} rank(s)")
-    model.train()
 
-    def step_fn(step):
-        t0 = time.time()
+    model, optimizer = build(cfg, ctx)
+    export = cfg.export or os.path.join(cfg.out, "hf")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, steps.lr)
+    start = run.resume(cfg, model, optimizer)
+    scheduler.last_epoch = start  # the schedule goes on from the resumed step
+    distributed.log(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {steps.total} steps, "
+                    f"{ctx.world_size} rank(s)")
+    metrics = run.MetricsLogger(cfg.out, steps.total, asdict(cfg), cfg.wandb_project, start)
+    model.train()
+    stop = run.last_step(cfg, start, steps.total)
+    for step in range(start, stop):
+        started = time.time()
         rows = steps.rows(step)
         n_tokens = sum(sum(r["loss_mask"][1:]) for r in rows)
-        nll_total, grad_norm = sft_step(model, optimizer, rows[ctx.rank::ctx.world_size], n_tokens, cfg, ctx)
+        with run.stop_on_non_finite(step + 1, cfg.out):
+            nll_total, grad_norm = sft_step(model, optimizer, rows[ctx.rank::ctx.world_size], n_tokens, cfg, ctx)
         grad_norm = float(grad_norm)
         scheduler.step()
-        return {"loss": float(nll_total) / n_tokens, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                "trace_tokens": n_tokens, "tokens_per_s": sum(len(r["input_ids"]) for r in rows) / (time.time() - t0)}
-
-    def on_start(start, metrics):
-        scheduler.last_epoch = start  # the schedule goes on from the resumed step
-
-    stop = run.run_steps(cfg, model, optimizer, tokenizer, steps.total, step_fn, cfg.export or os.path.join(cfg.out, "hf"),
-                         on_start=on_start)
+        metrics.log(step + 1, {"loss": float(nll_total) / n_tokens, "lr": scheduler.get_last_lr()[0],
+                               "grad_norm": grad_norm, "trace_tokens": n_tokens,
+                               "tokens_per_s": sum(len(r["input_ids"]) for r in rows) / (time.time() - started)})
+        if run.due(cfg.save_every, step + 1) and step + 1 < stop:
+            run.save_state(cfg.out, step + 1, model, optimizer, {}, cfg.keep_last)
+        if run.due(cfg.export_every, step + 1) and step + 1 < steps.total:
+            distributed.save_hf(model, tokenizer, os.path.join(export, f"step_{step + 1:08d}"))
+    metrics.close()
+    run.finish(cfg, stop, steps.total, model, optimizer, tokenizer, export)
     return stop == steps.total
 
 
 def main(argv=None):
-    judge, judge_flags, argv = demo.recipe.judge_flags(argv)  # the demo judge's own --demo_* flags
+    import demo.recipe  # the demo judge's own --demo_* flags (the demo and its tokenizer: only here)
+    judge, judge_flags, argv = demo.recipe.judge_flags(argv)
     cfg, given = parse_config(SFTConfig, argv, __doc__)
     check_fields(cfg, [("data", not (cfg.data and not cfg.model), "needs --model, the model to fine-tune; "
                         "without --model and --data sft.py builds the demo judge")])
@@ -253,7 +264,7 @@ def main(argv=None):
         sys.exit(0 if train(cfg).fits else 1)
     if cfg.model and judge_flags:
         raise ValueError(f"--demo_{judge_flags[0]} is a setting of the demo judge, which has no --model")
-    with D.running():
+    with distributed.running():
         if cfg.model:
             train(cfg)
         else:  # the CPU demo: its preset and its rounds

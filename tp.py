@@ -2,9 +2,9 @@
 tensor-parallel (TP) group, so that a 14B or 32B judge's weights and KV cache fit beside the
 trainer's shards.
 
-    ctx = D.init(tp=2)                               # a (dp, tp) mesh from the torchrun environment
+    ctx = distributed.init(tp=2)                               # a (dp, tp) mesh from the torchrun environment
     decoder = tp.weights(model, ctx.tp_mesh, dtype, device)   # from the FSDP2 shards, 1/tp each
-    completions, stats = tp.generate_in_group(decoder, prompts, params, ctx, keys)  # the group's prompts together
+    completions, stats = tp.generate_in_group(decoder, prompts, params, ctx)  # [Prompt]: the group's together
     decoder = tp.load(path, ctx.tp_mesh, dtype, device)       # eval.py: straight from safetensors
 
 The layout is Megatron's, applied with torch.distributed.tensor.parallel: q, k, v, gate and up
@@ -30,7 +30,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-import distributed as D
+import distributed
 import rollout
 import kvcache
 from checkpoint import iter_checkpoint, load_config, shapes
@@ -135,7 +135,7 @@ def weights(model, mesh: DeviceMesh, dtype, device) -> Transformer:
 def gather_group(items: list, mesh: DeviceMesh) -> tuple[list, int]:
     """Every TP rank's items, in rank order, and where this rank's own start: a TP group decodes
     its ranks' prompts together, each rank then keeping its own completions."""
-    every = D.all_gather_objects(list(items), mesh.get_group())
+    every = distributed.all_gather_objects(list(items), mesh.get_group())
     mine = mesh.get_local_rank()
     return [x for part in every for x in part], sum(len(part) for part in every[:mine])
 
@@ -145,7 +145,7 @@ def check_same(token_lists, mesh: DeviceMesh):
     logits); a difference would silently train on mismatched traces, so it is an error."""
     h = zlib.crc32(repr(token_lists).encode())
     group = mesh.get_group()
-    if D.max_over_ranks(h, group) != -D.max_over_ranks(-h, group):  # max == min: every rank's hash is the same
+    if distributed.max_over_ranks(h, group) != -distributed.max_over_ranks(-h, group):  # max == min: every rank's hash is the same
         raise RuntimeError("the ranks of a tensor-parallel group sampled different tokens from what should be "
                            "the same logits; this is a bug, please report it with the command")
 
@@ -159,19 +159,19 @@ def kv_budget(kv_budget_bytes, ctx):
     budget = kv_budget_bytes or (kvcache.kv_budget(*ctx.memory()) if ctx.memory is not None else None)
     if ctx.tp_mesh is None or budget is None:
         return budget
-    return -D.max_over_ranks(-budget, ctx.tp_mesh.get_group())
+    return -distributed.max_over_ranks(-budget, ctx.tp_mesh.get_group())
 
 
-def generate_in_group(model, prompts, params, ctx, prompt_keys, kv_budget_bytes=None, max_batch_size=64):
-    """rollout.generate over the prompts of every rank of this rank's TP group (without TP: its
-    own), decoded together under one KV budget (kv_budget); returns this rank's completions
-    (prompt_index local to `prompts` again) and the sampler's RolloutStats. Under the memory plan
-    (ctx.simulated) the sampler is walked, not run (rollout.Sampler.walk)."""
+def generate_in_group(model, prompts, params, ctx, kv_budget_bytes=None, max_batch_size=64):
+    """rollout.generate over the prompts (scheduler.Prompts: tokens, noise key, own limits) of
+    every rank of this rank's TP group (without TP: its own), decoded together under one KV
+    budget (kv_budget); returns this rank's completions (prompt_index local to `prompts` again)
+    and the sampler's RolloutStats. The Prompts are gathered whole, so what is per prompt stays
+    with its prompt. Under the memory plan (ctx.simulated) the sampler is walked, not run
+    (rollout.Sampler.walk)."""
     mesh = ctx.tp_mesh
-    every, start = gather_group(list(zip(prompts, prompt_keys)), mesh) if mesh is not None else \
-        (list(zip(prompts, prompt_keys)), 0)
-    sampler = rollout.Sampler(model, [p for p, _ in every], params, max_batch_size, prompt_keys=[k for _, k in every],
-                              kv_budget_bytes=kv_budget(kv_budget_bytes, ctx))
+    every, start = gather_group(prompts, mesh) if mesh is not None else (list(prompts), 0)
+    sampler = rollout.Sampler(model, every, params, max_batch_size, kv_budget_bytes=kv_budget(kv_budget_bytes, ctx))
     completions, stats = sampler.walk() if ctx.simulated else sampler.run()
     if mesh is None:
         return completions, stats

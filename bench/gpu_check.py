@@ -55,6 +55,7 @@ from kvcache import KVCache  # noqa: E402
 from model import ModelConfig, Transformer, packed_attention  # noqa: E402
 from plan import read_table  # noqa: E402
 from kvcache import PAGE_SIZE, cache_pages  # noqa: E402
+from scheduler import as_prompts  # noqa: E402
 from rollout import SamplingParams, generate  # noqa: E402
 
 QWEN25_05B = dict(QWEN25["0.5B"], rope_theta=1e6, max_position_embeddings=32768)
@@ -172,7 +173,7 @@ def model_paths():
     # kernels, and under a tight budget the others run in other batches too: in bf16 a near-tied
     # sample can flip (each trace stays self-consistent, which is what GRPO needs). A figure, not a
     # check: the share of traces a budget that forces preemption leaves unchanged.
-    least = cache_pages(config, prompts, params, TARGET["dtype"], None, 1)
+    least = cache_pages(config, as_prompts(prompts), params, TARGET["dtype"], None, 1)
     page = KVCache.bytes_per_slot(config, PAGE_SIZE, TARGET["dtype"])
     tight, stats = generate(model, prompts, params, max_batch_size=8, kv_budget_bytes=(least + 2) * page,
                             return_stats=True)
@@ -196,6 +197,14 @@ def first_token_even(completions, texts, records):
     return torch.tensor([1.0 if c.token_ids[0] % 2 == 0 else -1.0 for c in completions])
 
 
+def random_prompts(n, length) -> "grpo.Prompts":
+    """n prompts of random token ids, as a step draws them."""
+    g = torch.Generator().manual_seed(0)
+    return grpo.Prompts([{"label": "model_a"}] * n,
+                        [torch.randint(0, TARGET["shape"]["vocab_size"], (length,), generator=g).tolist()
+                         for _ in range(n)])
+
+
 def grpo_step_one_gpu(tmp):
     model_dir = Path(tmp) / "model"
     save_pretrained(random_model(ModelConfig(**TARGET["shape"])), model_dir)
@@ -208,18 +217,15 @@ def grpo_step_one_gpu(tmp):
                  max_prompt_len=512, max_response_len=256 if on_gpu else 16, micro_batch_tokens=8192,
                  lr=1e-6, bf16=on_gpu)
     cfg = grpo.GRPOConfig(**flags)
-    model, optimizer = grpo.build_policy(cfg, ctx)
-    ref_model = grpo.build_reference(cfg, ctx)
-    vocab = TARGET["shape"]["vocab_size"]
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, vocab, (cfg.max_prompt_len,), generator=g).tolist() for _ in range(16)]
+    policy = grpo.build_policy(cfg, ctx, NoTokenizer())
+    policy.ref_model = grpo.build_reference(cfg, ctx)
+    prompts = random_prompts(16, cfg.max_prompt_len)
     steps = []
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     for step in range(2):  # step 1 makes AdamW's state; step 2 is the steady state the plan walks
         # Without EOS, traces run to max_response_len: the plan's worst case.
-        m = grpo.grpo_step(model, ref_model, optimizer, NoTokenizer(), [{"label": "model_a"}] * 16,
-                           prompts, step, list(range(16)), cfg, ctx, score=first_token_even)
+        m = grpo.grpo_step(policy, prompts, step, cfg, ctx, score=first_token_even).metrics
         steps.append({k: m[k] for k in ("time_generate", "time_logprobs", "time_update", "tokens_per_s",
                                         "rollout_logprob_diff_max", "loss", "grad_norm", "kl")})
     check(all(abs(s["loss"]) < 1e3 and s["grad_norm"] == s["grad_norm"] for s in steps), f"losses {steps}")
@@ -271,25 +277,22 @@ def tp_and_offload_one_gpu(tmp):
     model_dir = Path(tmp) / "offload-model"
     save_pretrained(model, model_dir)
     del model
-    vocab = config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, vocab, (256,), generator=g).tolist() for _ in range(8)]
+    prompts = random_prompts(8, 256)
     runs = {}
     for offload in (False, True):
         cfg = grpo.GRPOConfig(model=str(model_dir), rollout_batch_size=8, mini_batch_size=8, n_samples=2,
                               max_prompt_len=256, max_response_len=64 if on_gpu else 8, micro_batch_tokens=4096,
                               lr=1e-6, bf16=on_gpu, offload_states=offload)
-        policy, optimizer = grpo.build_policy(cfg, ctx)
-        ref_model = None if offload else grpo.build_reference(cfg, ctx)  # as train() does
+        policy = grpo.build_policy(cfg, ctx, NoTokenizer())
+        policy.ref_model = None if offload else grpo.build_reference(cfg, ctx)  # as train() does
         if on_gpu:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        steps = [grpo.grpo_step(policy, ref_model, optimizer, NoTokenizer(), [{"label": "model_a"}] * 8, prompts,
-                                step, list(range(8)), cfg, ctx, score=first_token_even) for step in range(2)]
+        steps = [grpo.grpo_step(policy, prompts, step, cfg, ctx, score=first_token_even).metrics for step in range(2)]
         # at ratio 1 over traces of one length the loss is 0 whatever the weights: compare gradients too
         runs[offload] = {"grad_norms": [m["grad_norm"] for m in steps], "losses": [m["loss"] for m in steps],
                          "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if on_gpu else None}
-        del policy, optimizer, ref_model
+        del policy
     out["offload"] = runs
     same = all(abs(a - b) <= 1e-3 * abs(b) + 1e-6 for key in ("grad_norms", "losses")
                for a, b in zip(runs[True][key], runs[False][key]))

@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from distributed import init_weights  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from objective import logprob_mismatch, mismatch_metrics  # noqa: E402
-from passes import forward_logprobs, pack_rows, row_tensors, sequences  # noqa: E402
+from passes import forward_logprobs, pack_rows, traces  # noqa: E402
+from scheduler import as_prompts  # noqa: E402
 from rollout import SamplingParams, generate  # noqa: E402
 
 SHAPE = dict(vocab_size=151936, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
@@ -34,13 +35,12 @@ def measure(dtype) -> dict:
     prompts = [torch.randint(0, SHAPE["vocab_size"], (48,), generator=g).tolist() for _ in range(16)]
     params = SamplingParams(temperature=1.0, max_new_tokens=64, n=4, seed=1)
     completions = generate(model, prompts, params, max_batch_size=64)
-    rows = pack_rows(sequences(prompts, completions, torch.zeros(len(completions))), 4096)
+    rows = pack_rows(traces(as_prompts(prompts), completions, torch.zeros(len(completions))), 4096)
     sums = None
     with torch.no_grad():
         for row in rows:
-            t = row_tensors(row, torch.device("cpu"))
-            trainer, _ = forward_logprobs(model, t, 1.0)
-            part = logprob_mismatch(trainer, t["sampler"], t["mask"])
+            trainer, _ = forward_logprobs(model, row, 1.0)
+            part = logprob_mismatch(trainer, row.sampler_logprobs, row.mask)
             sums = part if sums is None else {k: torch.maximum(sums[k], v) if k == "max" else sums[k] + v
                                               for k, v in part.items()}
     return mismatch_metrics(sums)

@@ -22,7 +22,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, replace
 
-import distributed as D
+import distributed
 from checkpoint import publish, save_pretrained
 from cli import check_fields, parse_prefixed, with_defaults
 from demo.task import SHIPPED, build_demo_tokenizer, copy_rows, rlvr_records, sft_records
@@ -104,15 +104,15 @@ def initial_judge(path, judge: Judge, seed) -> str:
     Written once, by rank 0, through a temporary directory (a kill leaves none half-made); a
     resumed run finds it there. Its absolute path, which out/config.json records for export.py."""
     path = os.path.abspath(path)
-    if D.is_main() and not os.path.isdir(path):
+    if distributed.is_main() and not os.path.isdir(path):
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tokenizer = build_demo_tokenizer(tmp)
         model = on_meta(model_config(tokenizer, judge)).materialize("cpu")
-        D.init_weights(model, seed)
+        distributed.init_weights(model, seed)
         save_pretrained(model, tmp)  # beside the tokenizer's files
         publish(tmp, path)
-    D.barrier()
+    distributed.barrier()
     return path
 
 
@@ -138,7 +138,7 @@ def sft_rounds(cfg, given, judge: Judge):
     """`python sft.py` without --model and --data: the SFT preset, then, round by round, what
     sft.train takes: (its config, its records, its schedule change, what out/config.json records)."""
     cfg = apply(cfg, SFT, given, "sft.py")
-    D.init(cfg.dist_timeout_min)  # initial_judge writes on rank 0 alone
+    distributed.init(cfg.dist_timeout_min)  # initial_judge writes on rank 0 alone
     for r in rounds(cfg, judge):
         c, schedule = r.cfg, None
         if not c.model:  # round 1: the judge from scratch, copying first

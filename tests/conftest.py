@@ -41,3 +41,12 @@ def tiny_policy(tmp_path_factory):
     init_weights(model, seed=0)
     save_pretrained(model, path, tokenizer=tokenizer)
     return str(path), tokenizer
+
+
+def loss_row(old, ref, advantages, mask, seq, sampler=None):
+    """An objective.Row holding what policy_loss reads (old and reference log-probs, advantages,
+    response mask, trace ids), the rest zeros."""
+    from objective import Row
+    zeros = torch.zeros(len(mask), dtype=torch.long)
+    return Row(zeros, zeros, zeros, mask, advantages, seq, torch.zeros(len(mask)) if sampler is None else sampler,
+               [len(mask)], sorted(set(seq.tolist())), int(mask.sum()), old_logprobs=old, ref_logprobs=ref)

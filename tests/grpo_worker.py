@@ -14,9 +14,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tokenization  # noqa: E402
+from data import step_prompts  # noqa: E402
 import distributed as D  # noqa: E402
-from data import oversampler  # noqa: E402
-from grpo import GRPOConfig, grpo_step, rank_share  # noqa: E402
+from grpo import GRPOConfig, Policy, Prompts, grpo_step  # noqa: E402
 
 
 def even_first_token(completions, texts, records):
@@ -31,23 +31,20 @@ def run(model_dir, out, steps, lr, overrides=None):
                      activation_checkpointing=False, rollout_slots=32, entropy_coef=0.001)
     cfg = replace(cfg, **json.loads(overrides or "{}"))
     ctx = D.init(tp=cfg.rollout_tp)
-    tokenizer = tokenization.load_tokenizer(model_dir)
     model = D.load_model(model_dir, ctx)
-    ref = D.load_model(model_dir, ctx, frozen=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    policy = Policy(model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0),
+                    tokenization.load_tokenizer(model_dir), D.load_model(model_dir, ctx, frozen=True))
     gen = torch.Generator().manual_seed(0)
-    # Short prompts where rank 0 of two samples, long ones where rank 1 does: the ranks pack
-    # different numbers of rows and must still run the same number of FSDP forwards.
-    prompts = [torch.randint(3, 300, (3 if i % 4 < 2 else 20,), generator=gen).tolist()
-               for i in range(2 * cfg.rollout_batch_size)]
-    records = [{"label": "model_a"}] * len(prompts)
-    share = rank_share(cfg, ctx)
+    # Short prompts where rank 0 of two samples, long ones where rank 1 does (the batch positions
+    # 0, 1, 4, 5 are rank 0's, in the order the steps draw the records): the ranks pack different
+    # numbers of rows and must still run the same number of FSDP forwards.
+    n = 2 * cfg.rollout_batch_size
+    place = {record: q for q, record in enumerate(step_prompts(n, 0, cfg) + step_prompts(n, 1, cfg))}
+    ids = [torch.randint(3, 300, (3 if place[i] % 4 < 2 else 20,), generator=gen).tolist() for i in range(n)]
+    prompts = Prompts([{"label": "model_a"}] * n, ids)
     history = []
     for step in range(steps):
-        m = grpo_step(model, ref, optimizer, tokenizer, [records[i] for i in share],
-                      [prompts[i] for i in share], step, share, cfg, ctx, score=even_first_token,
-                      draw=oversampler(records, prompts, step, cfg, share))
-        history.append(m)
+        history.append(grpo_step(policy, prompts, step, cfg, ctx, score=even_first_token).metrics)
     checksum = float(sum(p.double().sum() for p in D.full_state_dict(model).values()))
     if D.is_main():
         Path(out).write_text(json.dumps({"history": history, "checksum": checksum}))

@@ -16,6 +16,7 @@ import rollout
 from judge import Judge
 from checkpoint import save_pretrained
 from model import ModelConfig, Transformer
+from scores import scores_of
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} (the real benchmark files) is absent")
@@ -216,7 +217,7 @@ def test_rm_bench_scores_from_a_hand_made_log(tmp_path):
                               {"chosen_style": i, "rejected_style": j}, "prompt_too_long" if ok is None else "stop"))
     # hard = upper triangle (1, 0, 0), normal = diagonal (1, 1, 0), easy = lower triangle (1, 1, 0)
     hard, normal, easy = 1 / 3, 2 / 3, 2 / 3
-    scores = E.scores_of(log, "rm-bench")
+    scores = scores_of(log, "rm-bench")
     want = {"hard_acc": hard, "normal_acc": normal, "easy_acc": easy, "chat": 5 / 9, "total_avg_acc": 5 / 9}
     got = {k: scores["scores"][k] for k in want}
     torch.testing.assert_close(got, want, msg=lambda m: f"RM-Bench scores {got} != hand-computed {want}: {m}")
@@ -233,7 +234,7 @@ def test_rmb_bon_and_demo_scores_from_a_hand_made_log_written_to_disk(tmp_path):
            record("h2/0", "h2", "Helpfulness/Chat", True, "A", {"aspect": "Helpfulness"}),
            record("h2/1", "h2", "Helpfulness/Chat", False, None, {"aspect": "Helpfulness"}, reason="length"),
            record("s1/0", "s1", "Harmlessness/S1", True, "A", {"aspect": "Harmlessness"})]
-    scores = E.scores_of(log, "rmb-bon")
+    scores = scores_of(log, "rmb-bon")
     want = {"Helpfulness": 0.5, "Harmlessness": 1.0, "Helpfulness/Chat": 0.5, "Harmlessness/S1": 1.0}
     torch.testing.assert_close(scores["scores"], want, msg=lambda m: f"BoN {scores['scores']} != {want}: {m}")
     assert scores["invalid_verdict_rate"] == 1 / 6 and scores["truncated_rate"] == 1 / 6

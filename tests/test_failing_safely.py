@@ -24,6 +24,7 @@ import sft
 from cli import parse_config
 from data import step_prompts
 from grpo import GRPOConfig
+from conftest import loss_row
 from objective import policy_loss
 import checkpoint
 from checkpoint import save_pretrained
@@ -113,7 +114,7 @@ def test_policy_loss_is_finite_for_any_log_ratio():
     logp = torch.tensor([100.0, -100.0, 100.0])  # log-ratios of +-100: exp() overflows in fp32
     zeros, ones = torch.zeros(3), torch.ones(3)
     adv = torch.tensor([0.0, 1.0, -1.0])  # 0 * inf was NaN
-    loss, _ = policy_loss(logp, zeros, logp, adv, ones, zeros, torch.zeros(3, dtype=torch.long), cfg, 3, 3)
+    loss, _ = policy_loss(logp, zeros, loss_row(zeros, logp, adv, ones, torch.zeros(3, dtype=torch.long)), cfg, 3, 3)
     assert math.isfinite(float(loss))
     # clamped at +-20: token 2 (A = -1, ratio e^20) costs e^20, token 1 (A = 1, ratio e^-20) -(1 - 0.2)
     assert float(loss) == pytest.approx((0 - 0.8 + math.exp(20)) / 3, rel=1e-5)
@@ -133,7 +134,6 @@ def test_policy_loss_is_finite_for_any_log_ratio():
     (["--kl_coef", "-1"], "--kl_coef -1.0: must be >= 0"),
     (["--clip_ratio_c", "0.5"], "--clip_ratio_c 0.5: must be > 1"),
     (["--oversample", "2"], "--oversample 2: needs --filter_equal_groups"),
-    (["--overlong", "cut"], "--overlong 'cut': must be keep, mask or penalty"),
     (["--rollout_tp", "2"], "--rollout_tp 2: must be >= 1 and divide the 1 ranks: start grpo.py under torchrun"),
 ])
 def test_grpo_settings_are_checked_by_flag(argv, match):
@@ -146,7 +146,6 @@ def test_grpo_settings_are_checked_by_flag(argv, match):
     (["--batch_size", "0"], "--batch_size 0: must be >= 1"),
     (["--epochs", "0"], "--epochs 0: must be >= 1"),
     (["--max_steps", "-1"], "--max_steps -1: must be >= 0"),
-    (["--schedule", "linear"], "--schedule 'linear': must be constant or cosine"),
     (["--keep_last", "-1"], "--keep_last -1: must be >= 0"),
     (["--export_every", "-2"], "--export_every -2: must be >= 0"),
 ])
@@ -154,6 +153,31 @@ def test_sft_settings_are_checked_by_flag(argv, match):
     cfg, _ = parse_config(SFTConfig, argv)
     with pytest.raises(ValueError, match=match):
         sft.check_config(cfg)
+
+
+@pytest.mark.parametrize("config, flag, value, allowed", [
+    (GRPOConfig, "overlong", "cut", "keep, mask, penalty"),
+    (GRPOConfig, "loss_agg", "seq-mean", "token-mean, seq-mean-token-mean"),
+    (GRPOConfig, "kl_estimator", "k3", "k1, mse, low_var_kl"),
+    (SFTConfig, "schedule", "linear", "constant, cosine"),
+])
+def test_a_setting_of_listed_values_is_refused_by_flag_and_in_python(config, flag, value, allowed, capsys):
+    # the values are listed once, in the field's Literal type: the parser and check_fields read them there
+    with pytest.raises(SystemExit):
+        parse_config(config, [f"--{flag}", value])
+    err = capsys.readouterr().err
+    assert f"argument --{flag}: invalid choice: '{value}'" in err and all(v in err for v in allowed.split(", "))
+    check = (lambda c: grpo.check_config(c, world_size=1)) if config is GRPOConfig else sft.check_config
+    with pytest.raises(ValueError, match=f"--{flag} '{value}': must be one of {allowed}"):
+        check(config(**{flag: value}))
+
+
+def test_help_is_the_comment_beside_each_field(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(GRPOConfig, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--kl_coef KL_COEF weight of the KL-to-reference loss term; 0 skips the ref model (default 0.001)" in text
+    assert "--loss_agg {token-mean,seq-mean-token-mean}" in text
 
 
 def test_flags_are_never_abbreviated(capsys):

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from grpo import GRPOConfig
+from conftest import loss_row
 from objective import group_advantages, kl_penalty, policy_loss
-from passes import pack_rows
+from passes import Trace, pack_rows
+
+
+def loss(x, cfg, **counts):
+    """policy_loss on loss_inputs-shaped tensors (logp, old, ref, adv, mask, ent, seq)."""
+    logp, old, ref, adv, mask, ent, seq = x
+    return policy_loss(logp, ent, loss_row(old, ref, adv, mask, seq), cfg, **counts)
 
 
 def test_group_advantages_by_hand():
@@ -78,8 +85,8 @@ def by_hand(cfg, logp, old, ref, adv, mask, ent, seq):
 def test_policy_loss_by_hand(agg):
     cfg = GRPOConfig(kl_coef=0.1, entropy_coef=0.01, loss_agg=agg, clip_ratio_high=0.28)
     x = loss_inputs()
-    loss, sums = policy_loss(*x, cfg, n_tokens=5, n_seqs=2)
-    assert loss.item() == pytest.approx(by_hand(cfg, *x), rel=1e-6)
+    total, sums = loss(x, cfg, n_tokens=5, n_seqs=2)
+    assert total.item() == pytest.approx(by_hand(cfg, *x), rel=1e-6)
     # Clipping binds where the ratio left [0.8, 1.28] in the advantage's favour: token 1
     # (ratio e^0.4, A > 0) and token 4 (ratio e^-0.5, A < 0); not token 2 (e^-1, A > 0).
     assert sums["clip_frac"].item() == 2
@@ -92,10 +99,10 @@ def test_policy_loss_by_hand(agg):
 def test_micro_batch_losses_add_up_to_the_full_loss(agg, splits):
     cfg = GRPOConfig(kl_coef=0.1, loss_agg=agg)
     x = loss_inputs()
-    full, _ = policy_loss(*x, cfg, n_tokens=5, n_seqs=2)
+    full, _ = loss(x, cfg, n_tokens=5, n_seqs=2)
     for split in splits:
         bounds = [0, *split, 6]
-        parts = [policy_loss(*(t[a:b] for t in x), cfg, n_tokens=5, n_seqs=2)[0]
+        parts = [loss([t[a:b] for t in x], cfg, n_tokens=5, n_seqs=2)[0]
                  for a, b in zip(bounds, bounds[1:])]
         torch.testing.assert_close(sum(parts), full, msg=f"split {split}")
 
@@ -104,24 +111,22 @@ def test_ratio_one_gives_the_policy_gradient():
     cfg = GRPOConfig(kl_coef=0.0, entropy_coef=0.0)
     logp, _, ref, adv, mask, ent, seq = loss_inputs()
     logp = logp.clone().requires_grad_()
-    loss, _ = policy_loss(logp, logp.detach(), ref, adv, mask, ent, seq, cfg, n_tokens=5, n_seqs=2)
-    loss.backward()
+    total, _ = loss((logp, logp.detach(), ref, adv, mask, ent, seq), cfg, n_tokens=5, n_seqs=2)
+    total.backward()
     # d/dlogp of -A * exp(logp - old) at logp == old is -A; token mean over the 5 real tokens.
     torch.testing.assert_close(logp.grad, -adv * mask / 5)
 
 
 def test_pack_rows_marks_response_targets():
-    seqs = [{"input_ids": [1, 2, 3, 4, 5], "prompt_len": 3, "advantage": 0.5,
-             "sampler_logprobs": [-0.1, -0.2]},
-            {"input_ids": [6, 7, 8], "prompt_len": 2, "advantage": -1.0, "sampler_logprobs": [-0.3]}]
+    seqs = [Trace([1, 2, 3, 4, 5], 3, 0.5, [-0.1, -0.2]), Trace([6, 7, 8], 2, -1.0, [-0.3])]
     rows = pack_rows(seqs, max_tokens=6)
     assert len(rows) == 1
     r = rows[0]
-    assert r["ids"] == [1, 2, 3, 4, 6, 7] and r["targets"] == [2, 3, 4, 5, 7, 8]
-    assert r["pos"] == [0, 1, 2, 3, 0, 1]
-    assert r["mask"] == [0, 0, 1, 1, 0, 1]  # targets 4, 5 and 8 are response tokens
-    assert r["adv"] == [0.5] * 4 + [-1.0] * 2 and r["seq"] == [0] * 4 + [1] * 2
-    assert r["sampler"] == [0.0, 0.0, -0.1, -0.2, 0.0, -0.3]
+    assert r.ids.tolist() == [1, 2, 3, 4, 6, 7] and r.targets.tolist() == [2, 3, 4, 5, 7, 8]
+    assert r.positions.tolist() == [0, 1, 2, 3, 0, 1] and r.doc_lens == [4, 2] and r.traces == [0, 1]
+    assert r.mask.tolist() == [0, 0, 1, 1, 0, 1] and r.response_tokens == 3  # targets 4, 5 and 8 are response tokens
+    assert r.advantages.tolist() == [0.5] * 4 + [-1.0] * 2 and r.seq.tolist() == [0] * 4 + [1] * 2
+    torch.testing.assert_close(r.sampler_logprobs, torch.tensor([0.0, 0.0, -0.1, -0.2, 0.0, -0.3]))
     assert len(pack_rows(seqs, max_tokens=5)) == 2
 
 
@@ -141,3 +146,13 @@ def test_sampler_trainer_mismatch_figures_by_hand():
     assert m["rollout_kl_k3"] == pytest.approx(sum(math.exp(-x) + x - 1 for x in d) / 100)
     # the 99th of 100 is |-0.5|: reported as the upper edge of its bin, at most 15.5% above it
     assert 0.5 <= m["rollout_logprob_diff_p99"] <= 0.5 * 10 ** (1 / 16)
+
+
+def test_importing_the_trainer_pulls_in_neither_the_demo_nor_transformers():
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = "import sys, grpo; print(sorted(m for m in sys.modules if m.split('.')[0] in ('demo', 'transformers')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]

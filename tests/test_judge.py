@@ -11,6 +11,7 @@ import demo
 import eval as E
 import judge as J
 import rollout
+from scores import no_result, scores_of, summary
 from conftest import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def test_the_voting_curve_from_the_same_samples_by_hand():
            line("q", "A", ["B", "A", "A", None]),  # k=1: 0    k=2: 1/2  k=4: 1
            line("r", "B", [None, "B", "A", "B"]),  # k=1: 0    k=2: 1    k=4: 1
            line("s", "B", ["B", "B", "A", "A"])]   # k=1: 1    k=2: 1    k=4: 1/2
-    curve = E.scores_of(log, "demo", samples=4)["voting"]["curve"]
+    curve = scores_of(log, "demo", samples=4)["voting"]["curve"]
     assert [p["k"] for p in curve] == [1, 2, 4]
     want = {1: [1, 0, 0, 1], 2: [0.5, 0.5, 1, 1], 4: [0, 1, 1, 0.5]}
     for point in curve:
@@ -56,8 +57,8 @@ def test_the_voting_curve_from_the_same_samples_by_hand():
         assert point["accuracy"] == pytest.approx(mean) and point["standard_error"] == pytest.approx(se), point
         assert point["scores"]["accuracy"] == pytest.approx(mean)
     # the run's own score is the whole vote's, k = 4
-    assert E.scores_of(log, "demo", samples=4)["scores"]["accuracy"] == pytest.approx(2.5 / 4)
-    assert [p["k"] for p in E.scores_of(log, "demo", samples=6)["voting"]["curve"]] == [1, 2, 4, 6]
+    assert scores_of(log, "demo", samples=4)["scores"]["accuracy"] == pytest.approx(2.5 / 4)
+    assert [p["k"] for p in scores_of(log, "demo", samples=6)["voting"]["curve"]] == [1, 2, 4, 6]
 
 
 def test_both_orders_by_hand():
@@ -67,7 +68,7 @@ def test_both_orders_by_hand():
            line("y", "A", ["A", "A"]), line("y", "B", ["A", "A"]),
            line("z", "A", ["B", "B"]), line("z", "B", ["A", None]),
            line("w", "A", ["A", "A"]), line("w", "B", ["B", "A"])]
-    scores = E.scores_of(log, "demo", samples=2)
+    scores = scores_of(log, "demo", samples=2)
     orders = scores["both_orders"]
     assert orders["comparisons"] == 4 and scores["comparisons"] == 4 and scores["judgments"] == 8
     # consistent: x (chosen twice) and z (rejected twice); y and w are not
@@ -83,9 +84,9 @@ def test_both_orders_by_hand():
 
 def test_a_tie_of_votes_is_no_invalid_verdict():
     log = [line("t", "A", ["A", "B"]), line("u", "B", ["B", None])]  # a tie; a right vote and an unparseable one
-    scores = E.scores_of(log, "demo", samples=2)
+    scores = scores_of(log, "demo", samples=2)
     assert scores["invalid_verdict_rate"] == pytest.approx(0.25)  # one sample of four holds no verdict
-    assert scores["scores"]["accuracy"] == pytest.approx(0.75) and E.no_result(scores) is None
+    assert scores["scores"]["accuracy"] == pytest.approx(0.75) and no_result(scores) is None
 
 
 def test_a_tie_in_one_best_of_n_judgment_makes_the_item_half_right():
@@ -237,17 +238,17 @@ def test_health_rates_count_samples_and_consistency_counts_pairs_judged_in_both_
             "chosen_position": "A", "verdict": "A", "finish_reason": "stop",
             "votes": ["A", None, None, None], "finish_reasons": ["stop", "length", "length", "length"]}
     records = [dict(line, uid=f"u{i}") for i in range(4)]
-    scores = E.scores_of(records, "demo", samples=4)
+    scores = scores_of(records, "demo", samples=4)
     assert scores["truncated_rate"] == 0.75 and scores["invalid_verdict_rate"] == 0.75
     assert scores["counted_over"]["truncated_rate"] == "samples"
-    assert "truncated_rate" in E.summary(scores)
-    assert "75% of the sampled judgments were cut" in E.no_result(dict(scores, invalid_verdict_rate=1.0))
+    assert "truncated_rate" in summary(scores)
+    assert "75% of the sampled judgments were cut" in no_result(dict(scores, invalid_verdict_rate=1.0))
     # both orders: u0 judged in both and consistent; u1's prompts too long in both orders
     greedy = {k: v for k, v in line.items() if k not in ("votes", "finish_reasons")}
     both = [dict(greedy, uid="u0"), dict(greedy, uid="u0", chosen_position="B", verdict="B"),
             *[dict(greedy, uid="u1", chosen_position=p, verdict=None, correct=0.0, finish_reason="prompt_too_long")
               for p in "AB"]]
-    orders = E.scores_of(both, "demo")["both_orders"]
+    orders = scores_of(both, "demo")["both_orders"]
     assert orders["position_consistency"] == 1.0 and orders["judged_in_both_orders"] == 1
     assert orders["accuracy"] == 0.5, "the unjudged pair still counts as wrong in the accuracy"
 
@@ -255,7 +256,7 @@ def test_health_rates_count_samples_and_consistency_counts_pairs_judged_in_both_
 def test_greedy_one_order_scores_say_nothing_new():
     line = {"uid": "u0", "group": "g", "category": "c", "meta": {}, "prompt_tokens": 9, "judgment": "",
             "correct": True, "chosen_position": "A", "verdict": "A", "finish_reason": "stop"}
-    assert set(E.scores_of([line], "demo")) == {"bench", "comparisons", "prompt_too_long", "invalid_verdict_rate",
+    assert set(scores_of([line], "demo")) == {"bench", "comparisons", "prompt_too_long", "invalid_verdict_rate",
                                                  "truncated_rate", "verdict_A_share", "gold_A_share", "scores"}
 
 

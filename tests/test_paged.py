@@ -58,7 +58,7 @@ def test_samples_do_not_depend_on_page_size_or_budget(models):
     paged, roomy = generate(ours, prompts, params, page_size=4, return_stats=True)
     # room for a little over one longest sequence: sequences wait, get preempted, regenerate
     page = KVCache.bytes_per_slot(ours.config, 4, torch.float32)
-    tight_budget = (kvcache.cache_pages(ours.config, prompts, params, torch.float32, None, 1, 4) + 2) * page
+    tight_budget = (kvcache.cache_pages(ours.config, scheduler.as_prompts(prompts), params, torch.float32, None, 1, 4) + 2) * page
     tight, stats = generate(ours, prompts, params, page_size=4, kv_budget_bytes=tight_budget, return_stats=True)
     assert stats.preemptions > 0 and roomy.preemptions == 0
     for name, other in (("paged", paged), ("paged under a tight budget", tight)):
@@ -110,7 +110,7 @@ def test_preemption_under_many_budgets_keeps_samples_and_pages(models):
     params = SamplingParams(temperature=1.0, max_new_tokens=20, n=4, seed=9)
     static = generate(ours, prompts, params, page_size=13 + 20)
     page = KVCache.bytes_per_slot(ours.config, 4, torch.float32)
-    least = kvcache.cache_pages(ours.config, prompts, params, torch.float32, None, 1, 4)
+    least = kvcache.cache_pages(ours.config, scheduler.as_prompts(prompts), params, torch.float32, None, 1, 4)
     preempted = 0
     for extra in range(0, 40, 3):
         out, stats = generate(ours, prompts, params, page_size=4, kv_budget_bytes=(least + extra) * page,

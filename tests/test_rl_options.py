@@ -18,6 +18,7 @@ import demo
 import distributed as D
 import grpo
 import passes
+from conftest import loss_row
 from grpo import GRPOConfig
 from objective import equal_groups, overlong_penalty, policy_loss
 
@@ -46,8 +47,8 @@ def test_dual_clip_bounds_the_loss_of_negative_advantages():
     e = math.exp
     per_token_off = [e(3), -1.2, e(0.1), 0.8]  # max(-A r, -A clip(r, 0.8, 1.2)), by hand
     per_token_on = [3.0, -1.2, e(0.1), 0.8]  # token 0: A < 0 and -A r = e^3 > -A c = 3
-    loss_off, _ = policy_loss(logp, old, zeros, adv, mask, zeros, seq, off, 4, 1)
-    loss_on, sums = policy_loss(logp, old, zeros, adv, mask, zeros, seq, on, 4, 1)
+    loss_off, _ = policy_loss(logp, zeros, loss_row(old, zeros, adv, mask, seq), off, 4, 1)
+    loss_on, sums = policy_loss(logp, zeros, loss_row(old, zeros, adv, mask, seq), on, 4, 1)
     assert float(loss_off) == pytest.approx(sum(per_token_off) / 4, rel=1e-5)
     assert float(loss_on) == pytest.approx(sum(per_token_on) / 4, rel=1e-5)
     assert float(sums["dual_clip_frac"]) == 1
@@ -57,18 +58,20 @@ def test_filtering_reads_the_verdicts_not_the_overlong_penalty():
     # 7 wrong verdicts, one trace 1 token into the overlong buffer: DAPO filters on correctness,
     # so the group is dropped; read off the penalised rewards, it would train on advantages
     # [0.38 x 6, -2.26] driven by the length penalty alone.
-    from scheduler import Completion
+    from scheduler import Completion, Prompt
     cfg = GRPOConfig(rollout_batch_size=1, mini_batch_size=1, n_samples=7, max_response_len=8, overlong_buffer=4,
                      overlong="penalty", filter_equal_groups=True)
     lengths = [2, 2, 2, 5, 2, 2, 2]
     completions = [Completion(0, s, [1] * n, [0.0] * n, "stop") for s, n in enumerate(lengths)]
-    rnd = passes.score_round([{"label": "model_a"}], [[5, 6]], completions, [""] * 7, None, cfg,
+    prompt = [Prompt([5, 6], 0)]
+    rnd = passes.score_round([{"label": "model_a"}], prompt, completions, [""] * 7, None, cfg,
                              lambda completions, texts, records: -torch.ones(len(completions)))
     assert rnd.train_rewards[3] == pytest.approx(-1.25) and rnd.train_rewards[0] == -1
-    assert passes.kept_groups(rnd, 0, [0], cfg) == []
-    mixed = passes.score_round([{"label": "model_a"}], [[5, 6]], completions, [""] * 7, None, cfg,
+    one = D.Context(rank=0, world_size=1, device=torch.device("cpu"))
+    assert passes.kept_groups(rnd, 0, [0], cfg, one) == []
+    mixed = passes.score_round([{"label": "model_a"}], prompt, completions, [""] * 7, None, cfg,
                                lambda completions, texts, records: torch.tensor([1.0] + [-1.0] * 6))
-    assert passes.kept_groups(mixed, 0, [0], cfg) == [(0, 0)]
+    assert passes.kept_groups(mixed, 0, [0], cfg, one) == [(0, 0)]
 
 
 # ---- in one process: which groups and traces a step trains on ----
@@ -90,23 +93,21 @@ def run_step(tiny_policy, monkeypatch, kinds, draws=(), **overrides):
                      activation_checkpointing=False, rollout_slots=16, **overrides)
     ctx = D.Context(rank=0, world_size=1, device=torch.device("cpu"))
     model = D.load_model(path, ctx)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    prompts = [[5 + i, 6, 7] for i in range(len(kinds))]
+    policy = grpo.Policy(model, torch.optim.AdamW(model.parameters(), lr=cfg.lr), tokenizer, None)
+    # the first round takes records 0..R-1, the k-th further round the next R (draws[k - 1])
+    R, every = len(kinds), list(kinds) + [k for extra in draws for k in extra]
+    monkeypatch.setattr(data, "step_prompts", lambda n, step, cfg: list(range(R)))
+    monkeypatch.setattr(data, "oversample_prompts", lambda n, step, k, cfg: list(range(k * R, (k + 1) * R)))
+    prompts = grpo.Prompts([{"kind": k, "label": "model_a"} for k in every], [[5 + i, 6, 7] for i in range(len(every))])
     trained = []
     real_update = passes.update
 
     def update(model, optimizer, rows, cfg, ctx):
-        trained.append([(s, a) for r in rows for s, a, m in zip(r["seq"], r["adv"], r["mask"]) if m])
+        trained.append([(s, a) for r in rows for s, a, m in zip(r.seq.tolist(), r.advantages.tolist(), r.mask.tolist())
+                        if m])
         return real_update(model, optimizer, rows, cfg, ctx)
     monkeypatch.setattr(passes, "update", update)
-
-    def draw(resample):
-        extra = draws[resample - 1]
-        return [{"kind": k, "label": "model_a"} for k in extra], [[40 + i, 6, 7] for i in range(len(extra))]
-    records = [{"kind": k, "label": "model_a"} for k in kinds]
-    m = grpo.grpo_step(model, None, optimizer, tokenizer, records, prompts, 0, list(range(len(kinds))), cfg,
-                       ctx, score=by_kind, draw=draw)
-    return m, trained
+    return grpo.grpo_step(policy, prompts, 0, cfg, ctx, score=by_kind).metrics, trained
 
 
 def test_filtering_drops_all_equal_groups_and_the_token_mean_is_over_the_rest(tiny_policy, monkeypatch):
@@ -189,3 +190,29 @@ def test_filtering_and_oversampling_give_the_same_step_on_two_ranks(tiny_policy,
         for key in ("reward", "kept_groups", "rollout_rounds", "updates", "loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
     assert two["checksum"] == pytest.approx(one["checksum"], rel=1e-6)
+
+
+def test_a_records_own_max_new_tokens_holds_under_a_tensor_parallel_rollout(tiny_policy, tmp_path):
+    # per-prompt values travel with the prompt through the TP group's gather: every other record asks
+    # for 3 new tokens at most, the others take --max_response_len 8
+    import tokenization
+    path, tokenizer = tiny_policy
+    records = [dict(r, max_new_tokens=3) if i % 2 else r for i, r in enumerate(demo.rlvr_records(16, seed=0))]
+    data.write_records(tmp_path / "rlvr.jsonl", records)
+    limit = {tokenizer.decode(tokenization.encode_prompt(tokenizer, r["context_messages"], 4096)): r.get("max_new_tokens", 8)
+             for r in records}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "grpo.py", "--model", path,
+                          "--data", str(tmp_path / "rlvr.jsonl"), "--out", str(tmp_path / "out"), "--rollout_tp", "2",
+                          "--rollout_batch_size", "16", "--mini_batch_size", "4", "--n_samples", "2",
+                          "--max_response_len", "8", "--micro_batch_tokens", "512", "--no-bf16",
+                          "--no-activation_checkpointing", "--rollout_slots", "16", "--log_traces_every", "1",
+                          "--max_steps", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    traces = [json.loads(line) for line in (tmp_path / "out" / "rollouts" / "step_00000001.jsonl").read_text().splitlines()]
+    limits = [(limit[t["prompt"]], t["tokens"], t["finish_reason"]) for t in traces]
+    assert {own for own, _, _ in limits} == {3, 8}, "rank 0 logged prompts of both kinds"
+    assert all(tokens <= own and (reason == "stop" or tokens == own) for own, tokens, reason in limits), limits
+    data.write_records(tmp_path / "bad.jsonl", [records[0], dict(records[1], max_new_tokens=0)])
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'max_new_tokens' must be >= 1, got 0"):
+        data.load_rlvr(str(tmp_path / "bad.jsonl"))

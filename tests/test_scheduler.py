@@ -81,7 +81,7 @@ def sweep(model, seeds):
     for seed in seeds:
         prompts, params, slots = configuration(seed)
         reference, _ = run(model, prompts, params, slots, None)
-        least = kvcache.cache_pages(model.config, prompts, params, torch.float32, None, 1, PAGE)
+        least = kvcache.cache_pages(model.config, scheduler.as_prompts(prompts), params, torch.float32, None, 1, PAGE)
         for pages in range(least, least + 12):
             out, stats = run(model, prompts, params, slots, pages)
             where = f"seed {seed}, {pages} pages (least {least}), {slots} slots"
@@ -107,7 +107,7 @@ def test_a_pool_that_cannot_hold_the_front_names_the_pages(model):
     anyway, the scheduler says what it needs and what is held instead of looping."""
     prompts, params = [[1] * 13], SamplingParams(temperature=0.0, max_new_tokens=8)
     cache = kvcache.new_cache(model, 1, 21, PAGE, 3)  # the prompt's 12 cached positions alone need 3 pages
-    batch = scheduler.Scheduler(cache, prompts, [0], params, 1)
+    batch = scheduler.Scheduler(cache, scheduler.as_prompts(prompts), params, 1)
     with pytest.raises(RuntimeError, match=r"needs 4 pages to start and 2 are free"):
         batch.admit(model)
 
@@ -117,9 +117,9 @@ def scheduler_with_kept_prefixes(model, prompts, kept, waiting, n=2, max_new_tok
     preemptions: nothing decoding, prefixes kept for the prompts in `kept`, `waiting` in line."""
     from collections import deque
     params = SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, n=n)
-    least = kvcache.cache_pages(model.config, prompts, params, torch.float32, None, 1, PAGE)
+    least = kvcache.cache_pages(model.config, scheduler.as_prompts(prompts), params, torch.float32, None, 1, PAGE)
     cache = kvcache.new_cache(model, 2, max(map(len, prompts)) + max_new_tokens, PAGE, least)
-    batch = scheduler.Scheduler(cache, prompts, list(range(len(prompts))), params, 2)
+    batch = scheduler.Scheduler(cache, scheduler.as_prompts(prompts), params, 2)
     for p in kept:
         batch.prefixes[p] = [cache.take(cache.pages_for(len(prompts[p]) - 1)), sum(q == p for q, _ in waiting)]
     batch.waiting = deque(waiting)

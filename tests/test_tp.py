@@ -63,6 +63,10 @@ def test_a_group_decodes_its_ranks_prompts_together_and_each_keeps_its_own(ranks
     assert all(r["group_equal"] for r in ranks)
 
 
+def test_a_prompts_own_limit_travels_with_it_through_the_group(ranks):
+    assert all(r["own_limits_equal"] and r["own_limits_kept"] for r in ranks), ranks
+
+
 def test_a_group_decodes_under_the_smallest_of_its_ranks_budgets(ranks):
     for r in ranks:
         assert r["small_budget_pages"] == 10, r  # rank 1's own budget was 40 pages

@@ -22,6 +22,7 @@ from checkpoint import save_pretrained  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from kvcache import new_cache  # noqa: E402
 from rollout import SamplingParams, generate  # noqa: E402
+from scheduler import Prompt, as_prompts  # noqa: E402
 
 
 def run(out, checkpoint_dir, tied):
@@ -59,13 +60,22 @@ def run(out, checkpoint_dir, tied):
     # A group's ranks bring different prompts; each gets its own back, as if decoded alone.
     mine = prompts[ctx.rank::2]
     keys = list(range(ctx.rank, len(prompts), 2))
-    got, _ = tp.generate_in_group(loaded, mine, runs["sampled"], ctx, keys)
+    got, _ = tp.generate_in_group(loaded, as_prompts(mine, keys), runs["sampled"], ctx)
     want = generate(whole, mine, runs["sampled"], prompt_keys=keys)
     result["group_equal"] = [(c.prompt_index, c.token_ids) for c in got] == [(c.prompt_index, c.token_ids) for c in want]
+    # What is per prompt travels with it through the group's gather: each rank's prompts carry
+    # their own limits (3 + key % 5 new tokens), and each completion keeps to its own prompt's.
+    limited = [Prompt(p.ids, p.key, max_new_tokens=3 + p.key % 5) for p in as_prompts(mine, keys)]
+    own, _ = tp.generate_in_group(loaded, limited, runs["sampled"], ctx)
+    alone = generate(whole, limited, runs["sampled"])
+    result["own_limits_equal"] = [c.token_ids for c in own] == [c.token_ids for c in alone]
+    result["own_limits_kept"] = all(len(c.token_ids) <= limited[c.prompt_index].max_new_tokens and
+                                    (c.finish_reason == "stop" or len(c.token_ids) == limited[c.prompt_index].max_new_tokens)
+                                    for c in own)
     # Budgets that differ by rank (as free memory does): the group takes the smallest, 10 pages of
     # 2 KiB, and its ranks stay in step.
     page = 2 * config.num_hidden_layers * 1 * config.head_dim * 16 * 4
-    got, stats = tp.generate_in_group(loaded, mine, runs["sampled"], ctx, keys,
+    got, stats = tp.generate_in_group(loaded, as_prompts(mine, keys), runs["sampled"], ctx,
                                       kv_budget_bytes=(10 if ctx.rank == 0 else 40) * page)
     result["small_budget_equal"] = [c.token_ids for c in got] == [c.token_ids for c in want]
     result["small_budget_pages"] = stats.pool_pages
