@@ -65,6 +65,10 @@ class KVCache(nn.Module):
         self.tables = [[s] for s in range(batch_size)] if static else [[] for _ in range(batch_size)]
         self.dirty = set()     # slots whose whole table row the device must be sent
         self.appended = []     # (slot, index, page) entries appended since the last sync
+        # Full prompt pages that others may share while anyone holds them (vLLM's automatic prefix
+        # caching, within one call): keyed by (the page before it, or -1, its tokens), so a key
+        # names the whole prefix up to and including the page, and a page leaves with its last user.
+        self.prefix_pages, self.prefix_key = {}, {}
 
     @staticmethod
     def bytes_per_slot(config, max_seq_len, dtype) -> int:
@@ -101,11 +105,34 @@ class KVCache(nn.Module):
         return list(pages)
 
     def give(self, pages):
-        """Drop one reference to each page; a page nobody holds is free again."""
+        """Drop one reference to each page; a page nobody holds is free again (and no longer shared)."""
         for p in pages:
             self.refs[p] -= 1
             if self.refs[p] == 0:
                 self.free.append(p)
+                if p in self.prefix_key:
+                    del self.prefix_pages[self.prefix_key.pop(p)]
+
+    def shared_prefix(self, ids) -> list[int]:
+        """The pages that hold the longest run of ids' leading full pages that some prompt in
+        flight has written (remember), in order."""
+        pages, before = [], -1
+        for k in range(len(ids) // self.page_size):
+            page = self.prefix_pages.get((before, tuple(ids[k * self.page_size:(k + 1) * self.page_size])))
+            if page is None:
+                break
+            pages.append(page)
+            before = page
+        return pages
+
+    def remember(self, ids, pages):
+        """Offer the full pages of a prompt's prefix ids, just written to `pages`, for others to share."""
+        before = -1
+        for k in range(len(ids) // self.page_size):
+            key = (before, tuple(ids[k * self.page_size:(k + 1) * self.page_size]))
+            if self.prefix_pages.setdefault(key, pages[k]) == pages[k]:
+                self.prefix_key[pages[k]] = key
+            before = pages[k]
 
     def set_table(self, slot, pages):
         self.tables[slot] = pages

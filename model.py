@@ -221,6 +221,8 @@ class Layout:
     cache_index: torch.Tensor | None = None  # (B, T) where each token's keys and values go
     decode: bool = False                 # one token per row, attending over the cache
     kv_lens: torch.Tensor | None = None  # (B,) decode: cache positions each row attends to
+    contexts: list | None = None         # prefill: per document (start, its pages): it continues
+                                         # positions 0..start-1 that those pages hold already
 
 
 class Attention(nn.Module):
@@ -251,6 +253,8 @@ class Attention(nn.Module):
             cache.write(self.layer_idx, layout.cache_index, k, v)
         if layout.decode:
             out = self.decode(q, layout)
+        elif layout.contexts is not None:
+            out = self.continue_documents(q, k, v, layout)
         elif layout.doc_lens is not None:
             out = packed_attention(q.reshape(B * T, self.n_heads, self.head_dim),
                                    k.reshape(B * T, self.n_kv_heads, self.head_dim),
@@ -260,6 +264,28 @@ class Attention(nn.Module):
             out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask=layout.mask,
                          is_causal=layout.causal).transpose(1, 2)
         return self.o_proj(out.reshape(B, T, -1))
+
+    def continue_documents(self, q, k, v, layout):
+        """Prefill of packed documents (q, k, v: (1, N, heads, Dh)), some of which continue a
+        prefix whose keys and values are in the cache already (layout.contexts: per document, its
+        start and pages): such a document's queries attend causally over its pages' positions
+        0..start + n - 1, read back from the cache (its own new keys, written above, included);
+        one that starts at 0 attends among its own tokens. Exact, one SDPA per document."""
+        cache, outs, at = layout.kv_cache, [], 0
+        for n, (start, pages) in zip(layout.doc_lens, layout.contexts):
+            doc = slice(at, at + n)
+            if start == 0:
+                outs.append(attend(*(t[0, doc].transpose(0, 1)[None] for t in (q, k, v)), is_causal=True)[0])
+            else:
+                rows = torch.tensor(pages, device=q.device)[:cache.pages_for(start + n)]
+                keys, values = (pool[self.layer_idx][rows].flatten(0, 1)[:start + n].to(q.dtype)
+                                for pool in (cache.k, cache.v))  # (start + n, H_kv, Dh)
+                visible = torch.arange(start + n, device=q.device)[None] <= torch.arange(start, start + n,
+                                                                                        device=q.device)[:, None]
+                outs.append(attend(q[0, doc].transpose(0, 1)[None], keys.transpose(0, 1)[None],
+                                   values.transpose(0, 1)[None], mask=visible[None, None])[0])
+            at += n
+        return torch.cat(outs, dim=1).transpose(0, 1)[None]
 
     def decode(self, q, layout):
         """One new token per row (q: (B, 1, H, Dh)) against positions 0..kv_lens[b]-1 of each
@@ -457,14 +483,20 @@ class Transformer(nn.Module):
         # Fresh tensors, not views: FSDP2 warns that a view output could lose its backward hook.
         return logprobs.view(B, T).clone(), entropy.view(B, T).clone()
 
-    def prefill(self, input_ids, position_ids, cache, cache_index=None, cache_slots=None, doc_lens=None):
+    def prefill(self, input_ids, position_ids, cache, cache_index=None, cache_slots=None, doc_lens=None,
+                contexts=None):
         """Write the keys and values of prompts (B, T) into `cache` and return their hidden states
         (B, T, D). Rows start at position 0 and attend among themselves (doc_lens: several prompts
         packed in a row); each token goes to cache row cache_index (B, T), or by default to its
-        position in slot cache_slots (B,) (default 0..B-1)."""
-        layout = Layout(impl=self.attention_impl(input_ids.device), kv_cache=cache, slots=cache_slots)
+        position in slot cache_slots (B,) (default 0..B-1). With contexts (one row of packed
+        documents: per document (start, pages)), a document continues from position `start`,
+        attending also to the positions before it that its pages hold (a shared prefix)."""
+        layout = Layout(impl=self.attention_impl(input_ids.device), kv_cache=cache, slots=cache_slots,
+                        contexts=contexts)
         layout.cache_index = cache.index(cache_slots, position_ids) if cache_index is None else cache_index
-        if doc_lens is not None and len(doc_lens) > input_ids.shape[0]:
+        if contexts is not None:
+            layout.doc_lens = list(doc_lens)
+        elif doc_lens is not None and len(doc_lens) > input_ids.shape[0]:
             layout.doc_lens = list(doc_lens)
         else:
             layout.causal = True

@@ -12,7 +12,9 @@ How it works, in the order the code runs (generate's loop: admit, reserve, decod
 - admission: waiting sequences take idle slots (at most max_batch_size decode together) while
   pages last, paced by the pages the decoding ones are expected to grow into (PACE); new
   prompts are prefilled together, packed as documents, once each: their n samples share the
-  prompt's pages by reference and copy only its partly filled last page;
+  prompt's pages by reference and copy only its partly filled last page, and a prompt's leading
+  full pages that another prompt in flight has written already (the judge's system prompt, a
+  group's question) are shared, not computed again (vLLM's automatic prefix caching, within a call);
 - preemption: when the pool runs out, the most recently admitted sequence gives its pages back
   and waits again from its start, regenerating the same tokens (below): on the CPU in fp32
   results never depend on the budget; on a GPU the regenerated trace runs in other batches and
@@ -203,7 +205,7 @@ class Sampler:
     end; the memory plan walks it (walk) on fake tensors, where no token can be read back."""
 
     def __init__(self, model, prompts, params: SamplingParams, max_batch_size=64, use_cuda_graph=True,
-                 prompt_keys=None, kv_budget_bytes=None, page_size=PAGE_SIZE):
+                 prompt_keys=None, kv_budget_bytes=None, page_size=PAGE_SIZE, share_prefixes=True):
         prompts = as_prompts(prompts, prompt_keys)
         check_inputs(prompts, params, model.config.vocab_size, max_batch_size)
         weight = model.embed_tokens.weight
@@ -213,7 +215,7 @@ class Sampler:
         budget = device_kv_budget(weight.device) if kv_budget_bytes is None else kv_budget_bytes
         n_pages = cache_pages(model.config, prompts, params, weight.dtype, budget, self.slots, page_size)
         self.cache = new_cache(model, self.slots, self.seq_len, page_size, n_pages)
-        self.batch = Scheduler(self.cache, prompts, params, self.slots)
+        self.batch = Scheduler(self.cache, prompts, params, self.slots, share_prefixes)
         # The decode step's inputs, one column per slot: the token to feed, its position, and
         # which (prompt, sample) the slot holds, for the sampling noise. Fixed address and shape.
         self.state = torch.zeros(4, self.slots, dtype=torch.long, device=weight.device)
@@ -280,7 +282,7 @@ def full_length(n_prompts, params: SamplingParams) -> list[Completion]:
 
 @torch.no_grad()
 def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda_graph=True,
-             prompt_keys=None, kv_budget_bytes=None, page_size=PAGE_SIZE, return_stats=False):
+             prompt_keys=None, kv_budget_bytes=None, page_size=PAGE_SIZE, return_stats=False, share_prefixes=True):
     """Sample params.n completions for each prompt (a list of token ids, or a scheduler.Prompt
     with a key and a limit of its own); returns
     len(prompts) * n Completions, prompt-major (prompt 0 samples 0..n-1, then prompt 1, ...),
@@ -292,10 +294,12 @@ def generate(model, prompts, params: SamplingParams, max_batch_size=64, use_cuda
     decode step as a CUDA graph on a CUDA model; pass False to debug or profile it eagerly.
     The sampling noise of prompts[i] is keyed by prompt_keys[i] (default i): a data-parallel
     caller that passes each prompt's global index draws the same traces whatever the number of
-    ranks (Completion.prompt_index stays the local i).
+    ranks (Completion.prompt_index stays the local i). share_prefixes: a prompt's leading full
+    pages that another prompt in flight holds already are shared, not computed again (False: each
+    prompt prefilled whole, as a reference for the tests and benchmarks).
     """
     completions, stats = Sampler(model, prompts, params, max_batch_size, use_cuda_graph, prompt_keys,
-                                 kv_budget_bytes, page_size).run()
+                                 kv_budget_bytes, page_size, share_prefixes).run()
     return (completions, stats) if return_stats else completions
 
 

@@ -59,19 +59,22 @@ class Completion:
 
 @torch.no_grad()
 def prefill(model, cache, prefixes):
-    """Write the keys/values of several prompts at once: prefixes is [(token ids, pages)], each
-    prompt's ids but its last (the first decode input, so that the first sampled token comes out
-    of a decode step like every other) and the pages that will hold them. One forward, the
-    prompts packed as documents that never attend to each other."""
-    prefixes = [(ids, pages) for ids, pages in prefixes if ids]
+    """Write the keys/values of several prompts at once: prefixes is [(token ids, pages, start)],
+    each prompt's ids but its last (the first decode input, so that the first sampled token comes
+    out of a decode step like every other), the pages that hold them, and how many leading
+    positions those pages hold already (shared with another prompt: not computed again). One
+    forward, the prompts packed as documents that never attend to each other."""
+    prefixes = [(ids, pages, start) for ids, pages, start in prefixes if len(ids) > start]
     if not prefixes:
         return
     device, P = cache.k.device, cache.page_size
-    ids = [t for p, _ in prefixes for t in p]
-    index = [pages[j // P] * P + j % P for p, pages in prefixes for j in range(len(p))]
-    positions = [j for p, _ in prefixes for j in range(len(p))]
+    ids = [t for p, _, start in prefixes for t in p[start:]]
+    index = [pages[j // P] * P + j % P for p, pages, start in prefixes for j in range(start, len(p))]
+    positions = [j for p, _, start in prefixes for j in range(start, len(p))]
+    contexts = [(start, pages) for _, pages, start in prefixes] if any(start for _, _, start in prefixes) else None
     model.prefill(torch.tensor(ids, device=device)[None], torch.tensor(positions, device=device)[None], cache,
-                  cache_index=torch.tensor(index, device=device)[None], doc_lens=[len(p) for p, _ in prefixes])
+                  cache_index=torch.tensor(index, device=device)[None],
+                  doc_lens=[len(p) - start for p, _, start in prefixes], contexts=contexts)
 
 
 @dataclass
@@ -82,7 +85,8 @@ class RolloutStats:
     page_size: int = 0
     page_bytes: int = 0         # bytes of one page (every layer's keys and values)
     preemptions: int = 0        # sequences sent back to wait for pages (and regenerated exactly)
-    prefill_tokens: int = 0
+    prompt_tokens: int = 0      # prompt positions admitted fresh (what a prefill without sharing computes)
+    prefill_tokens: int = 0     # of them computed: the rest were in pages shared with prompts in flight
     prefill_forwards: int = 0
     decode_steps: int = 0
     pages_held_at_end: int = 0  # 0: every page came back to the pool
@@ -107,8 +111,8 @@ class Scheduler:
     step runs n slots, not all.
     """
 
-    def __init__(self, cache, prompts: list[Prompt], params, n_slots):
-        self.cache, self.params = cache, params
+    def __init__(self, cache, prompts: list[Prompt], params, n_slots, share_prefixes=True):
+        self.cache, self.params, self.share_prefixes = cache, params, share_prefixes
         self.prompts, self.keys = [p.ids for p in prompts], [p.key for p in prompts]
         self.limits = [p.limit(params) for p in prompts]
         self.stop = frozenset(params.stop_token_ids)
@@ -147,42 +151,70 @@ class Scheduler:
 
     def admit(self, model):
         """Fill idle slots from the front of the waiting sequences while pages last (at least the
-        front when nothing decodes: the class's progress rule); prefill their new prompts together."""
+        front when nothing decodes: the class's progress rule); prefill their new prompts together,
+        each past the leading full pages it shares with prompts in flight (KVCache.shared_prefix).
+        A new prompt that would share pages another one of this prefill is about to write waits
+        for the next step, when it can (the first of many judge prompts that begin alike goes
+        alone, the others then share its pages)."""
         cache, P = self.cache, self.cache.page_size
         if not self.waiting or len(self.order) == len(self.seq):
             return
         free, growth = len(cache.free), self.growth()
-        new, to_prefill, tokens = [], [], 0
+        new, to_prefill, shared, tokens = [], [], {}, 0
         for slot in range(len(self.order), len(self.seq)):  # the idle slots
             if not self.waiting:
                 break
             p, s = self.waiting[0]
             cached = len(self.prompts[p]) - 1  # positions the prefill writes
             fresh = p not in self.prefixes and p not in to_prefill
-            prefix = cache.pages_for(cached) if fresh else 0
+            if fresh:
+                shared[p] = cache.shared_prefix(self.prompts[p][:cached]) if self.share_prefixes else []
+                if to_prefill and self.shares_more_with(p, len(shared[p]), to_prefill):
+                    break
+            computed = cached - P * len(shared[p]) if fresh else 0
+            prefix = cache.pages_for(cached) - len(shared[p]) if fresh else 0
             # The prefix's full pages are shared: the sample's own pages start at the partial one.
             need = prefix + self.expected_pages(p, cached, cached // P)
-            if fresh and to_prefill and tokens + cached > PREFILL_TOKENS:
+            if fresh and to_prefill and tokens + computed > PREFILL_TOKENS:
                 break
             if need + growth > free:
                 if self.order or new:
                     break
-                free = self.make_room_for_front(prefix + 1)  # to start: the prefix and one page
+                # nothing else holds pages once the others' prefixes are let go: none to share
+                free = self.make_room_for_front(cache.pages_for(cached) + 1)  # the prefix and one page
+                shared[p] = cache.shared_prefix(self.prompts[p][:cached]) if self.share_prefixes else []
+                computed, prefix = cached - P * len(shared[p]), cache.pages_for(cached) - len(shared[p])
+                need = prefix + self.expected_pages(p, cached, cached // P)
             free -= need
             self.waiting.popleft()
             new.append((slot, p, s))
             if fresh:
                 to_prefill.append(p)
-                tokens += cached
+                tokens += computed
+                self.stats.prompt_tokens += cached
         if to_prefill:
             for p in to_prefill:
                 samples = sum(q == p for q, _ in self.waiting) + sum(q == p for _, q, _ in new)
-                self.prefixes[p] = [cache.take(cache.pages_for(len(self.prompts[p]) - 1)), samples]
-            prefill(model, cache, [(self.prompts[p][:-1], self.prefixes[p][0]) for p in to_prefill])
+                own = cache.take(cache.pages_for(len(self.prompts[p]) - 1) - len(shared[p]))
+                self.prefixes[p] = [cache.share(shared[p]) + own, samples]
+            prefill(model, cache, [(self.prompts[p][:-1], self.prefixes[p][0], P * len(shared[p])) for p in to_prefill])
+            for p in to_prefill:
+                cache.remember(self.prompts[p][:-1], self.prefixes[p][0])
             self.stats.prefill_tokens += tokens
             self.stats.prefill_forwards += 1
         for slot, p, s in new:
             self.start(slot, p, s)
+
+    def shares_more_with(self, p, found, pending) -> bool:
+        """Whether prompt p has more leading full pages in common with a prompt of this prefill
+        (not yet written, so not shareable yet) than the `found` it shares already."""
+        cached = len(self.prompts[p]) - 1
+        pages = cached // self.cache.page_size
+        if pages <= found:
+            return False
+        span = (found + 1) * self.cache.page_size  # one page past what is shared already
+        return any(self.prompts[q][:span] == self.prompts[p][:span] and len(self.prompts[q]) - 1 >= span
+                   for q in pending)
 
     def make_room_for_front(self, start):
         """Nothing decodes and the front waits: let go of the prefixes kept for other prompts if

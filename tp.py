@@ -171,7 +171,9 @@ def generate_in_group(model, prompts, params, ctx, kv_budget_bytes=None, max_bat
     (rollout.Sampler.walk)."""
     mesh = ctx.tp_mesh
     every, start = gather_group(prompts, mesh) if mesh is not None else (list(prompts), 0)
-    sampler = rollout.Sampler(model, every, params, max_batch_size, kv_budget_bytes=kv_budget(kv_budget_bytes, ctx))
+    # the memory plan's placeholder prompts are all alike: walk them as prompts that share nothing, the worst case
+    sampler = rollout.Sampler(model, every, params, max_batch_size, kv_budget_bytes=kv_budget(kv_budget_bytes, ctx),
+                              share_prefixes=not ctx.simulated)
     completions, stats = sampler.walk() if ctx.simulated else sampler.run()
     if mesh is None:
         return completions, stats

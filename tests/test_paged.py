@@ -121,3 +121,29 @@ def test_preemption_under_many_budgets_keeps_samples_and_pages(models):
         assert stats.pages_held_at_end == 0, f"{least + extra} pages"
         preempted += stats.preemptions
     assert preempted > 0
+
+
+def test_prompts_in_flight_share_their_common_leading_pages_with_unchanged_results(models):
+    hf, ours = models
+    # a 40-token "system prompt" (10 pages of 4) before each question; one prompt twice; one unlike the rest
+    system = prompts_of([40], seed=7)[0]
+    questions = prompts_of([5, 9, 2, 7], seed=8)
+    prompts = [system + q for q in questions] + [system + questions[0], prompts_of([23], seed=9)[0]]
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, n=2, seed=3)
+    alone, plain = generate(ours, prompts, params, page_size=4, return_stats=True, share_prefixes=False)
+    shared, stats = generate(ours, prompts, params, page_size=4, return_stats=True)
+    assert [c.token_ids for c in shared] == [c.token_ids for c in alone]
+    torch.testing.assert_close(torch.tensor([x for c in shared for x in c.logprobs]),
+                               torch.tensor([x for c in alone for x in c.logprobs]), atol=1e-5, rtol=0)
+    # the first prompt goes alone and writes the 10 pages; the other four that begin with them share
+    # them (the repeated prompt also its 11th: its own first 4 question tokens fill it, 44 cached in all)
+    assert stats.prompt_tokens == plain.prompt_tokens == plain.prefill_tokens == sum(len(p) - 1 for p in prompts)
+    assert stats.prefill_tokens == plain.prefill_tokens - 40 * 3 - 44
+    assert stats.prefill_forwards == 2 and stats.pages_held_at_end == 0
+    # greedy against transformers, each prompt alone: the shared pages hold what a whole prefill writes
+    greedy = generate(ours, prompts, SamplingParams(temperature=0.0, max_new_tokens=6), page_size=4)
+    for prompt, c in zip(prompts, greedy):
+        ids = torch.tensor([prompt])
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
+                          min_new_tokens=6, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert c.token_ids == ref

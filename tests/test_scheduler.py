@@ -1,7 +1,8 @@
 """The paged scheduler at the budgets users hit: from the least that cache_pages accepts up, a page
 at a time, over random small configurations, on the eager path and on the bucketed path that CUDA
 graphs take (simulated on the CPU: the same batch and length buckets, nothing recorded). Every run
-finishes, draws exactly the unbudgeted tokens and gives every page back. The states where the old
+finishes, draws exactly the unbudgeted tokens (of a run that shares no prefix pages) and gives every
+page back. The states where the old
 scheduler stalled (nothing decoding, the front refused for pages that kept prefixes held or that
 it charged twice) are rare enough that no sweep here reaches them: the last tests build them."""
 
@@ -37,6 +38,9 @@ def configuration(seed):
     lengths = [PAGE * rng.randint(1, 4) + rng.choice((-1, 0, 1, 2)) for _ in range(rng.randint(1, 4))]
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+    for p in prompts[1:]:  # some begin with the first prompt's leading pages: shared while both are in flight
+        common = min(PAGE * rng.randint(0, 3), len(p), len(prompts[0]))
+        p[:common] = prompts[0][:common]
     params = SamplingParams(temperature=1.5, max_new_tokens=rng.randint(4, 14), n=rng.randint(1, 7),
                             stop_token_ids=tuple(rng.sample(range(VOCAB), 5)), seed=seed)
     return prompts, params, rng.choice((2, 3, 8, 64))
@@ -67,20 +71,20 @@ def bucketed(monkeypatch):
     return steps
 
 
-def run(model, prompts, params, slots, pages):
+def run(model, prompts, params, slots, pages, share_prefixes=True):
     budget = None if pages is None else pages * KVCache.bytes_per_slot(model.config, PAGE, torch.float32)
     out, stats = generate(model, prompts, params, max_batch_size=slots, kv_budget_bytes=budget, page_size=PAGE,
-                          return_stats=True)
+                          return_stats=True, share_prefixes=share_prefixes)
     assert stats.pages_held_at_end == 0, f"{pages} pages: {stats.pages_held_at_end} pages never came back"
     assert budget is None or stats.peak_kv_bytes <= budget
     return out, stats
 
 
 def sweep(model, seeds):
-    preempted = 0
+    preempted = shared = 0
     for seed in seeds:
         prompts, params, slots = configuration(seed)
-        reference, _ = run(model, prompts, params, slots, None)
+        reference, _ = run(model, prompts, params, slots, None, share_prefixes=False)  # each prompt prefilled whole
         least = kvcache.cache_pages(model.config, scheduler.as_prompts(prompts), params, torch.float32, None, 1, PAGE)
         for pages in range(least, least + 12):
             out, stats = run(model, prompts, params, slots, pages)
@@ -90,7 +94,9 @@ def sweep(model, seeds):
                                        torch.tensor([x for c in reference for x in c.logprobs]),
                                        atol=1e-5, rtol=0, msg=lambda m: f"{where}: {m}")
             preempted += stats.preemptions
+            shared += stats.prompt_tokens - stats.prefill_tokens
     assert preempted > 0, "the sweep must force preemptions"
+    assert shared > 0, "the sweep must share prefix pages"
 
 
 def test_every_budget_from_the_least_finishes_with_the_same_tokens(model):
