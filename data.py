@@ -348,6 +348,35 @@ def own_settings(record, where) -> dict:
     return {"max_new_tokens": limit}
 
 
+def load_prompts(path, need_reference=False):
+    """A policy's prompt records (grpo.py --reward judge): `prompt` (a string, one user turn) or
+    `messages` (the conversation before the answer, ending with a user turn), an optional
+    `reference` answer (a string: --judge_method reference needs one on every record), and what a
+    record may set for itself (own_settings). In memory: {context_messages, reference?, ...}."""
+    records = []
+    for where, r in read_records(path):
+        if "messages" in r:
+            messages = check_messages(get_field(r, where, "messages", list), where, "messages")
+            if messages[-1]["role"] != "user":
+                raise ValueError(f"{where}: field 'messages' must end with the user's turn the policy answers")
+        elif "prompt" in r:
+            prompt = get_field(r, where, "prompt", str)
+            if not prompt.strip():
+                raise ValueError(f"{where}: field 'prompt' is empty")
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            raise ValueError(f"{where}: a prompt record needs 'prompt' (a string) or 'messages' (a chat); "
+                             f"the record has {sorted(r)}")
+        record = {"context_messages": messages, **own_settings(r, where)}
+        if need_reference and "reference" not in r:
+            raise ValueError(f"{where}: --judge_method reference needs a 'reference' answer on every record; "
+                             f"the record has {sorted(r)}")
+        if "reference" in r:
+            record["reference"] = get_field(r, where, "reference", str)
+        records.append(record)
+    return records
+
+
 def write_records(path, records):
     """SFT or RLVR records (trace / label in memory) to a JSONL file in RM-R1's format, where both
     are called `winner`: what load_sft / load_rlvr read back."""

@@ -111,7 +111,8 @@ def make_decode_mesh(device_type: str, world: int, tp: int) -> DeviceMesh | None
         return None
     if world % tp:
         raise ValueError(f"tensor parallelism of {tp} needs the {world} ranks to divide by {tp}")
-    return init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+    with unset_fake_temporarily():  # the memory plan's fake tensors: the mesh reads real rank ids
+        return init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
 
 
 @contextlib.contextmanager

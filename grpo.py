@@ -33,6 +33,7 @@ checkpoint (--resume --resume_step K goes on from any); --resume refuses setting
 the run's (out/config.json) but those safe to change (run.SAFE_TO_CHANGE).
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -53,10 +54,11 @@ import tp
 from checkpoint import load_config, write_atomic
 from cli import check_fields, parse_config
 from data import Style
+from judge import Judge
 from objective import LossConfig, Row
 from passes import (Policy, Round, assemble, build_reference, evaluate, kept_groups, logprob_passes, place_states,
                     rollout, score_round, share_of, train_on)
-from reward import judge_metrics, rlvr_rewards
+from rewards import InProcessJudge, RemoteJudge, RewardUnavailable, Verifiable, policy_metrics
 from scheduler import Prompt
 
 
@@ -78,6 +80,15 @@ class GRPOConfig(LossConfig):
     top_p: float = 1.0                 # nucleus sampling of the rollouts; 1: off
     max_prompt_len: int = 4096         # longer prompts are dropped and counted
     max_response_len: int = 8192       # the longest trace; a record may set a lower max_new_tokens of its own
+    reward: Literal["verifiable", "judge"] = "verifiable"  # RM-R1's +1/-1 of a judge's verdict (trains a judge), or a trained judge's verdicts on a policy's responses
+    judge: str = ""                    # --reward judge: the judge's HF directory, loaded on these ranks (frozen; bf16 on CUDA)
+    judge_url: str = ""                # --reward judge: a reward server instead (serve.py, OpenRLHF's protocol)
+    judge_method: Literal["round_robin", "knockout", "reference"] = "round_robin"  # how a group's responses are ranked (judge.Judge.rewards)
+    judge_tp: int = 1                  # tensor-parallel ranks per judge (its own mesh when not --rollout_tp's)
+    judge_style: Style = "instruct"    # the judge's prompt style
+    judge_max_new_tokens: int = 8192   # a judgment's length
+    judge_max_prompt_len: int = 4096   # longer judge prompts are not judged (no verdict in either order)
+    judge_retries: int = 5             # --judge_url: tries after a failed request before the run stops with a checkpoint
     filter_equal_groups: bool = False  # DAPO's dynamic sampling: drop groups whose verdicts are all right or all wrong
     oversample: int = 0                # with filter_equal_groups: up to this many more rollout rounds to fill the batch
     overlong: Literal["keep", "mask", "penalty"] = "keep"  # truncated traces: kept, masked out of the loss, or DAPO's soft penalty
@@ -145,10 +156,11 @@ class StepResult:
     minis: list[list[Row]]        # this rank's packed rows of each mini-batch
 
 
-def grpo_step(policy: Policy, prompts: Prompts, step, cfg: GRPOConfig, ctx, score=rlvr_rewards,
+def grpo_step(policy: Policy, prompts: Prompts, step, cfg: GRPOConfig, ctx, score=Verifiable(),
               phases=None) -> StepResult:
     """One rollout batch, this rank's share of it: roll out n traces per prompt (rollout), score
-    them (score_round: `score` is the paper's +1/-1 reward in a run), keep the groups that train
+    them (score_round: `score`, a reward of rewards.py, the paper's +1/-1 by default; a judge's
+    is a device phase of its own), keep the groups that train
     (kept_groups: all, or with --filter_equal_groups those whose verdicts differ, drawing more
     rounds with --oversample until they fill a batch), pack each mini-batch's traces into rows with
     their group advantages (assemble), the old and reference log-probs (logprob_passes), then one
@@ -162,7 +174,10 @@ def grpo_step(policy: Policy, prompts: Prompts, step, cfg: GRPOConfig, ctx, scor
     for resample in range(1 + (cfg.oversample if cfg.filter_equal_groups else 0)):
         records, batch = prompts.draw(step, resample, share, cfg)
         completions, texts, stats = rollout(policy, batch, step, cfg, ctx, phases, resample)
-        rounds.append(score_round(records, batch, completions, texts, stats, cfg, score))
+        judging = getattr(score, "phase", None)  # (name, advice) of a reward computed on the device
+        with phases.phase("judge", *judging) if judging else contextlib.nullcontext():
+            rewards = score(completions, texts, records)
+        rounds.append(score_round(records, batch, completions, texts, stats, cfg, rewards))
         kept += kept_groups(rounds[-1], resample, share, cfg, ctx)
         if len(kept) >= cfg.rollout_batch_size:
             break
@@ -182,7 +197,7 @@ def grpo_step(policy: Policy, prompts: Prompts, step, cfg: GRPOConfig, ctx, scor
         updates = train_on(policy.model, policy.optimizer, trained, cfg, ctx)
     if ctx.simulated:
         return StepResult({}, rounds, minis)
-    metrics = step_metrics(rounds, updates, cfg) | mismatch | phases.metrics()
+    metrics = step_metrics(rounds, updates, score, cfg) | mismatch | phases.metrics()
     metrics.update(lr=policy.optimizer.param_groups[0]["lr"], updates=len(updates),
                    kept_groups=min(len(kept), cfg.rollout_batch_size) / cfg.rollout_batch_size,
                    tokens_per_s=metrics.pop("tokens") / (time.time() - start),
@@ -190,13 +205,13 @@ def grpo_step(policy: Policy, prompts: Prompts, step, cfg: GRPOConfig, ctx, scor
     return StepResult(metrics, rounds, minis)
 
 
-def step_metrics(rounds: list[Round], updates, cfg: GRPOConfig) -> dict:
-    """The judge's metrics of the first round and the updates' means, over ranks; the step's
-    token counts (all rounds) and the sampler's peaks."""
-    first, n = rounds[0], cfg.n_samples
-    labels = [first.records[c.prompt_index]["label"] for c in first.completions]
-    verdicts = [reward.parse_verdict(t) for t in first.texts]
-    judged = {k: float(v) for k, v in judge_metrics(first.completions, labels, first.rewards, verdicts, n).items()}
+def step_metrics(rounds: list[Round], updates, score, cfg: GRPOConfig) -> dict:
+    """The reward's metrics of the first round (score.metrics: a judge-in-training's verdicts, or
+    a policy's rewards and its judge's make-up; rewards.policy_metrics for a plain function) and
+    the updates' means, over ranks; the step's token counts (all rounds) and the sampler's peaks."""
+    first = rounds[0]
+    own = getattr(score, "metrics", None)
+    judged = own(first, cfg.n_samples) if own else policy_metrics(first, cfg.n_samples)
     metrics = dict(zip(judged, distributed.all_reduce_mean(torch.tensor(list(judged.values()))).tolist()))
     if updates:
         metrics.update({k: float(torch.stack([u[k] for u in updates]).mean()) for k in updates[0]})
@@ -214,16 +229,21 @@ def step_metrics(rounds: list[Round], updates, cfg: GRPOConfig) -> dict:
 
 # ---- the run: data, models, the step loop ----
 
-def train(cfg: GRPOConfig, preset="", records=None, eval_records=None):
+def train(cfg: GRPOConfig, preset="", records=None, eval_records=None, score=None):
     """One GRPO run on --data (or records(), the demo's), scored on --eval_data (or eval_records()).
-    With --plan, only the memory plan: returns it. (Nothing built on the process group is
-    returned: distributed.shutdown ends the groups once the run's objects are gone.)"""
+    The reward is --reward's (build_reward), or `score` when given (a reward of rewards.py's
+    kind: the demo's program truth, say). With --plan, only the memory plan: returns it.
+    (Nothing built on the process group is returned: distributed.shutdown ends the groups once
+    the run's objects are gone.)"""
     if cfg.plan:
         return memory_plan(cfg)
     check_config(cfg, distributed.world_size())
     ctx = distributed.init(cfg.dist_timeout_min, cfg.rollout_tp)
     # Settings, data and the run directory are checked before any model is loaded.
     tp.check_divisible(load_config(cfg.model), cfg.rollout_tp)
+    if cfg.judge:
+        tp.check_divisible(load_config(cfg.judge), cfg.judge_tp)
+        tokenization.load_tokenizer(cfg.judge)  # a judge directory holds its tokenizer: said now, not after the rollout
     tokenizer = tokenization.load_tokenizer(cfg.model)
     prompts = encode(tokenizer, load_records(cfg.data, cfg) if records is None else records(), cfg, "train")
     held_out = eval_records() if eval_records else load_records(cfg.eval_data, cfg) if cfg.eval_data else []
@@ -235,6 +255,7 @@ def train(cfg: GRPOConfig, preset="", records=None, eval_records=None):
 
     policy = build_policy(cfg, ctx, tokenizer)
     policy.ref_model = None if cfg.offload_states else build_reference(cfg, ctx)  # offloaded: read per step
+    score = score or build_reward(cfg, ctx, tokenizer)
     export = os.path.join(cfg.out, "hf")
     start = run.resume(cfg, policy.model, policy.optimizer)
     metrics = run.MetricsLogger(cfg.out, total_steps, asdict(cfg), cfg.wandb_project, start)
@@ -243,8 +264,14 @@ def train(cfg: GRPOConfig, preset="", records=None, eval_records=None):
         metrics.log(0, {"eval_accuracy": evaluate(policy, held_out, cfg, ctx)}, show=shown)
     stop = run.last_step(cfg, start, total_steps)
     for step in range(start, stop):
-        with run.stop_on_non_finite(step + 1, cfg.out):
-            result = grpo_step(policy, prompts, step, cfg, ctx)
+        try:
+            with run.stop_on_non_finite(step + 1, cfg.out):
+                result = grpo_step(policy, prompts, step, cfg, ctx, score)
+        except RewardUnavailable as e:  # no step on made-up rewards: stop where the run is, resumable
+            metrics.close()
+            run.save_state(cfg.out, step, policy.model, policy.optimizer, {}, cfg.keep_last)
+            raise SystemExit(f"step {step + 1}: {e}; stopped with the checkpoint of step {step}: start the reward "
+                             f"server again (or check --judge_url) and go on with --resume") from None
         if run.due(cfg.log_traces_every, step + 1) and distributed.is_main():
             write_traces(os.path.join(cfg.out, "rollouts", f"step_{step + 1:08d}.jsonl"), policy.tokenizer,
                          result.rounds[0], cfg.n_samples)
@@ -259,8 +286,25 @@ def train(cfg: GRPOConfig, preset="", records=None, eval_records=None):
     run.finish(cfg, stop, total_steps, policy.model, policy.optimizer, policy.tokenizer, export)
 
 
+def build_reward(cfg: GRPOConfig, ctx, tokenizer):
+    """--reward's source (rewards.py): RM-R1's verifiable +1/-1; a judge loaded on these ranks
+    (its own TP mesh under a --judge_tp other than --rollout_tp's); or a reward server."""
+    if cfg.reward == "verifiable":
+        return Verifiable()
+    if cfg.judge_url:
+        return RemoteJudge(cfg.judge_url, tokenizer, cfg)
+    judge_ctx = ctx if cfg.judge_tp == cfg.rollout_tp else dataclasses.replace(
+        ctx, decode_mesh=distributed.make_decode_mesh(ctx.device.type, ctx.world_size, cfg.judge_tp))
+    judge = Judge.load(cfg.judge, judge_ctx, style=cfg.judge_style, max_new_tokens=cfg.judge_max_new_tokens,
+                       max_prompt_len=cfg.judge_max_prompt_len, batch_size=cfg.rollout_slots, gather=True)
+    return InProcessJudge(judge, cfg)
+
+
 def load_records(path, cfg: GRPOConfig):
-    """RLVR records of --data: a file of them, or of raw preference pairs (data.load_rlvr_or_pairs)."""
+    """--data's records: a policy's prompt records with --reward judge (data.load_prompts); else RLVR
+    records, from a file of them or of raw preference pairs (data.load_rlvr_or_pairs)."""
+    if cfg.reward == "judge":
+        return data.load_prompts(path, need_reference=cfg.judge_method == "reference")
     records, identical = data.load_rlvr_or_pairs(path, cfg.seed, cfg.style)
     if identical:
         distributed.log(f"{path}: {identical} pairs dropped whose chosen and rejected answers are identical")
@@ -303,15 +347,17 @@ TRACE_GROUPS = 8  # groups of rank 0's share written per logged step
 
 
 def write_traces(path, tokenizer, first: Round, n):
-    """The first TRACE_GROUPS groups' judge prompts, traces, verdicts and rewards, one JSON line per
-    trace: what the metrics cannot show (a right verdict for a wrong reason, say)."""
+    """The first TRACE_GROUPS groups' prompts, traces and rewards (with a judge-in-training's label
+    and verdict), one JSON line per trace: what the metrics cannot show (a right verdict for a
+    wrong reason, a policy's response the judge rewarded, say)."""
     lines = []
     for c, text, r in list(zip(first.completions, first.texts, first.rewards.tolist()))[:TRACE_GROUPS * n]:
+        record = first.records[c.prompt_index]
+        verdict = {"label": record["label"], "verdict": reward.parse_verdict(text)} if "label" in record else {}
         lines.append(json.dumps({"prompt_index": c.prompt_index, "sample": c.sample_index,
-                                 "prompt": tokenizer.decode(first.prompts[c.prompt_index].ids),
-                                 "label": first.records[c.prompt_index]["label"], "trace": text,
-                                 "verdict": reward.parse_verdict(text), "reward": r,
-                                 "finish_reason": c.finish_reason, "tokens": len(c.token_ids)}))
+                                 "prompt": tokenizer.decode(first.prompts[c.prompt_index].ids), **verdict,
+                                 "trace": text, "reward": r, "finish_reason": c.finish_reason,
+                                 "tokens": len(c.token_ids)}))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_atomic(path, "".join(line + "\n" for line in lines))
 
@@ -350,6 +396,15 @@ def check_config(cfg: GRPOConfig, world_size):
          f"must be >= 1 and divide the {world_size} ranks: start grpo.py under torchrun with a multiple of "
          f"{cfg.rollout_tp} ranks (--nproc_per_node x --nnodes), or leave --rollout_tp at 1"),
         ("kv_budget_gib", cfg.kv_budget_gib >= 0, "must be >= 0 (0: what is free at rollout time)"),
+        ("reward", cfg.reward == "verifiable" or bool(cfg.judge) != bool(cfg.judge_url),
+         "judge needs the judge: --judge DIR (on these ranks) or --judge_url URL (a reward server), one of them"),
+        ("judge", not cfg.judge and not cfg.judge_url or cfg.reward == "judge",
+         "is the reward of --reward judge: add it, or drop --judge / --judge_url"),
+        ("eval_data", cfg.reward == "verifiable" or not cfg.eval_data, "scores a judge's verdicts; a policy trained "
+         "with --reward judge is measured by what knows its right answers (the demo's program: demo/loop.py)"),
+        ("judge_tp", cfg.judge_tp >= 1 and world_size % cfg.judge_tp == 0, f"must be >= 1 and divide the {world_size} ranks"),
+        ("judge_retries", cfg.judge_retries >= 0, "must be >= 0"),
+        *[(name, getattr(cfg, name) >= 1, "must be >= 1") for name in ("judge_max_new_tokens", "judge_max_prompt_len")],
         *run.run_rules(cfg), *plan.rules(cfg),
     ])
 
@@ -374,15 +429,18 @@ def plan_walk(cfg: GRPOConfig, ctx, memory: plan.Plan):
     with memory.fake:
         policy = build_policy(cfg, ctx, plan.PlaceholderTokenizer(load_config(cfg.model).vocab_size - 1))
     memory.track(policy.model, policy.optimizer, cfg.micro_batch_tokens)
-    with memory.phase("load", "load: policy shards, AdamW state (then to the host)" if cfg.offload_states else
-                      "load: policy shards, bf16 reference, AdamW state",
-                      plan.MORE_RANKS + ", or a smaller model" + ("" if cfg.offload_states else ", or --offload_states")):
+    judge = cfg.reward == "judge" and cfg.judge  # in process: its weights are resident, its phase walked
+    with memory.phase("load", ("load: policy shards, AdamW state (then to the host)" if cfg.offload_states else
+                               "load: policy shards, bf16 reference, AdamW state") + (", the judge" if judge else ""),
+                      plan.MORE_RANKS + ", or a smaller model" + ("" if cfg.offload_states else ", or --offload_states")
+                      + (", --judge_tp, or --judge_url" if judge else "")):
         policy.ref_model = None if cfg.offload_states else build_reference(cfg, ctx)
         memory.make_optimizer_state(policy.model, policy.optimizer)
         place_states(policy.optimizer, ctx.host, cfg)
+        reward = build_reward(cfg, ctx, policy.tokenizer) if judge else memory.mixed_rewards
     share = len(share_of(cfg, ctx.rank, ctx.world_size))
     prompts = Prompts([{"label": "model_a"}] * cfg.rollout_batch_size, [[0] * cfg.max_prompt_len] * cfg.rollout_batch_size)
-    result = grpo_step(policy, prompts, 0, cfg, ctx, score=memory.mixed_rewards, phases=memory)
+    result = grpo_step(policy, prompts, 0, cfg, ctx, score=memory.walking(reward), phases=memory)
     stats, mini, walked = result.rounds[0].stats, result.minis[0], result.minis[0][:PLAN_ROWS]
     rollout_phase = next(p for p in memory.phases if p.name.startswith("rollout"))
     group = share * cfg.rollout_tp * cfg.n_samples
@@ -406,8 +464,9 @@ def memory_plan(cfg: GRPOConfig) -> plan.Plan:
                 else []) + ([(f"--micro_batch_tokens {least_row}", dataclasses.replace(cfg, micro_batch_tokens=least_row))]
                             if cfg.micro_batch_tokens > least_row else [])
     # two streams run matrix products: the trainer's, and the decode graphs' (rollout.side_stream)
+    judge_mesh = cfg.reward == "judge" and bool(cfg.judge) and cfg.judge_tp not in (1, cfg.rollout_tp)
     return plan.run(plan_walk, cfg, f"memory plan of grpo.py --model {cfg.model}, per rank", tp=cfg.rollout_tp,
-                    gemm_streams=2, variants=variants)
+                    gemm_streams=2, variants=variants, extra_meshes=int(judge_mesh))
 
 
 def main(argv=None):

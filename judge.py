@@ -35,7 +35,10 @@ import data
 import tokenization
 import rollout
 import tp
-from checkpoint import load_pretrained
+from checkpoint import load_config, load_pretrained
+from model import on_meta
+from plan import PlaceholderTokenizer
+from scheduler import as_prompts
 from reward import parse_verdict, place
 
 
@@ -96,7 +99,7 @@ class Judge:
     default), at most max_new_tokens each, prompts up to max_prompt_len tokens."""
 
     def __init__(self, model, tokenizer, style="instruct", samples=1, temperature=0.0, seed=0,
-                 max_new_tokens=8192, max_prompt_len=4096, batch_size=64, ctx=None):
+                 max_new_tokens=8192, max_prompt_len=4096, batch_size=64, ctx=None, gather=False):
         if samples < 1 or temperature < 0 or (samples > 1 and temperature == 0):
             raise ValueError(f"samples={samples}, temperature={temperature}: samples must be >= 1, and more than "
                              f"one needs a temperature > 0 (greedy samples are all alike)")
@@ -104,15 +107,24 @@ class Judge:
         self.samples, self.temperature, self.seed = samples, temperature, seed
         self.max_new_tokens, self.max_prompt_len, self.batch_size, self.ctx = (
             max_new_tokens, max_prompt_len, batch_size, ctx)
+        # gather: each rank brings prompts of its own (grpo.py's judge reward), which a TP group
+        # decodes together (tp.generate_in_group); else a TP group's ranks judge the same prompts (eval.py)
+        self.gather = gather
 
     @classmethod
     def load(cls, path, ctx=None, **how):
         """The judge in HF directory `path`: whole on this process's device (bf16 on CUDA), or
-        under torchrun with ctx.tp_mesh, this rank's 1/tp of it (tp.load)."""
+        under torchrun with ctx.tp_mesh, this rank's 1/tp of it (tp.load). Under the memory plan
+        (ctx.simulated, a GPU run's dtype) its weights are built but not read, and only its
+        config.json is: the tokenizer is a placeholder."""
         device = ctx.device if ctx is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model = tp.load(path, ctx.tp_mesh, dtype, device) if ctx is not None and ctx.tp_mesh is not None else \
-            load_pretrained(path, dtype=dtype, device=device)
+        dtype = torch.bfloat16 if device.type == "cuda" or (ctx is not None and ctx.gpu) else torch.float32
+        mesh = ctx.tp_mesh if ctx is not None else None
+        if ctx is not None and ctx.simulated:
+            config = load_config(path)
+            model = tp.build(config, mesh, dtype, device) if mesh is not None else on_meta(config, dtype).materialize(device)
+            return cls(model.eval().requires_grad_(False), PlaceholderTokenizer(config.vocab_size - 1), ctx=ctx, **how)
+        model = tp.load(path, mesh, dtype, device) if mesh is not None else load_pretrained(path, dtype=dtype, device=device)
         return cls(model, tokenization.load_tokenizer(path), ctx=ctx, **how)
 
     def prompt(self, chosen, rejected, chosen_position) -> list[int]:
@@ -124,10 +136,14 @@ class Judge:
         """K judgments of each prompt (token ids; keys: their noise keys, from noise_key)."""
         params = rollout.SamplingParams(temperature=self.temperature, max_new_tokens=self.max_new_tokens, n=self.samples,
                                 stop_token_ids=(self.tokenizer.eos_token_id,), seed=self.seed % 2**32)
-        # a TP group's ranks must schedule alike: one KV budget for all of them
-        budget = tp.kv_budget(None, self.ctx) if self.ctx is not None else None
-        completions = rollout.generate(self.model, prompts, params, max_batch_size=self.batch_size, prompt_keys=keys,
-                               kv_budget_bytes=budget)
+        if self.gather and self.ctx is not None:
+            completions, _ = tp.generate_in_group(self.model, as_prompts(prompts, keys), params, self.ctx,
+                                                  max_batch_size=self.batch_size)
+        else:
+            # a TP group's ranks must schedule alike: one KV budget for all of them
+            budget = tp.kv_budget(None, self.ctx) if self.ctx is not None else None
+            completions = rollout.generate(self.model, prompts, params, max_batch_size=self.batch_size,
+                                           prompt_keys=keys, kv_budget_bytes=budget)
         texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
         out, K = [], self.samples
         for i, ids in enumerate(prompts):

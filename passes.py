@@ -1,7 +1,8 @@
 """GRPO's phases, in the order grpo.grpo_step runs them, from the policy's rollout to its updates:
 
     completions, texts, stats = rollout(policy, prompts, step, cfg, ctx, phases)  # n traces per prompt
-    rnd = score_round(records, prompts, completions, texts, stats, cfg, rlvr_rewards)  # rewards
+    rewards = score(completions, texts, records)                    # the reward's (rewards.py)
+    rnd = score_round(records, prompts, completions, texts, stats, cfg, rewards)
     kept += kept_groups(rnd, resample, share, cfg, ctx)            # the groups that train
     minis = assemble(rounds, kept, share, cfg)                     # packed Rows per mini-batch
     mismatch = logprob_passes(policy, rows, cfg, ctx)              # fills row.old_logprobs, .ref_logprobs
@@ -108,10 +109,9 @@ class Round:
     stats: RolloutStats
 
 
-def score_round(records, prompts, completions, texts, stats, cfg, score) -> Round:
-    """Score every trace with score(completions, texts, records) (the paper's rlvr_rewards in a
-    run) and add DAPO's overlong penalty to what trains, with --overlong penalty."""
-    rewards = score(completions, texts, records)
+def score_round(records, prompts, completions, texts, stats, cfg, rewards) -> Round:
+    """A round with every trace's reward (the reward's: rewards.py) and, with --overlong penalty,
+    DAPO's overlong penalty added to what trains."""
     train_rewards = rewards
     if cfg.overlong == "penalty":  # each trace against its own prompt's limit
         lengths = torch.tensor([float(len(c.token_ids)) for c in completions])

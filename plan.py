@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor._sharding_prop import ShardingPropagator
@@ -225,6 +225,17 @@ class Plan:
         every trace trains, the worst case."""
         return torch.tensor([1.0 - 2 * (i % 2) for i in range(len(completions))])
 
+    @classmethod
+    def walking(cls, reward):
+        """A trainer's reward as the plan walks it: its own device phase run (a judge's sampler),
+        then mixed_rewards, so that every group trains."""
+        def score(completions, texts, records):
+            reward(completions, texts, records)
+            with unset_fake_temporarily():  # host values, though the reward's phase runs on fake tensors
+                return cls.mixed_rewards(completions, texts, records)
+        score.phase = getattr(reward, "phase", None)
+        return score
+
     @staticmethod
     def make_optimizer_state(model, optimizer):
         """AdamW's state exists from the second step on, rollouts included: make it now with a
@@ -306,23 +317,24 @@ def fake_world(plan: Plan, tp: int = 1):
         dist.destroy_process_group()
 
 
-def walk_once(walk, cfg, world_size, gpu_gib, tp, gemm_streams) -> Plan:
+def walk_once(walk, cfg, world_size, gpu_gib, tp, gemm_streams, extra_meshes=0) -> Plan:
     """One walk of `walk(cfg, ctx, plan)` at world_size ranks of gpu_gib each (TP groups of tp for
     the rollout, which then makes two process groups more: the mesh's data- and tensor-parallel
-    ones). gemm_streams: the streams that run matrix products."""
-    plan = Plan(world_size, gpu_gib, process_groups=1 if tp == 1 else 3, gemm_streams=gemm_streams)
+    ones; extra_meshes: the other TP meshes the walk makes, a judge's, two groups each).
+    gemm_streams: the streams that run matrix products."""
+    plan = Plan(world_size, gpu_gib, process_groups=1 + 2 * ((tp > 1) + extra_meshes), gemm_streams=gemm_streams)
     with fake_world(plan, tp) as ctx:
         walk(cfg, ctx, plan)
     return plan
 
 
-def run(walk, cfg, title, tp=1, gemm_streams=1, variants=()) -> Plan:
+def run(walk, cfg, title, tp=1, gemm_streams=1, variants=(), extra_meshes=0) -> Plan:
     """Walk one step at --plan_world_size ranks of --plan_gpu_gib each and print the table. When it
     does not fit and --plan_alternatives is on, walk what could make it fit the same way and say
     which do: the trainer's own `variants` ((flags, cfg) pairs: settings that save memory), then
     2x the ranks, H200s' 141 GB, 4x the ranks."""
     world, gpu = cfg.plan_world_size, cfg.plan_gpu_gib
-    plan = walk_once(walk, cfg, world, gpu, tp, gemm_streams)
+    plan = walk_once(walk, cfg, world, gpu, tp, gemm_streams, extra_meshes)
     print(plan.table(title), flush=True)
     if plan.fits or not cfg.plan_alternatives:
         return plan
@@ -334,7 +346,7 @@ def run(walk, cfg, title, tp=1, gemm_streams=1, variants=()) -> Plan:
     print("\nwhat fits instead (each walked the same way; --no-plan_alternatives skips this):", flush=True)
     for flags, other, w, g in options:
         try:
-            alt = walk_once(walk, other, w, g, tp, gemm_streams)
+            alt = walk_once(walk, other, w, g, tp, gemm_streams, extra_meshes)
         except ValueError as e:  # e.g. a batch the ranks do not divide
             print(f"  {flags}: cannot be walked: {e}", flush=True)
             continue

@@ -37,11 +37,17 @@ def load_tokenizer(path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def chat_ids(tokenizer, messages, add_generation_prompt):
+def chat_text(tokenizer, messages, add_generation_prompt=True) -> str:
+    """The chat template's text of messages (special tokens written out), the generation prompt
+    after them by default: what a policy's prompt is as text."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; use an "
                          f"Instruct/chat checkpoint's tokenizer or set tokenizer.chat_template")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def chat_ids(tokenizer, messages, add_generation_prompt):
+    text = chat_text(tokenizer, messages, add_generation_prompt)
     # The template already wrote BOS and friends; letting the tokenizer add them again would double them.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -1,7 +1,7 @@
 """The memory plan's verdicts for the paper's runs and for one GPU, as the plan prints them.
 
     python bench/plans.py                 # the tables in docs/scale.md (about 40 minutes on 2 CPU cores)
-    python bench/plans.py --only cluster  # or --only single
+    python bench/plans.py --only cluster  # or --only policy, --only single
 
 Each cell is `grpo.py --plan` or `sft.py --plan` on a config.json of Qwen2.5 of that size (nothing
 else is read), on cards as they report themselves (an 80 GB card: 79.1 GiB; an H200: 139.6). A
@@ -28,6 +28,11 @@ CLUSTER = [("7B", "grpo", 8, []), ("14B", "grpo", 8, ["--rollout_tp", "2"]),
            ("32B", "grpo", 8, ["--rollout_tp", "8", "--offload_states"]), ("32B", "grpo", 16, ["--rollout_tp", "8"]),
            ("32B", "grpo", 32, ["--rollout_tp", "8"]), ("7B", "sft", 8, []), ("14B", "sft", 8, []),
            ("32B", "sft", 8, []), ("32B", "sft", 16, [])]
+# A policy trained with a judge's reward (--reward judge): a 7B judge on the same ranks (its weights
+# resident, its judging a phase of the step), and a judge served elsewhere (only the policy here).
+JUDGE = "--judge"
+POLICY = [("7B", "grpo", 8, ["--reward", "judge", JUDGE, "7B"]),
+          ("7B", "grpo", 8, ["--reward", "judge", "--judge_url", "http://judge:5000/get_reward"])]
 
 
 def model_dir(size, tmp):
@@ -37,8 +42,9 @@ def model_dir(size, tmp):
     return str(path)
 
 
-def walk(trainer, model, ranks, gib, flags):
-    """One plan: (fits, peak GiB, usable GiB, the phases over)."""
+def walk(trainer, model, ranks, gib, flags, tmp=None):
+    """One plan: (fits, peak GiB, usable GiB, the phases over). `--judge SIZE` names a Qwen2.5 size."""
+    flags = [model_dir(f, tmp) if i and flags[i - 1] == JUDGE else f for i, f in enumerate(flags)]
     res = subprocess.run([sys.executable, f"{trainer}.py", "--plan", "--model", model, "--plan_world_size",
                           str(ranks), "--plan_gpu_gib", str(gib), "--no-plan_alternatives", *flags],
                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -71,17 +77,19 @@ def single(size, trainer, gib, tmp):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("cluster", "single"))
+    parser.add_argument("--only", choices=("cluster", "policy", "single"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        if args.only != "single":
-            print("| run | ranks of 80 GB (79.1 GiB) | verdict | peak GiB | usable GiB |\n|---|---|---|---|---|", flush=True)
-            for size, trainer, ranks, flags in CLUSTER:
-                fits, peak, usable, over = walk(trainer, model_dir(size, tmp), ranks, 80, flags)
+        for table in ("cluster", "policy"):
+            if args.only not in (None, table):
+                continue
+            print("\n| run | ranks of 80 GB (79.1 GiB) | verdict | peak GiB | usable GiB |\n|---|---|---|---|---|", flush=True)
+            for size, trainer, ranks, flags in CLUSTER if table == "cluster" else POLICY:
+                fits, peak, usable, over = walk(trainer, model_dir(size, tmp), ranks, 80, flags, tmp)
                 verdict = "fits" if fits else "does not fit: " + "; ".join(over)
                 print(f"| {trainer}.py {size} {' '.join(flags)} | {ranks} | {verdict} | {peak:.1f} | {usable:.1f} |",
                       flush=True)
-        if args.only != "cluster":
+        if args.only in (None, "single"):
             print("\n| one GPU | GRPO, 80 GB | GRPO, H200 | SFT, 80 GB | SFT, H200 |\n|---|---|---|---|---|", flush=True)
             for size in ("0.5B", "1.5B", "3B", "7B"):
                 cells = [single(size, trainer, gib, tmp) for trainer in ("grpo", "sft") for gib in (80, 141)]

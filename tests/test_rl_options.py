@@ -64,13 +64,12 @@ def test_filtering_reads_the_verdicts_not_the_overlong_penalty():
     lengths = [2, 2, 2, 5, 2, 2, 2]
     completions = [Completion(0, s, [1] * n, [0.0] * n, "stop") for s, n in enumerate(lengths)]
     prompt = [Prompt([5, 6], 0)]
-    rnd = passes.score_round([{"label": "model_a"}], prompt, completions, [""] * 7, None, cfg,
-                             lambda completions, texts, records: -torch.ones(len(completions)))
+    rnd = passes.score_round([{"label": "model_a"}], prompt, completions, [""] * 7, None, cfg, -torch.ones(7))
     assert rnd.train_rewards[3] == pytest.approx(-1.25) and rnd.train_rewards[0] == -1
     one = D.Context(rank=0, world_size=1, device=torch.device("cpu"))
     assert passes.kept_groups(rnd, 0, [0], cfg, one) == []
     mixed = passes.score_round([{"label": "model_a"}], prompt, completions, [""] * 7, None, cfg,
-                               lambda completions, texts, records: torch.tensor([1.0] + [-1.0] * 6))
+                               torch.tensor([1.0] + [-1.0] * 6))
     assert passes.kept_groups(mixed, 0, [0], cfg, one) == [(0, 0)]
 
 
