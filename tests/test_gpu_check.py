@@ -36,7 +36,7 @@ def test_gpu_check_smoke_runs_on_the_cpu(tmp_path):
 
 def test_a_crashed_and_a_hung_section_cost_only_themselves_and_results_are_kept_as_they_come(tmp_path):
     out = tmp_path / "check.json"
-    proc = subprocess.Popen(gpu_check(out, "--only", "tp_and_offload_one_gpu,model_paths", "--limits", "model_paths=30",
+    proc = subprocess.Popen(gpu_check(out, "--only", "tp_and_offload_one_gpu,model_paths", "--limits", "model_paths=12",
                                       "--inject", "tp_and_offload_one_gpu=crash,model_paths=hang"),
                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 25
@@ -49,8 +49,8 @@ def test_a_crashed_and_a_hung_section_cost_only_themselves_and_results_are_kept_
     sections = json.loads(out.read_text())["sections"]
     crashed, hung = sections["tp_and_offload_one_gpu"], sections["model_paths"]
     assert crashed["error"] == "its process died (signal SIGABRT) without a result", crashed
-    assert hung["error"] == "timed out: still running after its limit of 30.0 s; killed", hung
-    assert 30 <= hung["seconds"] < 60 and crashed["device_answers_after"] and hung["device_answers_after"]
+    assert hung["error"] == "timed out: still running after its limit of 12.0 s; killed", hung
+    assert 12 <= hung["seconds"] < 40 and crashed["device_answers_after"] and hung["device_answers_after"]
 
 
 def test_a_device_that_stops_answering_ends_the_run_naming_what_did_not_run(tmp_path):

@@ -34,11 +34,12 @@ def test_noise_is_finite_over_the_whole_vocabulary(vocab_size):
 
 @pytest.mark.parametrize("vocab_size", QWEN_VOCABS)
 def test_top_k_1_is_greedy_at_real_vocabularies(vocab_size):
-    """4,096 positions x 152k tokens: with u rounding to 1.0 in one entry of 2**24, about 0.9% of
-    these rows used to pick an infinite-noise token whatever its logit."""
+    """1,024 positions x 152k tokens: with u rounding to 1.0 in one entry of 2**24, about 0.9% of
+    rows used to pick an infinite-noise token whatever its logit: ~9 of these, so the old noise
+    passes this test with a chance of e**-9 (1e-4)."""
     g = torch.Generator().manual_seed(vocab_size)
     greedy_ids, sampled_ids = [], []
-    for chunk in range(8):
+    for chunk in range(2):
         logits = torch.randn(512, vocab_size, generator=g) * 3
         position = torch.arange(chunk * 512, (chunk + 1) * 512)
         params = SamplingParams(temperature=1.0, top_k=1, seed=chunk)
@@ -47,7 +48,7 @@ def test_top_k_1_is_greedy_at_real_vocabularies(vocab_size):
         greedy_ids.append(logits.argmax(-1))
         assert torch.isfinite(logprobs).all()
     sampled, greedy = torch.cat(sampled_ids), torch.cat(greedy_ids)
-    assert (sampled == greedy).all(), f"top_k=1 differs from argmax at {(sampled != greedy).sum()} of 4096 positions"
+    assert (sampled == greedy).all(), f"top_k=1 differs from argmax at {(sampled != greedy).sum()} of 1024 positions"
 
 
 def test_generate_top_k_1_is_greedy_at_a_real_vocabulary(tmp_path):
