@@ -87,7 +87,11 @@ def check_fields(config, rules, prefix=""):
     be); a ValueError naming the flag of the first broken one (a config built in Python, not
     parsed from flags, is checked the same way).
 
+    >>> @dataclasses.dataclass
+    ... class Config:
+    ...     lr: float = 1e-3
     >>> check_fields(Config(lr=-1.0), [("lr", False, "must be > 0")])
+    Traceback (most recent call last):
     ValueError: --lr -1.0: must be > 0
     """
     for f in dataclasses.fields(config):

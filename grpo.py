@@ -378,6 +378,10 @@ def check_config(cfg: GRPOConfig, world_size):
         ("clip_ratio_low", 0 <= cfg.clip_ratio_low < 1, "must be in [0, 1)"),
         ("clip_ratio_high", cfg.clip_ratio_high >= 0, "must be >= 0"),
         ("clip_ratio_c", cfg.clip_ratio_c == 0 or cfg.clip_ratio_c > 1, "must be > 1 (verl uses 3), or 0 for off"),
+        ("rollout_is", cfg.rollout_is == "off" or cfg.recompute_old_logprobs, "weighs the trainer's old log-probs "
+         "against the sampler's: it needs --recompute_old_logprobs (with the sampler's as the old, every weight is 1)"),
+        ("rollout_is_cap", cfg.rollout_is_cap >= 1, "must be >= 1 (verl's default: 2)"),
+        ("rollout_is_floor", 0 <= cfg.rollout_is_floor <= 1, "must be in [0, 1] (IcePop: 0.5)"),
         ("oversample", cfg.oversample >= 0, "must be >= 0"),
         ("oversample", not cfg.oversample or cfg.filter_equal_groups, "needs --filter_equal_groups"),
         ("overlong_buffer", cfg.overlong != "penalty" or 1 <= cfg.overlong_buffer <= cfg.max_response_len,

@@ -1,5 +1,6 @@
 """GRPO's objective as pure functions on tensors: group advantages, the KL estimators, the
-clipped surrogate (with dual clip), and DAPO's overlong penalty and all-equal-group filter.
+clipped surrogate (with dual clip, GSPO's sequence-level ratio, and rollout correction's
+weights), and DAPO's overlong penalty and all-equal-group filter.
 grpo.py calls them; tests check them against values worked out by hand.
 
     advantages = group_advantages(rewards, group_size=7)            # (G * n,)
@@ -27,6 +28,11 @@ class LossConfig:
     kl_estimator: Literal["k1", "mse", "low_var_kl"] = "low_var_kl"  # k1, k2 (mse) or k3 (low_var_kl) of KL(policy || ref)
     entropy_coef: float = 0.0          # weight of the entropy bonus
     loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"  # one mean over the mini-batch's tokens, or of each trace's mean
+    ratio_level: Literal["token", "sequence"] = "token"  # PPO's ratio per token, or GSPO's per trace (the geometric mean of its tokens' ratios, clipped once; GSPO clips at 3e-4 / 4e-4 with seq-mean-token-mean)
+    rollout_is: Literal["off", "token", "sequence"] = "off"  # rollout correction: weight the policy-gradient loss by the old policy's trainer / sampler probability, per token or per trace (their product)
+    rollout_is_mode: Literal["truncate", "mask"] = "truncate"  # weights over rollout_is_cap cut to it (TIS), or tokens (traces) with a weight outside [rollout_is_floor, rollout_is_cap] left out of the policy gradient (IcePop)
+    rollout_is_cap: float = 2.0        # the weights' upper bound (verl's default threshold)
+    rollout_is_floor: float = 0.5      # --rollout_is_mode mask: the lower bound
 
 
 @dataclass
@@ -56,8 +62,8 @@ def group_advantages(rewards, group_size, norm_by_std=True, eps=1e-6):
     """rewards (G * n,) -> advantages (G * n,): r_i - mean of its group, divided by the group's
     std unless Dr. GRPO. A group whose rewards are all equal gets zero advantages.
 
-    >>> group_advantages(torch.tensor([1., -1., -1., -1.]), 2)
-    tensor([ 1.0000, -1.0000,  0.0000,  0.0000])
+    >>> group_advantages(torch.tensor([1., -1., -1., -1.]), 2, norm_by_std=False)
+    tensor([ 1.,  -1.,  0.,  0.])
     """
     r = rewards.view(-1, group_size)
     adv = r - r.mean(-1, keepdim=True)
@@ -70,7 +76,7 @@ def overlong_penalty(lengths, max_len, buffer):
     """DAPO's soft overlong punishment, added to the reward: 0 up to max_len - buffer tokens, then
     falling linearly to -1 at max_len (where the sampler cuts a trace).
 
-    >>> overlong_penalty(torch.tensor([10., 12., 16.]), max_len=16, buffer=8)
+    >>> overlong_penalty(torch.tensor([8., 12., 16.]), max_len=16, buffer=8)
     tensor([ 0.0000, -0.5000, -1.0000])
     """
     return ((max_len - buffer - lengths) / buffer).clamp(-1.0, 0.0)
@@ -125,10 +131,11 @@ def logprob_mismatch(trainer, sampler, mask):
 
 def mismatch_metrics(sums) -> dict:
     """logprob_mismatch's sums (over every row and rank) as per-token figures: the mean, 99th
-    percentile (the upper edge of its bin) and max of |sampler - trainer|, and the two KL estimates.
+    percentile (the upper edge of its bin) and max of |sampler - trainer|, and the two KL estimates;
+    with rollout_is_sums' too, the correction's mean and largest weight and the share outside its bounds.
 
     >>> mismatch_metrics(logprob_mismatch(torch.tensor([0., 0.]), torch.tensor([0.1, -0.1]), torch.ones(2)))
-    {'rollout_logprob_diff_mean': 0.1, ..., 'rollout_kl_k1': 0.0, 'rollout_kl_k3': 0.0050...}
+    {'rollout_logprob_diff_mean': 0.1000..., ..., 'rollout_kl_k1': 0.0, 'rollout_kl_k3': 0.0050...}
     """
     n = float(sums["tokens"])
     if n == 0:
@@ -136,9 +143,53 @@ def mismatch_metrics(sums) -> dict:
     cumulative = torch.cumsum(sums["hist"], 0)
     bin_99 = int(torch.searchsorted(cumulative, 0.99 * cumulative[-1]))
     p99 = float(MISMATCH_EDGES[min(bin_99, len(MISMATCH_EDGES) - 1)]) if bin_99 else 0.0
+    corrected = {"rollout_is_weight_mean": float(sums["is_weight"]) / n, "rollout_is_weight_max": float(sums["is_max"]),
+                 "rollout_is_outside": float(sums["is_outside"]) / n} if "is_weight" in sums else {}
     return {"rollout_logprob_diff_mean": float(sums["abs"]) / n, "rollout_logprob_diff_p99": p99,
             "rollout_logprob_diff_max": float(sums["max"]), "rollout_kl_k1": float(sums["k1"]) / n,
-            "rollout_kl_k3": float(sums["k3"]) / n}
+            "rollout_kl_k3": float(sums["k3"]) / n} | corrected
+
+
+def per_trace(values, row: Row):
+    """Sums of a per-token quantity (T,) over each trace of the row, indexed by the trace's place
+    in the mini-batch (row.seq): (max trace index + 1,), zero for traces in other rows."""
+    size = max(row.traces) + 1 if row.traces else 0  # host ints: no device sync
+    return torch.zeros(size, dtype=values.dtype, device=values.device).index_add(0, row.seq, values)
+
+
+def rollout_is_weights(row: Row, cfg: LossConfig):
+    """Rollout correction (Yao et al., 2025): the sampler's probabilities differ from the trainer's
+    for the same weights (other kernels, bf16), so on-policy rollouts are slightly off-policy; each
+    response token's policy-gradient loss is weighted by w = pi_old(trainer) / pi_old(sampler),
+    per token, or per trace (the product over its tokens, each of its tokens weighted alike).
+    Returns (applied, raw) (T,), constants: raw w, and w truncated at rollout_is_cap (TIS), or with
+    mode "mask" zero outside [rollout_is_floor, rollout_is_cap] (IcePop's two-sided mask).
+
+    >>> row = Row(*[torch.zeros(3, dtype=torch.long)] * 3, torch.ones(3), torch.zeros(3), torch.tensor([0, 0, 1]),
+    ...           torch.log(torch.tensor([0.5, 0.5, 0.1])), [2, 1], [0, 1], 3, torch.log(torch.tensor([0.5, 0.8, 0.4])))
+    >>> rollout_is_weights(row, LossConfig(rollout_is="token"))
+    (tensor([1.0000, 1.6000, 2.0000]), tensor([1.0000, 1.6000, 4.0000]))
+    >>> rollout_is_weights(row, LossConfig(rollout_is="sequence", rollout_is_mode="mask"))[0]
+    tensor([1.6000, 1.6000, 0.0000])
+    """
+    log_w = (row.old_logprobs - row.sampler_logprobs).float() * row.mask
+    if cfg.rollout_is == "sequence":
+        log_w = per_trace(log_w, row)[row.seq]
+    raw = torch.exp(log_w.clamp(-20.0, 20.0))
+    if cfg.rollout_is_mode == "truncate":
+        return raw.clamp(max=cfg.rollout_is_cap), raw
+    return torch.where((raw >= cfg.rollout_is_floor) & (raw <= cfg.rollout_is_cap), raw, 0.0), raw
+
+
+def rollout_is_sums(row: Row, cfg: LossConfig) -> dict:
+    """What a step logs of the rollout correction's weights, as sums over the response tokens to
+    be added over rows and ranks (is_max: the largest): the raw weights' sum and max, and the
+    count truncated or masked (outside [floor, cap]; in truncate mode, over the cap)."""
+    mask = row.mask.double()  # summed with logprob_mismatch's doubles
+    raw = rollout_is_weights(row, cfg)[1].double()
+    outside = (raw > cfg.rollout_is_cap) | ((raw < cfg.rollout_is_floor) if cfg.rollout_is_mode == "mask" else False)
+    return {"is_weight": (raw * mask).sum(), "is_max": (raw * mask).amax() if mask.numel() else raw.new_zeros(()),
+            "is_outside": (outside.double() * mask).sum()}
 
 
 def policy_loss(logprobs, entropy, row: Row, cfg: LossConfig, n_tokens, n_seqs):
@@ -151,8 +202,13 @@ def policy_loss(logprobs, entropy, row: Row, cfg: LossConfig, n_tokens, n_seqs):
     count once they are summed everywhere.
     """
     mask, advantages = row.mask.float(), row.advantages
+    log_ratio = logprobs - row.old_logprobs
+    if cfg.ratio_level == "sequence":
+        # GSPO: a trace's ratio is the geometric mean of its tokens' (its log: their mean), the same
+        # for each of its tokens, so the clip below takes or drops the trace whole
+        log_ratio = (per_trace(log_ratio * mask, row) / per_trace(mask, row).clamp(min=1))[row.seq]
     # Clamped as verl does: exp() overflows past ~88 in fp32, and 0 * inf (a zero advantage) is NaN.
-    log_ratio = (logprobs - row.old_logprobs).clamp(-20.0, 20.0)
+    log_ratio = log_ratio.clamp(-20.0, 20.0)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - cfg.clip_ratio_low, 1 + cfg.clip_ratio_high)
@@ -162,15 +218,14 @@ def policy_loss(logprobs, entropy, row: Row, cfg: LossConfig, n_tokens, n_seqs):
         # Dual clip (Ye et al. 2020): with A < 0 a huge ratio would make an unbounded loss.
         dual = (advantages < 0) & (per_token > -advantages * cfg.clip_ratio_c)
         per_token = torch.where(dual, -advantages * cfg.clip_ratio_c, per_token)
+    if cfg.rollout_is != "off":
+        per_token = per_token * rollout_is_weights(row, cfg)[0]  # the policy gradient only, not KL or entropy
     kl = kl_penalty(logprobs, row.ref_logprobs, cfg.kl_estimator) if cfg.kl_coef else torch.zeros_like(logprobs)
     per_token = per_token + cfg.kl_coef * kl - cfg.entropy_coef * entropy
     if cfg.loss_agg == "token-mean":
         loss = (per_token * mask).sum() / n_tokens
     elif cfg.loss_agg == "seq-mean-token-mean":
-        n_seq_local = int(row.seq.max()) + 1 if row.seq.numel() else 0
-        seq_sum = torch.zeros(n_seq_local, device=mask.device).index_add(0, row.seq, per_token * mask)
-        seq_len = torch.zeros(n_seq_local, device=mask.device).index_add(0, row.seq, mask)
-        loss = (seq_sum / seq_len.clamp(min=1)).sum() / n_seqs
+        loss = (per_trace(per_token * mask, row) / per_trace(mask, row).clamp(min=1)).sum() / n_seqs
     else:
         raise ValueError(f"loss_agg {cfg.loss_agg!r}: not one of {get_args(LossConfig.__annotations__['loss_agg'])}")
     with torch.no_grad():

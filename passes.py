@@ -18,7 +18,7 @@ memory plan (ctx.simulated) the same functions run on fake tensors.
 
 import contextlib
 import gc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,7 +28,7 @@ import reward
 import tokenization
 import tp
 from objective import (Row, equal_groups, group_advantages, logprob_mismatch, mismatch_metrics, overlong_penalty,
-                       policy_loss)
+                       policy_loss, rollout_is_sums)
 from rollout import SamplingParams, full_length, greedy_verdicts
 from scheduler import Completion, Prompt, RolloutStats
 
@@ -216,17 +216,22 @@ def old_and_ref_logprobs(model, ref_model, rows: list[Row], cfg, ctx) -> dict:
         for row in distributed.pad_to_ranks(rows, empty_row()):
             on_device = row.to(ctx.device)
             old, _ = forward_logprobs(model, on_device, cfg.temperature)
-            for name, value in logprob_mismatch(old, on_device.sampler_logprobs, on_device.mask).items():
-                sums[name] = value if name not in sums else torch.maximum(sums[name], value) if name == "max" \
+            found = logprob_mismatch(old, on_device.sampler_logprobs, on_device.mask)
+            if cfg.rollout_is != "off":  # the correction's weights are fixed for the step: logged once, here
+                found |= rollout_is_sums(replace(on_device, old_logprobs=old), cfg)
+            for name, value in found.items():
+                sums[name] = value if name not in sums else torch.maximum(sums[name], value) if name.endswith("max") \
                     else sums[name] + value
             row.old_logprobs = old if cfg.recompute_old_logprobs else on_device.sampler_logprobs
             row.ref_logprobs = forward_logprobs(ref_model, on_device, cfg.temperature)[0] if ref_model is not None \
                 else old
     if ctx.simulated or not sums:  # fake tensors hold no values; no rank has a row (every trace masked out)
         return {}
-    largest, hist = distributed.all_reduce_max(sums.pop("max")), sums.pop("hist")
+    maxima = [name for name in list(sums) if name.endswith("max")]
+    largest = dict(zip(maxima, distributed.all_reduce_max(torch.stack([sums.pop(name) for name in maxima]))))
+    hist = sums.pop("hist")
     totals = distributed.all_reduce_sum(torch.cat([torch.stack(list(sums.values())), hist]))  # one collective
-    return mismatch_metrics(dict(zip(sums, totals)) | {"hist": totals[len(sums):], "max": largest})
+    return mismatch_metrics(dict(zip(sums, totals)) | {"hist": totals[len(sums):]} | largest)
 
 
 def build_reference(cfg, ctx):

@@ -215,3 +215,13 @@ def test_a_records_own_max_new_tokens_holds_under_a_tensor_parallel_rollout(tiny
     data.write_records(tmp_path / "bad.jsonl", [records[0], dict(records[1], max_new_tokens=0)])
     with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'max_new_tokens' must be >= 1, got 0"):
         data.load_rlvr(str(tmp_path / "bad.jsonl"))
+
+
+def test_rollout_correction_and_the_sequence_ratio_run_in_a_step_and_log_their_weights(tiny_policy, monkeypatch):
+    m, trained = run_step(tiny_policy, monkeypatch, ["mixed"] * 4, rollout_is="sequence", rollout_is_mode="mask",
+                          ratio_level="sequence", loss_agg="seq-mean-token-mean")
+    # fp32 on the CPU: the sampler's log-probs are the trainer's to ~1e-6, so every weight is ~1, none masked
+    assert m["updates"] == 2 and m["rollout_is_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert 1.0 <= m["rollout_is_weight_max"] < 1.001 and m["rollout_is_outside"] == 0
+    off, _ = run_step(tiny_policy, monkeypatch, ["mixed"] * 4)
+    assert "rollout_is_weight_mean" not in off
