@@ -350,15 +350,23 @@ def own_settings(record, where) -> dict:
 
 def load_prompts(path, need_reference=False):
     """A policy's prompt records (grpo.py --reward judge): `prompt` (a string, one user turn) or
-    `messages` (the conversation before the answer, ending with a user turn), an optional
+    `messages` (the conversation before the answer: user / assistant turns from a user's to a
+    user's, none empty; the judge templates have no system turn), an optional
     `reference` answer (a string: --judge_method reference needs one on every record), and what a
     record may set for itself (own_settings). In memory: {context_messages, reference?, ...}."""
     records = []
     for where, r in read_records(path):
+        if "messages" in r and "prompt" in r:
+            raise ValueError(f"{where}: a prompt record has 'prompt' or 'messages', not both")
         if "messages" in r:
             messages = check_messages(get_field(r, where, "messages", list), where, "messages")
             if messages[-1]["role"] != "user":
                 raise ValueError(f"{where}: field 'messages' must end with the user's turn the policy answers")
+            # as the judge will read it: user / assistant turns from a user's (no system turn), none empty
+            check_conversation(messages + [{"role": "assistant", "content": "the answer"}], where, "messages")
+            empty = next((k for k, m in enumerate(messages) if not m["content"].strip()), None)
+            if empty is not None:
+                raise ValueError(f"{where}: field 'messages'[{empty}] has no content")
         elif "prompt" in r:
             prompt = get_field(r, where, "prompt", str)
             if not prompt.strip():
@@ -373,6 +381,8 @@ def load_prompts(path, need_reference=False):
                              f"the record has {sorted(r)}")
         if "reference" in r:
             record["reference"] = get_field(r, where, "reference", str)
+            if not record["reference"].strip():
+                raise ValueError(f"{where}: field 'reference' is empty")
         records.append(record)
     return records
 

@@ -88,7 +88,8 @@ class GRPOConfig(LossConfig):
     judge_style: Style = "instruct"    # the judge's prompt style
     judge_max_new_tokens: int = 8192   # a judgment's length
     judge_max_prompt_len: int = 4096   # longer judge prompts are not judged (no verdict in either order)
-    judge_retries: int = 5             # --judge_url: tries after a failed request before the run stops with a checkpoint
+    judge_retries: int = 3             # --judge_url: tries after a failed request before the run stops with a checkpoint
+    judge_timeout_min: float = 10.0    # --judge_url: how long a request may take (all tries: under --dist_timeout_min)
     filter_equal_groups: bool = False  # DAPO's dynamic sampling: drop groups whose verdicts are all right or all wrong
     oversample: int = 0                # with filter_equal_groups: up to this many more rollout rounds to fill the batch
     overlong: Literal["keep", "mask", "penalty"] = "keep"  # truncated traces: kept, masked out of the loss, or DAPO's soft penalty
@@ -407,8 +408,12 @@ def check_config(cfg: GRPOConfig, world_size):
         ("eval_data", cfg.reward == "verifiable" or not cfg.eval_data, "scores a judge's verdicts; a policy trained "
          "with --reward judge is measured by what knows its right answers (the demo's program: demo/loop.py)"),
         ("judge_tp", cfg.judge_tp >= 1 and world_size % cfg.judge_tp == 0, f"must be >= 1 and divide the {world_size} ranks"),
-        ("judge_retries", cfg.judge_retries >= 0, "must be >= 0"),
+        ("judge_retries", cfg.judge_retries >= 0 and (cfg.judge_retries + 1) * cfg.judge_timeout_min
+         + 2 ** cfg.judge_retries / 60 < cfg.dist_timeout_min, "must be >= 0, and its tries of --judge_timeout_min "
+         "each end before --dist_timeout_min (other ranks wait that long for this one's rewards)"),
+        ("judge_tp", not cfg.judge_url or cfg.judge_tp == 1, "is the in-process judge's: the server has its own"),
         *[(name, getattr(cfg, name) >= 1, "must be >= 1") for name in ("judge_max_new_tokens", "judge_max_prompt_len")],
+        ("judge_timeout_min", cfg.judge_timeout_min > 0, "must be > 0"),
         *run.run_rules(cfg), *plan.rules(cfg),
     ])
 

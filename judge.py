@@ -175,7 +175,9 @@ class Judge:
                 prompts.append(ids)
                 keys.append(noise_key(json.dumps([context, *shown], sort_keys=True), ""))
         fits = [k for k, (i, _) in enumerate(units) if i not in too_long]
-        judged = self.judge([prompts[k] for k in fits], [keys[k] for k in fits]) if fits else []
+        # gathering over a TP group, a rank with nothing to judge still joins its group's sampler
+        judged = self.judge([prompts[k] for k in fits], [keys[k] for k in fits]) \
+            if fits or (self.gather and self.ctx is not None) else []
         per_item = [[] for _ in items]
         for k, j in zip(fits, judged):
             i, position = units[k]

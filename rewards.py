@@ -13,7 +13,10 @@ a reward computed on the host. grpo.train(score=...) takes any such callable, th
 truth for one (demo/loop.py).
 """
 
+import concurrent.futures
 import json
+import math
+import os
 import time
 import urllib.error
 import urllib.request
@@ -92,38 +95,58 @@ class RewardUnavailable(RuntimeError):
     rewards; the run stops with a checkpoint (grpo.train)."""
 
 
+# What a step logs of serve.py's extra_logs: groups ranked whole, and the judge's figures (judge.judge_figures)
+SERVED_LOGS = ("group_complete", "judge_calls_per_response", "invalid_verdicts", "position_consistency", "too_long")
+
+
 class RemoteJudge:
     """A judge served elsewhere (serve.py, or any server of OpenRLHF's remote reward protocol): each
     rank posts its prompts' responses, each a query of the prompt and the response as the policy's
-    tokenizer writes them (special tokens kept), whole groups in one request, so the server ranks
-    each prompt's n responses together at once. A failed request is retried (--judge_retries, a
-    second, then 2, 4, ... apart); when every rank has not got its rewards, every rank raises
-    RewardUnavailable with what the server answered."""
+    tokenizer writes them (special tokens kept), a group never split between requests, in requests
+    of at most MAX_QUERIES queries and MAX_BYTES bytes (serve.py's caps are 4096 and 16 MB) sent at
+    once, so the server ranks them together. With RM_R1_API_KEY set, each carries it as a bearer
+    key (serve.py --api_key). A request that fails is tried again (--judge_retries, after 1, 2, 4,
+    ... s; each waits --judge_timeout_min), unless the server refused it (a 4xx other than 408 and
+    429: the same request would be refused again). An answer counts only with one finite number
+    per query. Unless every rank has its rewards, every rank raises RewardUnavailable, with what
+    the server answered."""
     phase = None
+    MAX_QUERIES, MAX_BYTES = 1024, 8 * 2**20
 
-    def __init__(self, url, tokenizer, cfg, timeout_s=600.0):
+    def __init__(self, url, tokenizer, cfg):
         self.url = url if url.rstrip("/").endswith("/get_reward") else url.rstrip("/") + "/get_reward"
-        self.tokenizer, self.method, self.retries, self.timeout_s = tokenizer, cfg.judge_method, cfg.judge_retries, timeout_s
-        self.last = {}
+        self.tokenizer, self.method, self.retries = tokenizer, cfg.judge_method, cfg.judge_retries
+        self.timeout_s, self.last = 60.0 * cfg.judge_timeout_min, {}
+        key = os.environ.get("RM_R1_API_KEY", "")
+        self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
 
     def __call__(self, completions, texts, records):
         start = time.time()
+        n = len(completions) // len(records)
         prompts = [tokenization.chat_text(self.tokenizer, r["context_messages"]) for r in records]
-        queries = [prompts[c.prompt_index] + self.tokenizer.decode(c.token_ids, skip_special_tokens=False)
-                   for c in completions]
-        body = {"query": queries, "prompts": [prompts[c.prompt_index] for c in completions]}
-        if self.method == "reference":
-            body["labels"] = [records[c.prompt_index]["reference"] for c in completions]
-        answer, error = self.post(body)
+        bodies, size = [], self.MAX_BYTES
+        for p, record in enumerate(records):  # whole groups a request, within the caps
+            group = completions[p * n:(p + 1) * n]
+            query = [prompts[p] + self.tokenizer.decode(c.token_ids, skip_special_tokens=False) for c in group]
+            grows = sum(len(q.encode()) + len(prompts[p].encode()) + 16 for q in query)
+            if size + grows > self.MAX_BYTES or len(bodies[-1]["query"]) + n > self.MAX_QUERIES:
+                bodies.append({"query": [], "prompts": [], **({"labels": []} if self.method == "reference" else {})})
+                size = 0
+            bodies[-1]["query"] += query
+            bodies[-1]["prompts"] += [prompts[p]] * n
+            if self.method == "reference":
+                bodies[-1]["labels"] += [record["reference"]] * n
+            size += grows
+        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+            answers = list(pool.map(self.post, bodies))
+        error = next((e for _, e in answers if e is not None), None)
         if distributed.max_over_ranks(int(error is not None)):
             raise RewardUnavailable(error or "another rank's requests to the reward server failed")
-        rewards = answer["rewards"]
-        if len(rewards) != len(queries) or not all(isinstance(r, (int, float)) for r in rewards):
-            raise RewardUnavailable(f"{self.url} answered {len(rewards)} rewards for {len(queries)} queries")
-        logs = answer.get("extra_logs", {})
-        self.last = {k: sum(v) / len(v) for k, v in logs.items() if isinstance(v, list) and v
-                     and all(isinstance(x, (int, float)) for x in v) and k != "group_size"}
-        self.last["time_judge"] = time.time() - start  # no device phase: timed here
+        rewards = [r for answer, _ in answers for r in answer["rewards"]]
+        # the same keys on every rank (their means are all-reduced), whatever a server logs: NaN when absent
+        logs = {k: [x for answer, _ in answers for x in answer.get("extra_logs", {}).get(k, [])
+                    if isinstance(x, (int, float))] for k in SERVED_LOGS}
+        self.last = {k: sum(v) / len(v) if v else math.nan for k, v in logs.items()} | {"time_judge": time.time() - start}
         return torch.tensor([float(r) for r in rewards])
 
     def post(self, body) -> tuple[dict | None, str | None]:
@@ -133,19 +156,33 @@ class RemoteJudge:
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(2 ** (attempt - 1))
-            request = urllib.request.Request(self.url, data=data, headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(self.url, data=data, headers=self.headers)
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                     answer = json.loads(response.read())
-                if isinstance(answer, dict) and isinstance(answer.get("rewards"), list):
+                error = self.check(answer, len(body["query"]))
+                if error is None:
                     return answer, None
-                error = f"{self.url} answered without a list of rewards: {str(answer)[:300]}"
             except urllib.error.HTTPError as e:
                 error = f"{self.url} answered {e.code}: {e.read()[:300].decode(errors='replace')}"
-            except (urllib.error.URLError, OSError, json.JSONDecodeError) as e:
-                error = f"{self.url}: {e}"
+                if 400 <= e.code < 500 and e.code not in (408, 429):
+                    break  # refused: the same request would be refused again
+            except Exception as e:  # unreachable, reset, cut off mid-answer, not JSON: try again
+                error = f"{self.url}: {type(e).__name__}: {e}"
             distributed.log(f"reward server, try {attempt + 1} of {self.retries + 1}: {error}")
-        return None, f"{error} (after {self.retries + 1} tries)"
+        return None, f"{error} (after {attempt + 1} tries)"
+
+    def check(self, answer, queries) -> str | None:
+        """What is wrong with an answer, or None: a finite number per query, extra_logs a dict."""
+        rewards = answer.get("rewards") if isinstance(answer, dict) else None
+        if not isinstance(rewards, list) or len(rewards) != queries:
+            return f"{self.url} answered {len(rewards) if isinstance(rewards, list) else 'no list of'} rewards " \
+                   f"for {queries} queries: {str(answer)[:300]}"
+        if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) for r in rewards):
+            return f"{self.url} answered rewards that are not all finite numbers: {str(rewards)[:300]}"
+        if not isinstance(answer.get("extra_logs", {}), dict):
+            return f"{self.url} answered extra_logs that are not an object: {str(answer['extra_logs'])[:300]}"
+        return None
 
     def metrics(self, rnd, n) -> dict:
         return policy_metrics(rnd, n) | self.last

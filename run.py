@@ -36,7 +36,8 @@ from distributed import barrier, check_finite, is_main, log, save_hf
 # non-finite stop advises) they change it on purpose, from the resumed step on. Each is logged.
 SAFE_TO_CHANGE = {"resume", "resume_step", "max_steps", "save_every", "eval_every", "wandb_project", "dist_timeout_min",
                   "check_memory", "plan", "plan_world_size", "plan_gpu_gib", "keep_last", "export_every",
-                  "log_traces_every", "out", "lr", "resume_data_changed", "plan_alternatives"}
+                  "log_traces_every", "out", "lr", "resume_data_changed", "plan_alternatives",
+                  "judge_url", "judge_retries", "judge_timeout_min"}  # where the same judge is served, how patiently
 # The data files whose contents a run is tied to, by digest: the same path holding other records
 # is another run (resume_data_changed says the change is meant).
 DATA_FIELDS = ("data", "eval_data")

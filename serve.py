@@ -169,7 +169,8 @@ class Batcher:
 
     def __init__(self, judge: Judge, cfg: ServeConfig):
         self.judge, self.cfg = judge, cfg
-        self.pending: dict = {}
+        self.pending: dict = {}   # prompt (and label) -> the group filling up
+        self.full: list = []      # groups of --group_size, to be ranked
         self.closing = False
         self.wake = threading.Condition()
         self.thread = threading.Thread(target=self.loop, name="judge", daemon=True)
@@ -186,6 +187,8 @@ class Batcher:
                 group.responses.append(response)
                 group.slots.append(Slot())
                 slots.append(group.slots[-1])
+                if len(group.responses) >= self.cfg.group_size:  # full: the prompt's next response starts a group
+                    self.full.append(self.pending.pop(key))
             self.wake.notify()
         return slots
 
@@ -198,9 +201,9 @@ class Batcher:
 
     def ready(self) -> list:
         now, cfg = time.monotonic(), self.cfg
-        keys = [k for k, g in self.pending.items()
-                if self.closing or len(g.responses) >= cfg.group_size or now - g.first >= cfg.window_s]
-        return [self.pending.pop(k) for k in keys]
+        keys = [k for k, g in self.pending.items() if self.closing or now - g.first >= cfg.window_s]
+        full, self.full = self.full, []
+        return full + [self.pending.pop(k) for k in keys]
 
     def loop(self):
         while True:

@@ -2,6 +2,7 @@
 and measured by the program that knows every right answer.
 
     python -m demo.loop                          # every stage; runs/loop/, a stage done is kept
+    python -m demo.loop --seed 1                 # the runs again with other prompts and sampling
     python -m demo.loop --steps 20 --out /tmp/l  # shorter runs
 
 1. The policy: a tiny Qwen2 over the demo tokenizer (as the demo judge is built), distilled
@@ -184,14 +185,19 @@ def rebuild_policy(out, seed=0) -> str:
 
 
 def grpo_judge(out) -> str:
-    """The GRPO-trained demo judge: the README's run, or trained now (its demo command) when absent."""
-    if os.path.isfile(os.path.join(GRPO_JUDGE, "model.safetensors")):
-        return GRPO_JUDGE
+    """The GRPO-trained demo judge: the README's run, one this command trained before, or trained
+    now (the judge's own demo command; one killed goes on from its checkpoint)."""
+    path = os.path.join(out, "grpo-judge")
+    for done in (GRPO_JUDGE, os.path.join(path, "hf")):
+        if os.path.isfile(os.path.join(done, "model.safetensors")):
+            return done
     import subprocess
     import sys
-    path = os.path.join(out, "grpo-judge")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "grpo.py", "--out", path],
-                   check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    resume = ["--resume"] if os.path.exists(os.path.join(path, "latest")) else []
+    if os.path.isdir(path) and not resume:
+        shutil.rmtree(path)  # started, no checkpoint yet: start again
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "grpo.py", "--out", path,
+                    *resume], check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return os.path.join(path, "hf")
 
 
@@ -201,7 +207,7 @@ def policy_run(name, judge, out, steps, seed=0) -> dict:
     held-out accuracy of its export and its steps' figures. A run that finished is read back, one
     killed goes on from its checkpoint."""
     import distributed
-    path = os.path.join(out, name)
+    path = os.path.join(out, f"{name}-{steps}steps-seed{seed}")
     cfg = grpo.GRPOConfig(model=POLICY, out=path, seed=seed, reward="judge" if judge else "verifiable",
                           judge=judge or "", export_every=EVERY, **GRPO)
     if not os.path.isfile(os.path.join(path, "hf", "model.safetensors")):
@@ -239,7 +245,7 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/loop")
     parser.add_argument("--steps", type=int, default=60, help="GRPO steps of each run (16 prompts x 4 answers)")
     parser.add_argument("--seed", type=int, default=0, help="the GRPO runs' prompts and sampling (the policy's own: 0)")
-    parser.add_argument("--rebuild_policy", action="store_true", help="distil demo/policy again first (~4 min)")
+    parser.add_argument("--rebuild_policy", action="store_true", help="distil demo/policy again first (~3 min)")
     args = parser.parse_args(argv)
     started = time.time()
     if args.rebuild_policy or not os.path.isfile(os.path.join(POLICY, "model.safetensors")):
@@ -257,9 +263,10 @@ def main(argv=None):
         along = [(0, results["start"]["accuracy"]), *r["curve"].items(), (r["steps"], r["accuracy"])]
         print("  held out along the run: " + ", ".join(f"step {s} {100 * a:.1f}%" for s, a in along), flush=True)
     results["minutes"] = (time.time() - started) / 60
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    path = os.path.join(args.out, f"results-{args.steps}steps-seed{args.seed}.json")
+    with open(path, "w") as f:
         json.dump(results, f, indent=2)
-    print(f"wrote {os.path.join(args.out, 'results.json')} ({results['minutes']:.1f} min)")
+    print(f"wrote {path} ({results['minutes']:.1f} min)")
 
 
 if __name__ == "__main__":

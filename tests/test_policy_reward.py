@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,77 @@ def test_the_judge_reward_walks_in_the_memory_plan(tmp_path):
                              "--no-plan_alternatives"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert served.returncode == 0, served.stdout + served.stderr[-3000:]
     assert "the judge" not in served.stdout and "judge: KV pool" not in served.stdout  # its memory is elsewhere
+
+
+def test_a_tp_group_judges_when_one_rank_has_nothing_short_enough(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          str(ROOT / "tests" / "judge_tp_worker.py"), str(tmp_path)], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    # rank 1's pairs are all over max_prompt_len, and said so: round robin's 3, knockout's 2 matches
+    assert [f["too_long"] for f in json.loads((tmp_path / "rank_0.json").read_text())] == [0, 0]
+    assert [f["too_long"] for f in json.loads((tmp_path / "rank_1.json").read_text())] == [3, 2]
+
+
+class Scripted(BaseHTTPRequestHandler):
+    """A reward server that answers as the test says: seen[] gets each request's headers and body."""
+    answers, seen = [], []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        Scripted.seen.append((dict(self.headers), body))
+        status, payload = Scripted.answers.pop(0) if Scripted.answers else (200, None)
+        if payload is None:  # the right answer: a reward per query
+            payload = {"rewards": [0.5] * len(body["query"]), "extra_logs": {"too_long": [0.0] * len(body["query"])}}
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data) + (10 if status == 299 else 0)))  # 299: cut off mid-answer
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("answers, tries, said", [
+    ([(200, {"rewards": [1.0]})] * 2, 2, "answered 1 rewards for 3 queries"),   # wrong twice: given up
+    ([(200, b'{"rewards": [1.0, NaN, 0.0]}')] * 2, 2, "not all finite"),
+    ([(200, {"rewards": [True, 1.0, 0.0]})] * 2, 2, "not all finite"),
+    ([(299, {"rewards": [1.0, 1.0, 0.0]})] * 2, 2, "IncompleteRead"),
+    ([(299, {"rewards": [1.0, 1.0, 0.0]}), (200, None)], 2, None),     # cut off, then answered
+    ([(413, {"error": "too big"})], 1, "answered 413"),               # refused: not tried again
+    ([(503, {"error": "busy"}), (200, None)], 2, None),                # busy, then answered
+])
+def test_a_reward_server_answer_counts_only_when_whole(answers, tries, said, monkeypatch):
+    monkeypatch.setenv("RM_R1_API_KEY", "k3y")
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    Scripted.answers, Scripted.seen = list(answers), []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        judge = RemoteJudge(f"http://127.0.0.1:{server.server_address[1]}", None, grpo.GRPOConfig(judge_retries=1))
+        answer, error = judge.post({"query": ["a", "b", "c"], "prompts": ["p", "p", "p"]})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(Scripted.seen) == tries and all(h["Authorization"] == "Bearer k3y" for h, _ in Scripted.seen)
+    if said is None:
+        assert error is None and answer["rewards"] == [0.5] * 3
+    else:
+        assert answer is None and said in error, error
+
+
+@pytest.mark.parametrize("record, said", [
+    ({"prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}]}, "not both"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, r"'messages'\[1\] has role 'user'"),
+    ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}, r"'messages'\[0\] has role"),
+    ({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "b"}]}, r"'messages'\[0\] has role 'system'"),
+    ({"messages": [{"role": "user", "content": " "}]}, r"'messages'\[0\] has no content"),
+    ({"prompt": "Hi", "reference": ""}, "field 'reference' is empty"),
+])
+def test_prompt_records_are_checked_as_the_judge_will_read_them(record, said, tmp_path):
+    import data
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=rf"p.jsonl:2: .*{said}"):
+        data.load_prompts(str(path))

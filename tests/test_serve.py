@@ -182,3 +182,12 @@ def test_sigterm_answers_what_is_in_flight_and_exits_0(tmp_path):
         assert "every request in flight was answered" in proc.stdout.read()
     finally:
         proc.kill()
+
+
+def test_a_group_closes_at_its_size_so_a_repeated_prompt_makes_two_groups(server):
+    url = server(group_size=2)
+    queries = ["What is 7 - 4?3", "What is 7 - 4?2", "What is 7 - 4?7 - 4 = 3", "What is 7 - 4?It is 11"]
+    status, answer = post(url, {"query": queries, "prompts": ["What is 7 - 4?"] * 4})
+    assert status == 200 and answer["extra_logs"]["group_size"] == [2.0] * 4, answer
+    # each pair ranked alone: its two rewards are opposite (a share of one match), never a 4-way ranking
+    assert answer["rewards"][0] == -answer["rewards"][1] and answer["rewards"][2] == -answer["rewards"][3]
