@@ -184,7 +184,9 @@ def rollout_is_weights(row: Row, cfg: LossConfig):
 def rollout_is_sums(row: Row, cfg: LossConfig) -> dict:
     """What a step logs of the rollout correction's weights, as sums over the response tokens to
     be added over rows and ranks (is_max: the largest): the raw weights' sum and max, and the
-    count truncated or masked (outside [floor, cap]; in truncate mode, over the cap)."""
+    count truncated or masked (outside [floor, cap]; in truncate mode, over the cap). Per token
+    in sequence mode too: a trace's weight counts once per token, so the logged mean is
+    length-weighted and the share outside is of tokens, not of traces."""
     mask = row.mask.double()  # summed with logprob_mismatch's doubles
     raw = rollout_is_weights(row, cfg)[1].double()
     outside = (raw > cfg.rollout_is_cap) | ((raw < cfg.rollout_is_floor) if cfg.rollout_is_mode == "mask" else False)
@@ -205,8 +207,11 @@ def policy_loss(logprobs, entropy, row: Row, cfg: LossConfig, n_tokens, n_seqs):
     log_ratio = logprobs - row.old_logprobs
     if cfg.ratio_level == "sequence":
         # GSPO: a trace's ratio is the geometric mean of its tokens' (its log: their mean), the same
-        # for each of its tokens, so the clip below takes or drops the trace whole
-        log_ratio = (per_trace(log_ratio * mask, row) / per_trace(mask, row).clamp(min=1))[row.seq]
+        # value at each of its tokens, so the clip below takes or drops the trace whole. Written as
+        # GSPO-token (log p_t - sg(log p_t) + sg(mean)): the same value and, the advantage being a
+        # trace's, the same gradient, while a per-token weight (--rollout_is token) stays per token.
+        mean = (per_trace(log_ratio * mask, row) / per_trace(mask, row).clamp(min=1))[row.seq]
+        log_ratio = logprobs - logprobs.detach() + mean.detach()
     # Clamped as verl does: exp() overflows past ~88 in fp32, and 0 * inf (a zero advantage) is NaN.
     log_ratio = log_ratio.clamp(-20.0, 20.0)
     ratio = torch.exp(log_ratio)

@@ -147,3 +147,12 @@ def test_corrections_take_only_their_choices(flags):
 def test_corrections_are_off_by_default():
     cfg = GRPOConfig()
     assert cfg.rollout_is == "off" and cfg.ratio_level == "token"
+
+
+def test_a_token_level_mask_holds_per_token_under_the_sequence_ratio():
+    # GSPO's ratio is one value per trace; the correction's weights must still act per token
+    cfg = GRPOConfig(kl_coef=0.0, ratio_level="sequence", rollout_is="token", rollout_is_mode="mask",
+                     loss_agg="seq-mean-token-mean")
+    _, grad, _ = loss_and_grad(cfg)
+    assert grad[2] == 0 and grad[3] == 0, grad  # weights 0.37 and 2.46: masked
+    assert grad[1] != 0 and grad[5] != 0 and grad[6] != 0
