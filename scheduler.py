@@ -167,12 +167,11 @@ class Scheduler:
             p, s = self.waiting[0]
             cached = len(self.prompts[p]) - 1  # positions the prefill writes
             fresh = p not in self.prefixes and p not in to_prefill
+            computed = prefix = 0  # a prompt prefilled already: its pages are held
             if fresh:
-                shared[p] = cache.shared_prefix(self.prompts[p][:cached]) if self.share_prefixes else []
+                shared[p], computed, prefix = self.fresh_prefix(p, cached)
                 if to_prefill and self.shares_more_with(p, len(shared[p]), to_prefill):
                     break
-            computed = cached - P * len(shared[p]) if fresh else 0
-            prefix = cache.pages_for(cached) - len(shared[p]) if fresh else 0
             # The prefix's full pages are shared: the sample's own pages start at the partial one.
             need = prefix + self.expected_pages(p, cached, cached // P)
             if fresh and to_prefill and tokens + computed > PREFILL_TOKENS:
@@ -180,11 +179,11 @@ class Scheduler:
             if need + growth > free:
                 if self.order or new:
                     break
-                # nothing else holds pages once the others' prefixes are let go: none to share
-                free = self.make_room_for_front(cache.pages_for(cached) + 1)  # the prefix and one page
-                shared[p] = cache.shared_prefix(self.prompts[p][:cached]) if self.share_prefixes else []
-                computed, prefix = cached - P * len(shared[p]), cache.pages_for(cached) - len(shared[p])
-                need = prefix + self.expected_pages(p, cached, cached // P)
+                # to start: its prefix (whole: the pages it shared may go with the others') and one page
+                free = self.make_room_for_front((cache.pages_for(cached) if fresh else 0) + 1)
+                if fresh:  # what it shares once the other prompts' prefixes are let go
+                    shared[p], computed, prefix = self.fresh_prefix(p, cached)
+                    need = prefix + self.expected_pages(p, cached, cached // P)
             free -= need
             self.waiting.popleft()
             new.append((slot, p, s))
@@ -204,6 +203,12 @@ class Scheduler:
             self.stats.prefill_forwards += 1
         for slot, p, s in new:
             self.start(slot, p, s)
+
+    def fresh_prefix(self, p, cached):
+        """A prompt not prefilled yet: the pages of its `cached` positions it shares with prompts in
+        flight (KVCache.shared_prefix), the positions the prefill computes, its own pages."""
+        shared = self.cache.shared_prefix(self.prompts[p][:cached]) if self.share_prefixes else []
+        return shared, cached - self.cache.page_size * len(shared), self.cache.pages_for(cached) - len(shared)
 
     def shares_more_with(self, p, found, pending) -> bool:
         """Whether prompt p has more leading full pages in common with a prompt of this prefill
