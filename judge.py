@@ -109,7 +109,7 @@ class Judge:
             max_new_tokens, max_prompt_len, batch_size, ctx)
         # gather: each rank brings prompts of its own (grpo.py's judge reward), which a TP group
         # decodes together (tp.generate_in_group); else a TP group's ranks judge the same prompts (eval.py)
-        self.gather = gather
+        self.gather = gather and ctx is not None
 
     @classmethod
     def load(cls, path, ctx=None, **how):
@@ -136,7 +136,7 @@ class Judge:
         """K judgments of each prompt (token ids; keys: their noise keys, from noise_key)."""
         params = rollout.SamplingParams(temperature=self.temperature, max_new_tokens=self.max_new_tokens, n=self.samples,
                                 stop_token_ids=(self.tokenizer.eos_token_id,), seed=self.seed % 2**32)
-        if self.gather and self.ctx is not None:
+        if self.gather:
             completions, _ = tp.generate_in_group(self.model, as_prompts(prompts, keys), params, self.ctx,
                                                   max_batch_size=self.batch_size)
         else:
@@ -177,7 +177,7 @@ class Judge:
         fits = [k for k, (i, _) in enumerate(units) if i not in too_long]
         # gathering over a TP group, a rank with nothing to judge still joins its group's sampler
         judged = self.judge([prompts[k] for k in fits], [keys[k] for k in fits]) \
-            if fits or (self.gather and self.ctx is not None) else []
+            if fits or self.gather else []
         per_item = [[] for _ in items]
         for k, j in zip(fits, judged):
             i, position = units[k]

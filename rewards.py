@@ -144,8 +144,9 @@ class RemoteJudge:
             raise RewardUnavailable(error or "another rank's requests to the reward server failed")
         rewards = [r for answer, _ in answers for r in answer["rewards"]]
         # the same keys on every rank (their means are all-reduced), whatever a server logs: NaN when absent
-        logs = {k: [x for answer, _ in answers for x in answer.get("extra_logs", {}).get(k, [])
-                    if isinstance(x, (int, float))] for k in SERVED_LOGS}
+        served = [answer.get("extra_logs", {}) for answer, _ in answers]
+        logs = {k: [x for log in served if isinstance(log.get(k), list) for x in log[k] if isinstance(x, (int, float))]
+                for k in SERVED_LOGS}
         self.last = {k: sum(v) / len(v) if v else math.nan for k, v in logs.items()} | {"time_judge": time.time() - start}
         return torch.tensor([float(r) for r in rewards])
 

@@ -36,8 +36,7 @@ import torch
 import grpo
 import sft
 from demo.task import ARITHMETIC, SHIPPED, arithmetic_pair, chat_pair, rule_check, rule_of, slip, split_of
-from judge import Judge
-from rewards import InProcessJudge, policy_metrics
+from rewards import policy_metrics
 
 HASTY = "Sure!"  # the first word of every hasty answer
 
@@ -214,12 +213,7 @@ def policy_run(name, judge, out, steps, seed=0) -> dict:
         cfg = replace(cfg, resume=os.path.exists(os.path.join(path, "latest")))
         if os.path.isdir(path) and not cfg.resume:
             shutil.rmtree(path)  # started, no checkpoint yet: start again
-        if judge:
-            score = Audited(InProcessJudge(Judge.load(judge, max_new_tokens=cfg.judge_max_new_tokens,
-                                                      max_prompt_len=cfg.judge_max_prompt_len,
-                                                      batch_size=cfg.rollout_slots), cfg))
-        else:
-            score = Truth()
+        score = Audited(grpo.build_reward(cfg, None, None)) if judge else Truth()  # in this process: no ctx
         with distributed.running():
             grpo.train(cfg, preset="demo-loop", score=score,
                        records=lambda: prompt_records(steps * cfg.rollout_batch_size, seed))
