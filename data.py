@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -174,6 +175,45 @@ def build_judge_messages(conversation_a, conversation_b, style="instruct"):
     return [{"role": "system", "content": PROMPTS["instruct_system_prompt"]}, {"role": "user", "content": user}]
 
 
+def other_order(messages, where):
+    """The judge prompt of `messages` (an RM-R1 judge prompt, as build_judge_messages writes it)
+    with its two answers' places swapped: what A showed, B shows. The user turn is read back
+    through its template (data.PROMPTS, either style, single- or multi-turn), so this holds for
+    pre-rendered RLVR files. A prompt that is not one of the templates, or whose answers hold a
+    template's marker (or, multi-turn, a line starting with the other chatbot's name), could be
+    read back two ways: it is refused, naming `where`.
+        other_order(build_judge_messages(a, b), "x") == build_judge_messages(b, a)
+    """
+    *before, user = messages
+    for name, template in PROMPTS.items():
+        if name.endswith("system_prompt"):
+            continue
+        markers = re.findall(r"\[The (?:Start|End) of [^\]]*\]", template)
+        pattern = "".join(f"(?P<{part[1:-1]}>.*)" if part.startswith("{") else re.escape(part)
+                          for part in re.split(r"(\{\w+\})", template))
+        found = re.fullmatch(pattern, user["content"], re.DOTALL)
+        if not found:
+            continue
+        if any(user["content"].count(m) != 1 for m in markers):
+            raise ValueError(f"{where}: the judge prompt's answers hold one of the template's markers "
+                             f"({', '.join(markers)}), so its two answers cannot be told apart to swap them")
+        parts = found.groupdict()
+        if "answer_a" in parts:
+            parts["answer_a"], parts["answer_b"] = parts["answer_b"], parts["answer_a"]
+        else:  # each conversation's turns are labelled with its chatbot's name (render_turns)
+            one, two = parts["conversation_1"], parts["conversation_2"]
+            label_lines = [len(re.findall(rf"(?m)^{bot}: ", text)) for text, bot in
+                           ((one, "Chatbot A"), (two, "Chatbot B"), (one, "Chatbot B"), (two, "Chatbot A"))]
+            if label_lines[0] != label_lines[1] or label_lines[2] or label_lines[3]:
+                raise ValueError(f"{where}: the conversations' turns cannot be read back (lines starting with "
+                                 f"'Chatbot A: ' / 'Chatbot B: ' inside them), so their places cannot be swapped")
+            parts["conversation_1"] = re.sub(r"(?m)^Chatbot B: ", "Chatbot A: ", two)
+            parts["conversation_2"] = re.sub(r"(?m)^Chatbot A: ", "Chatbot B: ", one)
+        return before + [{"role": "user", "content": template.format(**parts)}]
+    raise ValueError(f"{where}: the judge prompt's last turn is not one of RM-R1's templates (data.PROMPTS), so "
+                     f"its two answers cannot be swapped for --consistency_reward")
+
+
 # ---- reading files ----
 
 SUFFIXES = (".json", ".jsonl", ".parquet")
@@ -323,16 +363,18 @@ def load_sft(path):
     return records
 
 
-def load_rlvr(path):
+def load_rlvr(path, both_orders=False):
     """RM-R1 RLVR records: the judge prompt and its label in {model_a, model_b} (the files' field
-    `winner`; `label` in memory)."""
+    `winner`; `label` in memory). both_orders: each also holds its prompt with the answers'
+    places swapped (`other_order`, from other_order)."""
     records = []
     for where, r in read_records(path):
         messages = check_judge_prompt(r, where)
         label = get_field(r, where, "winner", str)
         if label not in LABELS:
             raise ValueError(f"{where}: field 'winner' must be 'model_a' or 'model_b', got {label[:80]!r}")
-        records.append({"context_messages": messages, "label": label, **own_settings(r, where)})
+        records.append({"context_messages": messages, "label": label, **own_settings(r, where),
+                        **({"other_order": other_order(messages, where)} if both_orders else {})})
     return records
 
 
@@ -426,12 +468,13 @@ def pair_conversations(record, where, chosen="chosen", rejected="rejected"):
     return pair
 
 
-def pairs_to_rlvr(pairs, seed, style="instruct"):
+def pairs_to_rlvr(pairs, seed, style="instruct", both_orders=False):
     """Raw preference pairs (a path, or a list of records) -> (RLVR records, pairs dropped).
 
     A pair whose chosen and rejected answers are the same text has no right verdict: it is
     dropped and counted. Of the rest, the chosen answer goes to position A for exactly half (one
     more when odd), which half drawn by a seeded shuffle, so labels are balanced and reproducible.
+    both_orders: each record also holds the prompt with the answers' places swapped (`other_order`).
     """
     rows = read_records(pairs) if isinstance(pairs, (str, Path)) else [(f"pairs[{i}]", r) for i, r in enumerate(pairs)]
     conversations = []
@@ -446,13 +489,14 @@ def pairs_to_rlvr(pairs, seed, style="instruct"):
     records = []
     for (chosen, rejected, own), a_first in zip(conversations, chosen_is_a):
         a, b = place(chosen, rejected, a_first)
-        records.append({"context_messages": build_judge_messages(a, b, style), "label": label(a_first), **own})
+        records.append({"context_messages": build_judge_messages(a, b, style), "label": label(a_first), **own,
+                        **({"other_order": build_judge_messages(b, a, style)} if both_orders else {})})
     return records, len(rows) - len(conversations)
 
 
-def load_rlvr_or_pairs(path, seed, style):
+def load_rlvr_or_pairs(path, seed, style, both_orders=False):
     """RLVR records ({context_messages, label}) from a file of them, or made from raw preference
-    pairs (pairs_to_rlvr); (records, pairs dropped as identical)."""
+    pairs (pairs_to_rlvr); (records, pairs dropped as identical). both_orders: with `other_order`."""
     rows = read_records(path)
     rlvr = ["context_messages" in r for _, r in rows]
     if any(kind != rlvr[0] for kind in rlvr):
@@ -461,8 +505,8 @@ def load_rlvr_or_pairs(path, seed, style):
         raise ValueError(f"{where}: a {kinds[rlvr[0]]} record in a file that starts with "
                          f"{kinds[not rlvr[0]]}: a data file holds one kind")
     if rlvr[0]:
-        return load_rlvr(path), 0
-    records, identical = pairs_to_rlvr(path, seed=seed, style=style)
+        return load_rlvr(path, both_orders), 0
+    records, identical = pairs_to_rlvr(path, seed=seed, style=style, both_orders=both_orders)
     if not records:
         raise ValueError(f"{path}: no pair is left to train on ({identical} had identical answers)")
     return records, identical

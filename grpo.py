@@ -25,8 +25,9 @@ sequences are packed into rows for the trainer's forward passes rather than padd
 leftover prompts open the next epoch rather than being dropped.
 
 Options the paper did not use are off by default, each described by its field below
-(--filter_equal_groups / --oversample, --overlong, --clip_ratio_c, --log_traces_every,
---keep_last, --export_every, --rollout_tp, --offload_states); a record may set its own
+(--filter_equal_groups / --oversample, --overlong, --clip_ratio_c, --consistency_reward,
+--ratio_level, --rollout_is, --log_traces_every, --keep_last, --export_every, --rollout_tp,
+--offload_states); a record may set its own
 max_new_tokens. Failing safely: every setting is checked before any data or model is read; a
 non-finite loss or gradient norm stops the run before the optimizer step, naming every kept
 checkpoint (--resume --resume_step K goes on from any); --resume refuses settings other than
@@ -81,6 +82,7 @@ class GRPOConfig(LossConfig):
     max_prompt_len: int = 4096         # longer prompts are dropped and counted
     max_response_len: int = 8192       # the longest trace; a record may set a lower max_new_tokens of its own
     reward: Literal["verifiable", "judge"] = "verifiable"  # RM-R1's +1/-1 of a judge's verdict (trains a judge), or a trained judge's verdicts on a policy's responses
+    consistency_reward: bool = False   # J1: each pair judged in both answer orders in its group (n_samples / 2 traces each); a verdict earns +1 only when its partner in the other order is right too
     judge: str = ""                    # --reward judge: the judge's HF directory, loaded on these ranks (frozen; bf16 on CUDA)
     judge_url: str = ""                # --reward judge: a reward server instead (serve.py, OpenRLHF's protocol)
     judge_method: Literal["round_robin", "knockout", "reference"] = "round_robin"  # how a group's responses are ranked (judge.Judge.rewards)
@@ -132,17 +134,25 @@ class Prompts:
     """The run's prompt records and their encoded judge prompts: what each step draws from."""
     records: list[dict]
     ids: list[list[int]]
+    other_ids: list[list[int]] | None = None  # --consistency_reward: each judge prompt with its answers swapped
 
     def draw(self, step, resample, share, cfg: "GRPOConfig") -> tuple[list[dict], list[Prompt]]:
         """This rank's share of step's rollout batch (resample 0: data.step_prompts' order; k >= 1:
         --oversample's k-th further batch): its records and Prompts, each keyed by its place in
         the rollout batch (the sampling noise; the same whatever the number of ranks) and with the
-        record's own settings (scheduler.Prompt.of)."""
+        record's own settings (scheduler.Prompt.of). With --consistency_reward a group is two
+        prompts, the record and then its answers swapped (its label flipped), keyed 2k and 2k + 1."""
         order = data.step_prompts(len(self.ids), step, cfg) if resample == 0 else \
             data.oversample_prompts(len(self.ids), step, resample, cfg)
-        records = [self.records[order[i]] for i in share]
-        return records, [Prompt.of(self.ids[order[i]], step * cfg.rollout_batch_size + i, self.records[order[i]])
-                         for i in share]
+        drawn = [(order[i], step * cfg.rollout_batch_size + i) for i in share]
+        if self.other_ids is None:
+            return [self.records[k] for k, _ in drawn], [Prompt.of(self.ids[k], key, self.records[k]) for k, key in drawn]
+        records, prompts = [], []
+        for k, key in drawn:
+            swapped = self.records[k] | {"label": reward.label(self.records[k]["label"] != "model_a")}
+            records += [self.records[k], swapped]
+            prompts += [Prompt.of(self.ids[k], 2 * key, self.records[k]), Prompt.of(self.other_ids[k], 2 * key + 1, swapped)]
+        return records, prompts
 
 
 # ---- one GRPO step, phase by phase (the memory plan walks this same function) ----
@@ -246,7 +256,8 @@ def train(cfg: GRPOConfig, preset="", records=None, eval_records=None, score=Non
         tp.check_divisible(load_config(cfg.judge), cfg.judge_tp)
         tokenization.load_tokenizer(cfg.judge)  # a judge directory holds its tokenizer: said now, not after the rollout
     tokenizer = tokenization.load_tokenizer(cfg.model)
-    prompts = encode(tokenizer, load_records(cfg.data, cfg) if records is None else records(), cfg, "train")
+    prompts = encode(tokenizer, load_records(cfg.data, cfg, cfg.consistency_reward) if records is None else records(),
+                     cfg, "train")
     held_out = eval_records() if eval_records else load_records(cfg.eval_data, cfg) if cfg.eval_data else []
     held_out = encode(tokenizer, held_out[:cfg.eval_limit], cfg, "eval")
     total_steps = steps_of(prompts, cfg)
@@ -291,7 +302,7 @@ def build_reward(cfg: GRPOConfig, ctx, tokenizer):
     """--reward's source (rewards.py): RM-R1's verifiable +1/-1; a judge loaded on these ranks
     (its own TP mesh under a --judge_tp other than --rollout_tp's); or a reward server."""
     if cfg.reward == "verifiable":
-        return Verifiable()
+        return Verifiable(both_orders=cfg.consistency_reward)
     if cfg.judge_url:
         return RemoteJudge(cfg.judge_url, tokenizer, cfg)
     judge_ctx = ctx if cfg.judge_tp == cfg.rollout_tp else dataclasses.replace(
@@ -301,12 +312,13 @@ def build_reward(cfg: GRPOConfig, ctx, tokenizer):
     return InProcessJudge(judge, cfg)
 
 
-def load_records(path, cfg: GRPOConfig):
+def load_records(path, cfg: GRPOConfig, both_orders=False):
     """--data's records: a policy's prompt records with --reward judge (data.load_prompts); else RLVR
-    records, from a file of them or of raw preference pairs (data.load_rlvr_or_pairs)."""
+    records, from a file of them or of raw preference pairs (data.load_rlvr_or_pairs), with their
+    other answer order when both_orders (--consistency_reward's training records)."""
     if cfg.reward == "judge":
         return data.load_prompts(path, need_reference=cfg.judge_method == "reference")
-    records, identical = data.load_rlvr_or_pairs(path, cfg.seed, cfg.style)
+    records, identical = data.load_rlvr_or_pairs(path, cfg.seed, cfg.style, both_orders)
     if identical:
         distributed.log(f"{path}: {identical} pairs dropped whose chosen and rejected answers are identical")
     return records
@@ -315,8 +327,17 @@ def load_records(path, cfg: GRPOConfig):
 def encode(tokenizer, records, cfg: GRPOConfig, what) -> Prompts:
     """Every record's judge prompt as token ids; prompts over --max_prompt_len are dropped and
     counted, not cut; a record's own max_new_tokens may not exceed --max_response_len (what the
-    memory plan sizes every trace for)."""
+    memory plan sizes every trace for). With --consistency_reward the training prompts are
+    encoded in both answer orders (a record loaded without its other order, the demo's, gets it
+    from data.other_order), and a record is dropped when either is too long."""
     kept, ids = tokenization.encode_prompts(tokenizer, records, cfg.max_prompt_len)
+    other_ids = None
+    if cfg.consistency_reward and what == "train":
+        others = [tokenization.encode_prompt(tokenizer, r["other_order"] if "other_order" in r else
+                                             data.other_order(r["context_messages"], f"{what} record {i}"),
+                                             cfg.max_prompt_len) for i, r in enumerate(kept)]
+        both = [i for i, other in enumerate(others) if other is not None]
+        kept, ids, other_ids = [kept[i] for i in both], [ids[i] for i in both], [others[i] for i in both]
     distributed.log(f"{what}: {len(kept)} prompts, {len(records) - len(kept)} dropped as longer than "
                     f"max_prompt_len={cfg.max_prompt_len}")
     over = [i for i, r in enumerate(kept) if r.get("max_new_tokens", 0) > cfg.max_response_len]
@@ -324,12 +345,12 @@ def encode(tokenizer, records, cfg: GRPOConfig, what) -> Prompts:
         raise ValueError(f"{what}: {len(over)} records set max_new_tokens above --max_response_len "
                          f"{cfg.max_response_len} (the first: {kept[over[0]]['max_new_tokens']}, record {over[0]}); "
                          f"raise --max_response_len, which the memory plan sizes every trace for")
-    return Prompts(kept, ids)
+    return Prompts(kept, ids, other_ids)
 
 
 def steps_of(prompts: Prompts, cfg: GRPOConfig) -> int:
     """The run's rollout steps; a packed row must hold the longest prompt and its response."""
-    need = max(map(len, prompts.ids), default=0) + cfg.max_response_len
+    need = max(map(len, prompts.ids + (prompts.other_ids or [])), default=0) + cfg.max_response_len
     if cfg.micro_batch_tokens < need:  # a longer sequence would get a row of its own, past what the plan sized
         raise ValueError(f"--micro_batch_tokens {cfg.micro_batch_tokens}: a packed row must hold one prompt and "
                          f"its response, the longest prompt ({need - cfg.max_response_len} tokens) + "
@@ -373,6 +394,11 @@ def check_config(cfg: GRPOConfig, world_size):
         ("mini_batch_size", cfg.mini_batch_size % world_size == 0, f"must be a multiple of the {world_size} ranks"),
         ("n_samples", cfg.n_samples >= 2, "must be >= 2: GRPO's advantages compare the samples of a group "
          "(the std of one sample is NaN)"),
+        ("n_samples", not cfg.consistency_reward or cfg.n_samples % 2 == 0 and cfg.n_samples >= 4, "must be even and "
+         ">= 4 with --consistency_reward: half the group in each answer order, two pairs at least (one pair's traces "
+         "share one reward, so its group would teach nothing)"),
+        ("consistency_reward", not cfg.consistency_reward or cfg.reward == "verifiable", "rewards a judge's verdicts "
+         "on RLVR pairs in both answer orders: it needs --reward verifiable"),
         ("temperature", cfg.temperature > 0, "must be > 0: the rollouts are sampled"),
         ("top_p", 0 < cfg.top_p <= 1, "must be in (0, 1]"),
         ("lr", cfg.lr > 0, "must be > 0"),
@@ -448,7 +474,9 @@ def plan_walk(cfg: GRPOConfig, ctx, memory: plan.Plan):
         place_states(policy.optimizer, ctx.host, cfg)
         reward = build_reward(cfg, ctx, policy.tokenizer) if judge else memory.mixed_rewards
     share = len(share_of(cfg, ctx.rank, ctx.world_size))
-    prompts = Prompts([{"label": "model_a"}] * cfg.rollout_batch_size, [[0] * cfg.max_prompt_len] * cfg.rollout_batch_size)
+    placeholders = [[0] * cfg.max_prompt_len] * cfg.rollout_batch_size
+    prompts = Prompts([{"label": "model_a"}] * cfg.rollout_batch_size, placeholders,
+                      placeholders if cfg.consistency_reward else None)
     result = grpo_step(policy, prompts, 0, cfg, ctx, score=memory.walking(reward), phases=memory)
     stats, mini, walked = result.rounds[0].stats, result.minis[0], result.minis[0][:PLAN_ROWS]
     rollout_phase = next(p for p in memory.phases if p.name.startswith("rollout"))

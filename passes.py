@@ -52,7 +52,7 @@ def rollout(policy: Policy, prompts: list[Prompt], step, cfg, ctx, phases, resam
     sample their prompts together. Returns this rank's completions, their texts and the
     sampler's RolloutStats."""
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
-                            max_new_tokens=cfg.max_response_len, n=cfg.n_samples,
+                            max_new_tokens=cfg.max_response_len, n=samples_per_prompt(cfg),
                             stop_token_ids=(policy.tokenizer.eos_token_id,),
                             seed=(cfg.seed * 1_000_003 + step + resample * 1_000_000_007) % 2**32)
     weights = f"TP weights (1/{cfg.rollout_tp} of every matrix)" if cfg.rollout_tp > 1 else "gathered weights"
@@ -80,6 +80,12 @@ def decoding(model, cfg, ctx):
         yield tp.weights(model, ctx.tp_mesh, dtype, ctx.device)
 
 
+def samples_per_prompt(cfg) -> int:
+    """Traces sampled from each prompt: the group's n, or with --consistency_reward n / 2 from each
+    of a group's two prompts (its answers in either order: grpo.Prompts.draw)."""
+    return cfg.n_samples // 2 if cfg.consistency_reward else cfg.n_samples
+
+
 def kv_budget_bytes(cfg):
     """--kv_budget_gib in bytes; None lets tp.kv_budget take what the device has free."""
     return int(cfg.kv_budget_gib * 2**30) if cfg.kv_budget_gib else None
@@ -92,7 +98,7 @@ def full_rows(cfg) -> SamplingParams:
     (4,096 + 8,192 tokens: one a row, 12,287 of 16,384)."""
     k = -(-cfg.micro_batch_tokens // (cfg.max_prompt_len + cfg.max_response_len - 1))
     response = cfg.micro_batch_tokens // k + 1 - cfg.max_prompt_len
-    return SamplingParams(n=cfg.n_samples, max_new_tokens=response if 1 <= response <= cfg.max_response_len
+    return SamplingParams(n=samples_per_prompt(cfg), max_new_tokens=response if 1 <= response <= cfg.max_response_len
                           else cfg.max_response_len)
 
 
@@ -102,7 +108,7 @@ class Round:
     and the traces' rewards."""
     records: list
     prompts: list[Prompt]
-    completions: list[Completion]  # len(prompts) * n, prompt-major
+    completions: list[Completion]  # prompt-major, n a group (a group is two prompts with --consistency_reward)
     texts: list[str]
     rewards: torch.Tensor        # the verdicts' +1/-1 (what the metrics report, and what DAPO's filter reads)
     train_rewards: torch.Tensor  # what the advantages are computed from (+ DAPO's overlong penalty)

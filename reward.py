@@ -3,6 +3,7 @@
     rlvr_reward("...<answer>[[A]]</answer>", "model_a")   # 1.0
     parse_verdict("... [[B]] ...")                          # "B"
     rewards = rlvr_rewards(completions, texts, records)     # a rollout's, as a tensor
+    consistency_rewards(rewards, per_prompt)                # J1's: +1 only when right in both answer orders
     judge_metrics(completions, labels, rewards, verdicts, n)   # what grpo.py logs of a judge
 """
 
@@ -53,6 +54,21 @@ def rlvr_rewards(completions, texts, records):
     came from): +1/-1 from the verdict in the last 80 characters vs the record's label."""
     return torch.tensor([rlvr_reward(t, records[c.prompt_index]["label"])
                          for c, t in zip(completions, texts)])
+
+
+def consistency_rewards(rewards, per_prompt):
+    """J1's verdict-consistency reward (Whitehouse et al., 2025, arXiv 2505.10320): a verdict
+    earns +1 only when it is right in both answer orders. `rewards` (+1/-1, rlvr_rewards) come in
+    groups of two prompts, a pair as shown and then with its answers' places swapped, per_prompt
+    traces each; trace s of either order gets +1 when it and trace s of the other order are both
+    right, else -1. J1 states the rule for one judgment per order; which of a GRPO group's
+    samples of one order meets which of the other's it leaves open: here sample s meets sample s,
+    both drawn independently, so the pairing is a random matching.
+    >>> consistency_rewards(torch.tensor([1., 1., 1., -1.]), 2).tolist()  # (AB: right, right; BA: right, wrong)
+    [1.0, -1.0, 1.0, -1.0]
+    """
+    both = (rewards > 0).view(-1, 2, per_prompt).all(1, keepdim=True)
+    return torch.where(both, 1.0, -1.0).expand(-1, 2, per_prompt).reshape(-1)
 
 
 def judge_metrics(completions, labels, rewards, verdicts, n):

@@ -2,6 +2,7 @@
 a trained judge's verdicts, which train a policy, in process or over HTTP (serve.py's protocol).
 
     reward = Verifiable()                                  # --reward verifiable, the default
+    reward = Verifiable(both_orders=True)                  # with --consistency_reward (J1)
     reward = InProcessJudge(judge, cfg)                    # --reward judge --judge DIR
     reward = RemoteJudge(url, tokenizer, cfg)              # --reward judge --judge_url URL
     rewards = reward(completions, texts, records)          # one per completion, prompt-major, n a prompt
@@ -26,22 +27,37 @@ import torch
 import distributed
 import tokenization
 from judge import Judge, judge_figures
-from reward import judge_metrics, parse_verdict, rlvr_rewards
+from reward import consistency_rewards, judge_metrics, parse_verdict, rlvr_rewards
 
 
 class Verifiable:
     """RM-R1's reward of a judge's trace: +1 when the verdict in its last 80 characters matches the
     record's label, else -1 (reward.rlvr_rewards); the metrics none of the general frameworks log
-    for a judge (reward.judge_metrics)."""
+    for a judge (reward.judge_metrics). both_orders (--consistency_reward): the prompts come in
+    pairs, a record and its answers swapped, and a verdict earns +1 only when the one of the same
+    sample in the other order is right too (reward.consistency_rewards); `accuracy` stays the
+    share of right verdicts, and the step logs `both_orders_right` (pairs of verdicts right in
+    both orders) and `position_consistency` (pairs whose verdicts name the same answer)."""
     phase = None
 
+    def __init__(self, both_orders=False):
+        self.both_orders = both_orders
+
     def __call__(self, completions, texts, records):
-        return rlvr_rewards(completions, texts, records)
+        rewards = rlvr_rewards(completions, texts, records)
+        return consistency_rewards(rewards, len(completions) // len(records)) if self.both_orders else rewards
 
     def metrics(self, rnd, n) -> dict:
         labels = [rnd.records[c.prompt_index]["label"] for c in rnd.completions]
         verdicts = [parse_verdict(t) for t in rnd.texts]
-        return {k: float(v) for k, v in judge_metrics(rnd.completions, labels, rnd.rewards, verdicts, n).items()}
+        right = rlvr_rewards(rnd.completions, rnd.texts, rnd.records) if self.both_orders else rnd.rewards
+        m = judge_metrics(rnd.completions, labels, right, verdicts, n)
+        if self.both_orders:  # traces s of a group's two prompts are a pair (consistency_rewards)
+            pairs = torch.tensor([v is not None for v in verdicts]).view(-1, 2, n // 2).all(1)
+            same = (right > 0).view(-1, 2, n // 2)
+            m.update(reward=rnd.rewards.mean(), both_orders_right=(rnd.rewards > 0).float().mean(),
+                     position_consistency=(pairs & (same[:, 0] == same[:, 1])).float().mean())
+        return {k: float(v) for k, v in m.items()}
 
 
 def policy_metrics(rnd, n) -> dict:
