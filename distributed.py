@@ -31,6 +31,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
+import lora
 from checkpoint import iter_checkpoint, load_config, save_pretrained, set_tensor, shapes
 from kvcache import device_memory
 from model import ModelConfig, Transformer, on_meta, varlen_attn
@@ -265,7 +266,7 @@ def shard(model: Transformer, ctx: Context, bf16: bool, activation_checkpointing
 
 
 def load_model(path, ctx: Context, bf16=False, activation_checkpointing=False,
-               config: ModelConfig | None = None, seed=0, frozen=False):
+               config: ModelConfig | None = None, seed=0, frozen=False, adapters: lora.LoRAConfig | None = None):
     """Build on the meta device, shard, then fill each rank's rows straight from safetensors.
 
     With `path` None a fresh model is initialized from `config` (the demo), identically on every
@@ -273,10 +274,14 @@ def load_model(path, ctx: Context, bf16=False, activation_checkpointing=False,
     weights stay fp32 (the optimizer's master copy); bf16 compute comes from FSDP2's
     mixed-precision policy (every CUDA run is wrapped, one GPU included). A frozen model (the
     reference: eval mode, no gradients) is stored in bf16 on GPU runs, since it never trains.
+    With `adapters` (--lora_rank) the base is frozen likewise (bf16 on GPU runs) and LoRA's fp32
+    adapters, drawn from `seed`, are what trains (lora.py).
     Under the memory plan (ctx.simulated) the weights stay unset: fake tensors hold no values.
     """
     config = config or load_config(path)
-    model = on_meta(config, torch.bfloat16 if frozen and bf16 and ctx.gpu else None)
+    model = on_meta(config, torch.bfloat16 if (frozen or adapters) and bf16 and ctx.gpu else None)
+    if adapters:
+        lora.add_adapters(model, adapters)
     if ctx.gpu and varlen_attn is not None:
         model.attention = "varlen"  # what "auto" picks on CUDA; the memory plan's fake CPU tensors too
     shard(model, ctx, bf16, activation_checkpointing, frozen)
@@ -287,6 +292,8 @@ def load_model(path, ctx: Context, bf16=False, activation_checkpointing=False,
         init_weights(model, seed)
     else:
         load_shards(model, path)
+    if adapters and not ctx.simulated:
+        lora.init_adapters(model, seed, copy_rows_into)
     if frozen:
         model.eval().requires_grad_(False)
     return model
@@ -297,6 +304,8 @@ def init_weights(model: Transformer, seed: int):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if lora.is_adapter(name):
+                continue  # lora.init_adapters'
             full = torch.zeros(p.shape) if name.endswith("bias") else \
                 torch.ones(p.shape) if "norm" in name else torch.randn(p.shape, generator=gen) * 0.02
             copy_rows_into(p, full)
@@ -321,7 +330,8 @@ def shard_start(p: torch.Tensor) -> int:
 def load_shards(model: Transformer, path):
     """Fill each parameter (an FSDP2 shard or a whole tensor) with its rows of the checkpoint."""
     params = dict(model.named_parameters())
-    for name, weight in iter_checkpoint(path, shapes(model), model.config.tie_word_embeddings):
+    base = {name: shape for name, shape in shapes(model).items() if not lora.is_adapter(name)}
+    for name, weight in iter_checkpoint(path, base, model.config.tie_word_embeddings):
         with torch.no_grad():
             copy_rows_into(params[name], weight)
 
@@ -333,8 +343,10 @@ def full_weights(model):
 
     Without the gather, FSDP2 would all-gather every block on every decoded token. The yielded
     module has none of FSDP2's hooks, which fork side streams that nothing rejoins inside a
-    CUDA-graph capture, so the rollout decodes through it with graphs on. A model that is not
-    sharded is yielded as it is.
+    CUDA-graph capture, so the rollout decodes through it with graphs on. LoRA's adapters are
+    merged into the gathered weights, in place: those are copies gathered for this rollout, which
+    the reshard frees, so the merge costs no memory and leaves the trained shards alone. A model
+    that is not sharded is yielded as it is (its adapters then run unmerged).
     """
     fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
     if not fsdp:
@@ -344,8 +356,13 @@ def full_weights(model):
         m.unshard()  # sets the gathered (bf16 under the mixed-precision policy) tensors on the modules
     try:
         plain = on_meta(model.config)
+        with torch.no_grad():
+            for name, m in model.named_modules():
+                if isinstance(m, lora.LoRALinear):
+                    m.weight.add_(lora.delta(m).to(m.weight.dtype))
         for name, p in model.named_parameters():
-            set_tensor(plain, name, p.detach())
+            if not lora.is_adapter(name):
+                set_tensor(plain, name, p.detach())
         plain.inv_freq = model.inv_freq
         plain.attention = model.attention
         yield plain
@@ -365,8 +382,10 @@ def place(optimizer, where):
 
 def adamw(model, ctx: Context, **kw):
     """AdamW over the model's (sharded) parameters. GPU runs use the multi-tensor (foreach)
-    update, torch's CUDA default, named here so that the memory plan's CPU tensors measure it too."""
-    return torch.optim.AdamW(model.parameters(), foreach=True if ctx.gpu else None, **kw)
+    update, torch's CUDA default, named here so that the memory plan's CPU tensors measure it too.
+    A frozen base (LoRA) has no state: only what trains is the optimizer's."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], foreach=True if ctx.gpu else None,
+                             **kw)
 
 
 def clip_and_step(model, optimizer, max_norm, ctx: Context, loss=None) -> torch.Tensor:
@@ -404,12 +423,16 @@ def full_state_dict(model) -> dict:
                                                                 cpu_offload=True))
 
 
-def save_hf(model, tokenizer, out_dir):
-    """Export a Hugging Face directory (config.json + safetensors + tokenizer), atomically."""
+def save_hf(model, tokenizer, out_dir, base_model=""):
+    """Export a Hugging Face directory (config.json + safetensors + tokenizer), atomically. A LoRA
+    model's adapters are merged into its weights there, and written in PEFT's format beside them
+    too, in out_dir/adapter (its base: `base_model`)."""
     check_finite(model, out_dir)
     sd = full_state_dict(model)
     if is_main():
-        save_pretrained(model, out_dir, state_dict=sd, tokenizer=tokenizer)
+        save_pretrained(model, out_dir, state_dict=lora.merged_state_dict(sd, model), tokenizer=tokenizer)
+        if lora.adapted(model):
+            lora.save_peft(sd, model, base_model, os.path.join(out_dir, "adapter"))
     barrier()
 
 

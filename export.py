@@ -6,7 +6,9 @@ mid-run evaluation, and a crash loses no export.
     python eval.py --model runs/grpo7b-step40 --bench rm-bench --data rm-bench/
 
 One process, on the CPU: the sharded model state is read whole (the optimizer state is not read),
-and the tokenizer comes from the run's --model directory (or the demo's OUT/tokenizer).
+and the tokenizer comes from the run's --model directory (or the demo's OUT/tokenizer). A LoRA
+run's checkpoint holds its adapters alone: they are read onto the run's --model, merged into the
+weights written, and written in PEFT's format too, in OUT/adapter (as the run's own export).
 """
 
 import argparse
@@ -15,8 +17,10 @@ import os
 
 import torch.distributed.checkpoint as dcp
 
+import lora
 import tokenization
-from checkpoint import save_pretrained
+from checkpoint import load_pretrained
+from distributed import save_hf
 from model import ModelConfig, on_meta
 
 
@@ -30,10 +34,11 @@ def export(step_dir, out):
     with open(os.path.join(run_dir, "config.json")) as f:
         run = json.load(f)
     tokenizer = tokenization.load_tokenizer(run["model"] or os.path.join(run_dir, "tokenizer"))
-    model = on_meta(config).materialize("cpu")
-    state = {"model": model.state_dict()}
+    adapters = lora.of(argparse.Namespace(**{k: run.get(k, 0) for k in ("lora_rank", "lora_alpha", "lora_targets")}))
+    model = lora.add_adapters(load_pretrained(run["model"]), adapters) if adapters else on_meta(config).materialize("cpu")
+    state = {"model": {k: v for k, v in model.state_dict().items() if lora.is_adapter(k) or not adapters}}
     dcp.load(state, checkpoint_id=step_dir)  # reads the model's entries only, resharded to whole tensors
-    save_pretrained(model, out, tokenizer=tokenizer)
+    save_hf(model, tokenizer, out, base_model=run["model"])
     return out
 
 

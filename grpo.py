@@ -47,6 +47,7 @@ import torch
 
 import data
 import distributed
+import lora
 import plan
 import reward
 import run
@@ -64,9 +65,9 @@ from scheduler import Prompt
 
 
 @dataclass
-class GRPOConfig(LossConfig):
+class GRPOConfig(LossConfig, lora.LoRASettings):
     """grpo.py's settings; the objective's own (clip ratios, KL, entropy, loss_agg) are those of
-    objective.LossConfig, which it extends."""
+    objective.LossConfig, and LoRA's those of lora.LoRASettings, which it extends."""
     model: str = ""                    # policy to start from (HF dir); empty: the demo SFT judge
     data: str = ""                     # RLVR records or raw preference pairs; empty: demo pairs
     eval_data: str = ""                # held-out RLVR records scored every eval_every steps
@@ -200,7 +201,8 @@ def grpo_step(policy: Policy, prompts: Prompts, step, cfg: GRPOConfig, ctx, scor
     rows, per_mini = [row for mini in trained for row in mini], len(minis[0]) if minis else 0
     advice = f"lower --micro_batch_tokens (now {cfg.micro_batch_tokens:,})"
     with phases.phase("logprobs", f"old + reference log-probs ({len(rows)} of {per_mini} rows)" +
-                      (", the reference read for them" if cfg.offload_states else ""), advice):
+                      (", the reference read for them" if cfg.offload_states else
+                       ", the reference: adapters off" if cfg.lora_rank and cfg.kl_coef else ""), advice):
         mismatch = logprob_passes(policy, rows, cfg, ctx)
     with phases.phase("update", f"update: forward + backward ({len(rows)} of {per_mini} rows), clip, AdamW step" +
                       (", AdamW state back" if cfg.offload_states else ""),
@@ -293,7 +295,7 @@ def train(cfg: GRPOConfig, preset="", records=None, eval_records=None, score=Non
         if run.due(cfg.save_every, step + 1) and step + 1 < stop:
             run.save_state(cfg.out, step + 1, policy.model, policy.optimizer, {}, cfg.keep_last)
         if run.due(cfg.export_every, step + 1) and step + 1 < total_steps:
-            distributed.save_hf(policy.model, policy.tokenizer, os.path.join(export, f"step_{step + 1:08d}"))
+            distributed.save_hf(policy.model, policy.tokenizer, os.path.join(export, f"step_{step + 1:08d}"), cfg.model)
     metrics.close()
     run.finish(cfg, stop, total_steps, policy.model, policy.optimizer, policy.tokenizer, export)
 
@@ -440,14 +442,18 @@ def check_config(cfg: GRPOConfig, world_size):
         ("judge_tp", not cfg.judge_url or cfg.judge_tp == 1, "is the in-process judge's: the server has its own"),
         *[(name, getattr(cfg, name) >= 1, "must be >= 1") for name in ("judge_max_new_tokens", "judge_max_prompt_len")],
         ("judge_timeout_min", cfg.judge_timeout_min > 0, "must be > 0"),
-        *run.run_rules(cfg), *plan.rules(cfg),
+        ("lora_rank", not cfg.lora_rank or not cfg.offload_states, "does not combine with --offload_states, which "
+         "moves AdamW's state and the reference model off the GPU: with LoRA the state is the adapters' (small) and "
+         "the reference is the policy with its adapters off"),
+        *lora.rules(cfg), *run.run_rules(cfg), *plan.rules(cfg),
     ])
 
 
 def build_policy(cfg: GRPOConfig, ctx, tokenizer) -> Policy:
     """The policy (fp32 master weights, sharded) and its AdamW, as train() and the memory plan
     build them; the reference is theirs to add (build_reference)."""
-    model = distributed.load_model(cfg.model, ctx, bf16=cfg.bf16, activation_checkpointing=cfg.activation_checkpointing)
+    model = distributed.load_model(cfg.model, ctx, bf16=cfg.bf16, activation_checkpointing=cfg.activation_checkpointing,
+                                   seed=cfg.seed, adapters=lora.of(cfg))
     return Policy(model, distributed.adamw(model, ctx, lr=cfg.lr, weight_decay=cfg.weight_decay), tokenizer,
                   ref_model=None)
 
@@ -466,6 +472,7 @@ def plan_walk(cfg: GRPOConfig, ctx, memory: plan.Plan):
     memory.track(policy.model, policy.optimizer, cfg.micro_batch_tokens)
     judge = cfg.reward == "judge" and cfg.judge  # in process: its weights are resident, its phase walked
     with memory.phase("load", ("load: policy shards, AdamW state (then to the host)" if cfg.offload_states else
+                               "load: frozen bf16 base, LoRA adapters, their AdamW state" if cfg.lora_rank else
                                "load: policy shards, bf16 reference, AdamW state") + (", the judge" if judge else ""),
                       plan.MORE_RANKS + ", or a smaller model" + ("" if cfg.offload_states else ", or --offload_states")
                       + (", --judge_tp, or --judge_url" if judge else "")):

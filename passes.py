@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 
 import distributed
+import lora
 import plan
 import reward
 import tokenization
@@ -35,9 +36,10 @@ from scheduler import Completion, Prompt, RolloutStats
 
 @dataclass
 class Policy:
-    """What GRPO trains: the policy (FSDP2 shards, fp32 master weights), its AdamW, its tokenizer,
-    and the frozen reference of the KL term (None when kl_coef is 0, or with --offload_states,
-    where it is read for its log-probs only)."""
+    """What GRPO trains: the policy (FSDP2 shards, fp32 master weights; with LoRA a frozen base and
+    fp32 adapters), its AdamW, its tokenizer, and the frozen reference of the KL term (None when
+    kl_coef is 0; with --offload_states, where it is read for its log-probs only; and with LoRA,
+    whose reference is the policy with its adapters off)."""
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     tokenizer: object
@@ -229,8 +231,7 @@ def old_and_ref_logprobs(model, ref_model, rows: list[Row], cfg, ctx) -> dict:
                 sums[name] = value if name not in sums else torch.maximum(sums[name], value) if name.endswith("max") \
                     else sums[name] + value
             row.old_logprobs = old if cfg.recompute_old_logprobs else on_device.sampler_logprobs
-            row.ref_logprobs = forward_logprobs(ref_model, on_device, cfg.temperature)[0] if ref_model is not None \
-                else old
+            row.ref_logprobs = reference_logprobs(model, ref_model, on_device, old, cfg)
     if ctx.simulated or not sums:  # fake tensors hold no values; no rank has a row (every trace masked out)
         return {}
     maxima = [name for name in list(sums) if name.endswith("max")]
@@ -240,9 +241,22 @@ def old_and_ref_logprobs(model, ref_model, rows: list[Row], cfg, ctx) -> dict:
     return mismatch_metrics(dict(zip(sums, totals)) | {"hist": totals[len(sums):]} | largest)
 
 
+def reference_logprobs(model, ref_model, row: Row, old, cfg):
+    """The KL term's reference log-probs of a row: the frozen reference's; with LoRA, the policy's own
+    with its adapters off (the base it started from: no second model); with kl_coef 0, `old` (unused)."""
+    if ref_model is not None:
+        return forward_logprobs(ref_model, row, cfg.temperature)[0]
+    if cfg.kl_coef and cfg.lora_rank:
+        with lora.adapters_off(model):
+            return forward_logprobs(model, row, cfg.temperature)[0]
+    return old
+
+
 def build_reference(cfg, ctx):
-    """The frozen reference policy of the KL term (bf16 on GPUs); None when kl_coef is 0."""
-    return distributed.load_model(cfg.model, ctx, bf16=cfg.bf16, frozen=True) if cfg.kl_coef else None
+    """The frozen reference policy of the KL term (bf16 on GPUs); None when kl_coef is 0, or with
+    LoRA, whose reference is the policy with its adapters off (reference_logprobs)."""
+    return distributed.load_model(cfg.model, ctx, bf16=cfg.bf16, frozen=True) if cfg.kl_coef and not cfg.lora_rank \
+        else None
 
 
 def backward_rows(model, rows: list[Row], cfg, ctx):

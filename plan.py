@@ -241,7 +241,8 @@ class Plan:
         """AdamW's state exists from the second step on, rollouts included: make it now with a
         step on zero gradients (fake tensors: no weight changes that matter)."""
         for p in model.parameters():
-            p.grad = torch.zeros_like(p)
+            if p.requires_grad:  # a frozen base (LoRA) gets no gradient
+                p.grad = torch.zeros_like(p)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -22,7 +22,7 @@ import time
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
 import data
@@ -208,7 +208,7 @@ def finish(cfg, stop, total_steps, model, optimizer, tokenizer, export):
     if stop < total_steps:
         log(f"stopped after step {stop} of {total_steps}; continue with --resume")
     else:
-        save_hf(model, tokenizer, export)
+        save_hf(model, tokenizer, export, base_model=cfg.model)
         log(f"wrote {export}")
 
 
@@ -234,9 +234,24 @@ def latest_checkpoint(run_dir) -> str | None:
         return os.path.join(run_dir, f.read().strip())
 
 
+def trained_state(model, optimizer) -> tuple[dict, dict]:
+    """What a checkpoint holds: the model's entries that train (a LoRA run's adapters, not its frozen
+    base, which --model holds already; for full fine-tuning, all of them) and the optimizer's. A
+    tied LM head keeps its entry only if the embedding it shares trains (torch's
+    ignore_frozen_params drops a frozen parameter under its first name alone)."""
+    msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    trains = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return {k: v for k, v in msd.items() if k in trains}, osd
+
+
+# Loading a checkpoint leaves the frozen base as --model gave it (dcp.load has refused a checkpoint
+# that lacks an entry of trained_state by then, so strict=False lets nothing trained go missing).
+INTO_TRAINED = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
 def save_state(run_dir, step: int, model, optimizer, meta: dict, keep_last=0):
-    """Sharded model + optimizer (torch.distributed.checkpoint), a JSON of the step, and the
-    model's config.json (so export.py can make a HF directory of it), written under a temporary
+    """Sharded model (what trains: trained_state) + optimizer (torch.distributed.checkpoint), a JSON of
+    the step, and the model's config.json (so export.py can make a HF directory of it), written under a temporary
     name and renamed; `latest` is switched last, so a kill at any moment leaves the previous
     checkpoint intact and pointed to. A step's checkpoint is written once: a run resumed after
     its last step (which then trains nothing) keeps it. keep_last > 0 then removes all but the
@@ -250,7 +265,7 @@ def save_state(run_dir, step: int, model, optimizer, meta: dict, keep_last=0):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
-    msd, osd = get_state_dict(model, optimizer)
+    msd, osd = trained_state(model, optimizer)
     with disk_errors(tmp, tensor_bytes(tensors_of((msd, osd)))):
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
         if is_main():
@@ -283,11 +298,11 @@ def load_state(run_dir, model, optimizer) -> dict | None:
     path = latest_checkpoint(run_dir)
     if path is None:
         return None
-    msd, osd = get_state_dict(model, optimizer)
+    msd, osd = trained_state(model, optimizer)
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
+                   optim_state_dict=state["optim"], options=INTO_TRAINED)
     with open(os.path.join(path, "trainer_state.json")) as f:
         return json.load(f)
 

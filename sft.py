@@ -30,6 +30,7 @@ import torch
 
 import data
 import distributed
+import lora
 import plan
 import run
 import tokenization
@@ -39,7 +40,7 @@ from model import document_lengths
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(lora.LoRASettings):
     model: str = ""                  # HF model directory; empty: the demo judge from scratch
     data: str = ""                   # distillation records; empty: synthetic demo traces
     out: str = "runs/sft"            # checkpoints and metrics.jsonl
@@ -143,7 +144,8 @@ def sft_loss(model, row, n_tokens, device):
 
 def build(cfg: SFTConfig, ctx):
     """The model (--model's weights) and its AdamW, as train() and the memory plan build them."""
-    model = distributed.load_model(cfg.model, ctx, bf16=cfg.bf16, activation_checkpointing=cfg.activation_checkpointing)
+    model = distributed.load_model(cfg.model, ctx, bf16=cfg.bf16, activation_checkpointing=cfg.activation_checkpointing,
+                                   seed=cfg.seed, adapters=lora.of(cfg))
     return model, distributed.adamw(model, ctx, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
 
@@ -197,7 +199,7 @@ def check_config(cfg: SFTConfig):
         ("max_len", cfg.max_len >= 2, "must be >= 2"),
         ("epochs", cfg.epochs >= 1, "must be >= 1"),
         ("grad_clip", cfg.grad_clip > 0, "must be > 0"),
-        *run.run_rules(cfg), *plan.rules(cfg),
+        *lora.rules(cfg), *run.run_rules(cfg), *plan.rules(cfg),
     ])
 
 
@@ -229,8 +231,10 @@ def train(cfg: SFTConfig, preset="", records=None, schedule=None, recorded=None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, steps.lr)
     start = run.resume(cfg, model, optimizer)
     scheduler.last_epoch = start  # the schedule goes on from the resumed step
-    distributed.log(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {steps.total} steps, "
-                    f"{ctx.world_size} rank(s)")
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    distributed.log(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters" +
+                    (f" ({trained / 1e6:.2f}M in LoRA adapters)" if cfg.lora_rank else "") +
+                    f", {steps.total} steps, {ctx.world_size} rank(s)")
     metrics = run.MetricsLogger(cfg.out, steps.total, asdict(cfg), cfg.wandb_project, start)
     model.train()
     stop = run.last_step(cfg, start, steps.total)
@@ -248,7 +252,7 @@ def train(cfg: SFTConfig, preset="", records=None, schedule=None, recorded=None)
         if run.due(cfg.save_every, step + 1) and step + 1 < stop:
             run.save_state(cfg.out, step + 1, model, optimizer, {}, cfg.keep_last)
         if run.due(cfg.export_every, step + 1) and step + 1 < steps.total:
-            distributed.save_hf(model, tokenizer, os.path.join(export, f"step_{step + 1:08d}"))
+            distributed.save_hf(model, tokenizer, os.path.join(export, f"step_{step + 1:08d}"), cfg.model)
     metrics.close()
     run.finish(cfg, stop, steps.total, model, optimizer, tokenizer, export)
     return stop == steps.total
@@ -259,7 +263,9 @@ def main(argv=None):
     judge, judge_flags, argv = demo.recipe.judge_flags(argv)
     cfg, given = parse_config(SFTConfig, argv, __doc__)
     check_fields(cfg, [("data", not (cfg.data and not cfg.model), "needs --model, the model to fine-tune; "
-                        "without --model and --data sft.py builds the demo judge")])
+                        "without --model and --data sft.py builds the demo judge"),
+                       ("lora_rank", not (cfg.lora_rank and not cfg.model), "adapts a trained model: give --model "
+                        "(the demo judge is built from scratch)")])
     if cfg.plan:
         sys.exit(0 if train(cfg).fits else 1)
     if cfg.model and judge_flags:

@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import distributed
+import lora
 import rollout
 import kvcache
 from checkpoint import iter_checkpoint, load_config, shapes
@@ -105,7 +106,8 @@ def load(path, mesh: DeviceMesh, dtype, device) -> Transformer:
 
 def fill_from_fsdp(decoder: Transformer, model):
     """Copy the trainer's weights (FSDP2 shards) into the TP model: each FSDP2 unit (the root's
-    embedding, norm and LM head, then each block) is gathered, copied from, and resharded in turn."""
+    embedding, norm and LM head, then each block) is gathered, copied from, and resharded in turn.
+    LoRA's adapters are merged into their weights on the way (a matrix at a time)."""
     params = dict(decoder.named_parameters())
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     with torch.no_grad():
@@ -115,10 +117,13 @@ def fill_from_fsdp(decoder: Transformer, model):
             if units:
                 unit.unshard()
             prefix = next(name for name, m in model.named_modules() if m is unit)
+            modules = dict(unit.named_modules())
             for name, p in unit.named_parameters():
                 full_name = f"{prefix}.{name}" if prefix else name
                 if full_name in params and id(p) not in owned:
-                    copy_shard(params[full_name], p.detach())
+                    owner = modules[name.rpartition(".")[0]]
+                    merged = isinstance(owner, lora.LoRALinear) and name.endswith(".weight")
+                    copy_shard(params[full_name], p.detach().float() + lora.delta(owner) if merged else p.detach())
             if units:
                 unit.reshard()
 

@@ -1,13 +1,15 @@
 """The memory plan's verdicts for the paper's runs and for one GPU, as the plan prints them.
 
     python bench/plans.py                 # the tables in docs/scale.md (about 40 minutes on 2 CPU cores)
-    python bench/plans.py --only cluster  # or --only policy, --only single
+    python bench/plans.py --only cluster  # or --only policy, --only single, --only lora
 
 Each cell is `grpo.py --plan` or `sft.py --plan` on a config.json of Qwen2.5 of that size (nothing
 else is read), on cards as they report themselves (an 80 GB card: 79.1 GiB; an H200: 139.6). A
 single-GPU cell that does not fit at the paper's lengths is walked again at shorter ones, with
 --micro_batch_tokens at one prompt + response (and GRPO's --offload_states), until one fits; a run
-whose first optimizer step alone does not fit fits at no length, and says so.
+whose first optimizer step alone does not fit fits at no length, and says so. The LoRA table
+(--lora_rank 64 on every projection, a frozen bf16 base) walks GRPO and SFT on one 80 GB card the
+same way (without --offload_states, which LoRA does not take) and on 8 at the paper's lengths.
 """
 
 import argparse
@@ -60,13 +62,17 @@ TRIES = {"grpo": [[], ["--offload_states"], ["--offload_states", "--micro_batch_
                   *[["--offload_states", "--max_response_len", str(r), "--micro_batch_tokens", str(4096 + r)]
                     for r in (4096, 2048, 1024)]],
          "sft": [[], *[["--max_len", str(n)] for n in (8192, 4096, 2048)]]}
+LORA = ["--lora_rank", "64"]
+LORA_TRIES = {"grpo": [[], ["--micro_batch_tokens", "12288"],
+                       *[["--max_response_len", str(r), "--micro_batch_tokens", str(4096 + r)] for r in (4096, 2048, 1024)]],
+              "sft": TRIES["sft"]}
 
 
-def single(size, trainer, gib, tmp):
-    """The first of TRIES at which one GPU of gib GB fits."""
+def single(size, trainer, gib, tmp, lora=False):
+    """The first of TRIES (with lora: LORA_TRIES, each with LORA) at which one GPU of gib GB fits."""
     model = model_dir(size, tmp)
-    for flags in TRIES[trainer]:
-        fits, peak, usable, over = walk(trainer, model, 1, gib, flags)
+    for flags in (LORA_TRIES if lora else TRIES)[trainer]:
+        fits, peak, usable, over = walk(trainer, model, 1, gib, (LORA if lora else []) + flags)
         said = " ".join(flags) or "paper lengths"
         if fits:
             return f"fits: {said} (peak {peak:.1f} of {usable:.1f} GiB)"
@@ -77,7 +83,7 @@ def single(size, trainer, gib, tmp):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("cluster", "policy", "single"))
+    parser.add_argument("--only", choices=("cluster", "policy", "single", "lora"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         for table in ("cluster", "policy"):
@@ -93,6 +99,16 @@ def main():
             print("\n| one GPU | GRPO, 80 GB | GRPO, H200 | SFT, 80 GB | SFT, H200 |\n|---|---|---|---|---|", flush=True)
             for size in ("0.5B", "1.5B", "3B", "7B"):
                 cells = [single(size, trainer, gib, tmp) for trainer in ("grpo", "sft") for gib in (80, 141)]
+                print(f"| {size} | " + " | ".join(cells) + " |", flush=True)
+        if args.only in (None, "lora"):
+            print("\n| LoRA r=64 | GRPO, one 80 GB | SFT, one 80 GB | GRPO, 8 x 80 GB | SFT, 8 x 80 GB |\n|---|---|---|---|---|",
+                  flush=True)
+            for size in ("0.5B", "7B", "14B", "32B"):
+                cells = [single(size, trainer, 80, tmp, lora=True) for trainer in ("grpo", "sft")]
+                for trainer in ("grpo", "sft"):
+                    fits, peak, usable, over = walk(trainer, model_dir(size, tmp), 8, 80, LORA)
+                    cells.append(f"{'fits' if fits else 'does not fit: ' + '; '.join(over)} (peak {peak:.1f} of "
+                                 f"{usable:.1f} GiB)")
                 print(f"| {size} | " + " | ".join(cells) + " |", flush=True)
 
 

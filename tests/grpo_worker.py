@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tokenization  # noqa: E402
 from data import step_prompts  # noqa: E402
 import distributed as D  # noqa: E402
+import lora  # noqa: E402
 from grpo import GRPOConfig, Policy, Prompts, grpo_step  # noqa: E402
 
 
@@ -31,9 +32,9 @@ def run(model_dir, out, steps, lr, overrides=None):
                      activation_checkpointing=False, rollout_slots=32, entropy_coef=0.001)
     cfg = replace(cfg, **json.loads(overrides or "{}"))
     ctx = D.init(tp=cfg.rollout_tp)
-    model = D.load_model(model_dir, ctx)
-    policy = Policy(model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0),
-                    tokenization.load_tokenizer(model_dir), D.load_model(model_dir, ctx, frozen=True))
+    model = D.load_model(model_dir, ctx, adapters=lora.of(cfg))  # with --lora_rank: the reference is the base
+    policy = Policy(model, D.adamw(model, ctx, lr=cfg.lr, weight_decay=0.0), tokenization.load_tokenizer(model_dir),
+                    None if cfg.lora_rank else D.load_model(model_dir, ctx, frozen=True))
     gen = torch.Generator().manual_seed(0)
     # Short prompts where rank 0 of two samples, long ones where rank 1 does (the batch positions
     # 0, 1, 4, 5 are rank 0's, in the order the steps draw the records): the ranks pack different

@@ -155,3 +155,15 @@ def test_the_sft_plan_walks_sft_step_itself(tmp_path):
                                              capture_output=True, text=True, timeout=600).stdout)[0][-1][1]
              for script in (ROOT / "sft.py", tmp_path / "sft.py")]
     assert peaks[1] - peaks[0] == pytest.approx(1.0, abs=0.15), peaks
+
+
+def test_grpo_7b_with_lora_fits_one_80_gb_card_at_the_papers_lengths(qwen7b):
+    # Full fine-tuning's first AdamW step alone needs 142 GiB on one card; LoRA's frozen bf16 base
+    # holds no gradient and no AdamW state (the plan walks distributed.load_model's own LoRA model)
+    res, peaks = run_plan("grpo.py", "--model", qwen7b, "--plan_world_size", "1", "--lora_rank", "64",
+                          "--no-plan_alternatives")
+    assert res.returncode == 0 and "fits: the peak is" in res.stdout, res.stdout + res.stderr[-3000:]
+    load = next(peak for name, peak in peaks.items() if name.startswith("load: frozen bf16 base, LoRA adapters"))
+    # 7.62B bf16 base (14.2 GiB) + r=64 adapters on every projection, fp32, with AdamW's two moments
+    assert 14.2 < load < 17.5, peaks
+    assert "old + reference log-probs" in " ".join(peaks) and max(peaks.values()) <= usable(res.stdout)
