@@ -156,13 +156,14 @@ def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor):
 
 
 def save_pretrained(model: Transformer, path, state_dict=None, max_shard_bytes=5 * 2**30,
-                    tokenizer=None):
+                    tokenizer=None, beside=None):
     """Write config.json + safetensors (sharded past max_shard_bytes) that transformers loads,
     and the tokenizer's files when one is given.
 
     `state_dict` (our names -> full tensors) may be passed by callers that gathered a sharded
     model; by default it is the model's own. Files are written to a temporary directory and
-    renamed into place, so a crash never leaves a half-written checkpoint under `path`.
+    renamed into place, so a crash never leaves a half-written checkpoint under `path`;
+    beside(tmp) writes what else belongs in it first (a LoRA run's adapter), in the same rename.
     """
     config = model.config
     sd = state_dict if state_dict is not None else model.state_dict()
@@ -175,6 +176,8 @@ def save_pretrained(model: Transformer, path, state_dict=None, max_shard_bytes=5
     shutil.rmtree(tmp, ignore_errors=True)  # what a killed export left
     with disk_errors(tmp, tensor_bytes(tensors.values())):
         write_shards(model, tensors, tmp, max_shard_bytes, tokenizer)
+        if beside is not None:
+            beside(tmp)
     publish(tmp, path)
 
 

@@ -202,14 +202,18 @@ def other_order(messages, where):
             parts["answer_a"], parts["answer_b"] = parts["answer_b"], parts["answer_a"]
         else:  # each conversation's turns are labelled with its chatbot's name (render_turns)
             one, two = parts["conversation_1"], parts["conversation_2"]
-            label_lines = [len(re.findall(rf"(?m)^{bot}: ", text)) for text, bot in
-                           ((one, "Chatbot A"), (two, "Chatbot B"), (one, "Chatbot B"), (two, "Chatbot A"))]
-            if label_lines[0] != label_lines[1] or label_lines[2] or label_lines[3]:
-                raise ValueError(f"{where}: the conversations' turns cannot be read back (lines starting with "
-                                 f"'Chatbot A: ' / 'Chatbot B: ' inside them), so their places cannot be swapped")
+            # as render_turns writes them: as many user turns as chatbot turns, in both, and no line
+            # of either starting with a name that is not its own; else a label could be content
+            counts = [len(re.findall(rf"(?m)^{name}: ", text)) for text, name in
+                      ((one, "User"), (one, "Chatbot A"), (two, "User"), (two, "Chatbot B"))]
+            others = [len(re.findall(rf"(?m)^{name}: ", text)) for text, name in ((one, "Chatbot B"), (two, "Chatbot A"))]
+            if len(set(counts)) != 1 or not counts[0] or any(others):
+                raise ValueError(f"{where}: the conversations' turns cannot be read back as render_turns writes "
+                                 f"them (a 'User: ' line per 'Chatbot A: ' / 'Chatbot B: ' line, no other line "
+                                 f"starting so), so their places cannot be swapped")
             parts["conversation_1"] = re.sub(r"(?m)^Chatbot B: ", "Chatbot A: ", two)
             parts["conversation_2"] = re.sub(r"(?m)^Chatbot A: ", "Chatbot B: ", one)
-        return before + [{"role": "user", "content": template.format(**parts)}]
+        return before + [{**user, "content": template.format(**parts)}]
     raise ValueError(f"{where}: the judge prompt's last turn is not one of RM-R1's templates (data.PROMPTS), so "
                      f"its two answers cannot be swapped for --consistency_reward")
 

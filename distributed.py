@@ -20,6 +20,7 @@ import warnings
 import weakref
 import math
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -345,7 +346,8 @@ def full_weights(model):
     module has none of FSDP2's hooks, which fork side streams that nothing rejoins inside a
     CUDA-graph capture, so the rollout decodes through it with graphs on. LoRA's adapters are
     merged into the gathered weights, in place: those are copies gathered for this rollout, which
-    the reshard frees, so the merge costs no memory and leaves the trained shards alone. A model
+    the reshard frees, so the merge costs one matrix's fp32 sum at a time and leaves the trained
+    and frozen shards alone. A model
     that is not sharded is yielded as it is (its adapters then run unmerged).
     """
     fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -358,8 +360,8 @@ def full_weights(model):
         plain = on_meta(model.config)
         with torch.no_grad():
             for name, m in model.named_modules():
-                if isinstance(m, lora.LoRALinear):
-                    m.weight.add_(lora.delta(m).to(m.weight.dtype))
+                if isinstance(m, lora.LoRALinear):  # W + delta in fp32, rounded once (as tp.py and the export do)
+                    m.weight.copy_(m.weight.float() + lora.delta(m))
         for name, p in model.named_parameters():
             if not lora.is_adapter(name):
                 set_tensor(plain, name, p.detach())
@@ -430,9 +432,12 @@ def save_hf(model, tokenizer, out_dir, base_model=""):
     check_finite(model, out_dir)
     sd = full_state_dict(model)
     if is_main():
-        save_pretrained(model, out_dir, state_dict=lora.merged_state_dict(sd, model), tokenizer=tokenizer)
-        if lora.adapted(model):
-            lora.save_peft(sd, model, base_model, os.path.join(out_dir, "adapter"))
+        adapter = os.path.join(out_dir, "adapter")
+        if not lora.adapted(model) and os.path.isdir(adapter):
+            shutil.rmtree(adapter)  # an earlier LoRA export's: these weights are not its base's
+        save_pretrained(model, out_dir, state_dict=lora.merged_state_dict(sd, model), tokenizer=tokenizer,
+                        beside=(lambda tmp: lora.save_peft(sd, model, base_model, os.path.join(tmp, "adapter")))
+                        if lora.adapted(model) else None)
     barrier()
 
 

@@ -7,8 +7,10 @@ mid-run evaluation, and a crash loses no export.
 
 One process, on the CPU: the sharded model state is read whole (the optimizer state is not read),
 and the tokenizer comes from the run's --model directory (or the demo's OUT/tokenizer). A LoRA
-run's checkpoint holds its adapters alone: they are read onto the run's --model, merged into the
-weights written, and written in PEFT's format too, in OUT/adapter (as the run's own export).
+run's checkpoint holds its adapters alone: they are read onto the run's --model (refused when
+those weights are not the ones the run started from), merged into the weights written, and
+written in PEFT's format too, in OUT/adapter, as the run's own export; the weights keep the base
+file's dtype (a --no-bf16 run's own export is fp32).
 """
 
 import argparse
@@ -35,6 +37,9 @@ def export(step_dir, out):
         run = json.load(f)
     tokenizer = tokenization.load_tokenizer(run["model"] or os.path.join(run_dir, "tokenizer"))
     adapters = lora.of(argparse.Namespace(**{k: run.get(k, 0) for k in ("lora_rank", "lora_alpha", "lora_targets")}))
+    if adapters and run.get("model_sha256") != lora.base_digest(run["model"]):
+        raise ValueError(f"{step_dir}: its adapters were trained on another base than {run['model']} holds now "
+                         f"(the run's config.json keeps its digest): put that base back at {run['model']}")
     model = lora.add_adapters(load_pretrained(run["model"]), adapters) if adapters else on_meta(config).materialize("cpu")
     state = {"model": {k: v for k, v in model.state_dict().items() if lora.is_adapter(k) or not adapters}}
     dcp.load(state, checkpoint_id=step_dir)  # reads the model's entries only, resharded to whole tensors

@@ -17,6 +17,7 @@ rollout's policy differ from the trainer's).
 """
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from checkpoint import disk_errors, ours_to_hf, publish, tensor_bytes
+from checkpoint import checkpoint_files, ours_to_hf
+from data import content_digest
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # every block's linear ones
 
@@ -162,10 +164,22 @@ def merged_state_dict(state: dict, model) -> dict:
     return merged
 
 
+def base_digest(path) -> str:
+    """sha256 of a base model's config.json and weight files. A LoRA checkpoint holds adapters
+    alone, trained on these weights: a resume or an export onto other weights at the same path (an
+    SFT run written there again) is refused by it (run.start_run, export.py). Reading a 7B base
+    takes some 15 s."""
+    h = hashlib.sha256()
+    for file in [os.path.join(path, "config.json"), *checkpoint_files(path)]:
+        h.update(os.path.basename(file).encode() + content_digest(file).encode())
+    return h.hexdigest()
+
+
 def save_peft(state: dict, model, base_model: str, out_dir):
-    """The adapters of a full state dict in PEFT's format: adapter_config.json and
-    adapter_model.safetensors with PEFT's names (base_model.model.<HF name>.lora_A.weight), written
-    to a temporary directory and renamed into place."""
+    """The adapters of a full state dict in PEFT's format, in a new directory out_dir:
+    adapter_config.json and adapter_model.safetensors with PEFT's names
+    (base_model.model.<HF name>.lora_A.weight). distributed.save_hf writes it into the merged
+    export's temporary directory, so both appear in one rename."""
     cfg = model.lora
     tensors = {f"base_model.model.{ours_to_hf(k).removesuffix('.lora_A').removesuffix('.lora_B')}."
                f"{k.rsplit('.', 1)[1]}.weight": v.detach().to("cpu", torch.float32).contiguous()
@@ -174,10 +188,7 @@ def save_peft(state: dict, model, base_model: str, out_dir):
               "r": cfg.rank, "lora_alpha": cfg.alpha, "target_modules": sorted(cfg.targets), "lora_dropout": 0.0,
               "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
               "init_lora_weights": True, "inference_mode": True, "modules_to_save": None}
-    tmp = str(out_dir).rstrip("/") + ".tmp"
-    with disk_errors(tmp, tensor_bytes(tensors.values())):
-        os.makedirs(tmp, exist_ok=True)
-        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-    publish(tmp, out_dir)
+    os.makedirs(out_dir)
+    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)

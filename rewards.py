@@ -36,8 +36,10 @@ class Verifiable:
     for a judge (reward.judge_metrics). both_orders (--consistency_reward): the prompts come in
     pairs, a record and its answers swapped, and a verdict earns +1 only when the one of the same
     sample in the other order is right too (reward.consistency_rewards); `accuracy` stays the
-    share of right verdicts, and the step logs `both_orders_right` (pairs of verdicts right in
-    both orders) and `position_consistency` (pairs whose verdicts name the same answer)."""
+    share of right verdicts (and groups_k_of_n counts right verdicts), all_equal_groups counts
+    groups whose consistency rewards are all alike (what --filter_equal_groups drops), and the step
+    logs `both_orders_right` (traces whose pair is right in both orders) and `position_consistency`
+    (pairs whose two verdicts name the same answer, under the other letter in the other order)."""
     phase = None
 
     def __init__(self, both_orders=False):
@@ -53,10 +55,13 @@ class Verifiable:
         right = rlvr_rewards(rnd.completions, rnd.texts, rnd.records) if self.both_orders else rnd.rewards
         m = judge_metrics(rnd.completions, labels, right, verdicts, n)
         if self.both_orders:  # traces s of a group's two prompts are a pair (consistency_rewards)
-            pairs = torch.tensor([v is not None for v in verdicts]).view(-1, 2, n // 2).all(1)
-            same = (right > 0).view(-1, 2, n // 2)
+            # the same answer is shown under the other letter in the other order: the letters differ
+            letters = torch.tensor([{"A": 1, "B": 2}.get(v, 0) for v in verdicts]).view(-1, 2, n // 2)
+            same = (letters[:, 0] > 0) & (letters[:, 1] > 0) & (letters[:, 0] != letters[:, 1])
+            rewards = rnd.rewards.view(-1, n)
             m.update(reward=rnd.rewards.mean(), both_orders_right=(rnd.rewards > 0).float().mean(),
-                     position_consistency=(pairs & (same[:, 0] == same[:, 1])).float().mean())
+                     position_consistency=same.float().mean(),
+                     all_equal_groups=(rewards == rewards[:, :1]).all(-1).float().mean())
         return {k: float(v) for k, v in m.items()}
 
 

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.tensor import DTensor
 
 import data
+import lora
 from checkpoint import append_whole, disk_errors, publish, tensor_bytes, write_atomic
 from distributed import barrier, check_finite, is_main, log, save_hf
 
@@ -68,6 +69,8 @@ def start_run(run_dir, config: dict, resume: bool, preset: str = ""):
     current = {**config, "preset": preset}
     current |= {f"{k}_sha256": data.content_digest(config[k]) for k in DATA_FIELDS
                 if config.get(k) and os.path.exists(config[k])}
+    if config.get("lora_rank") and config.get("model"):  # its checkpoints hold adapters alone, trained on this base
+        current["model_sha256"] = lora.base_digest(config["model"])
     if not resume and (saved is not None or latest_checkpoint(run_dir)):
         raise ValueError(f"--out {run_dir} holds a run already: pass --resume to continue it, or another "
                          f"--out (or delete {run_dir})")
@@ -86,7 +89,10 @@ def start_run(run_dir, config: dict, resume: bool, preset: str = ""):
         if changed - SAFE_TO_CHANGE:
             diff = ", ".join(f"--{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(changed - SAFE_TO_CHANGE))
             hint = "; if the data was changed on purpose, add --resume_data_changed" if any(
-                k.endswith("_sha256") for k in changed - SAFE_TO_CHANGE) else ""
+                k.endswith("_sha256") and k != "model_sha256" for k in changed - SAFE_TO_CHANGE) else ""
+            if "model_sha256" in changed:
+                hint += (f"; --model {config['model']} holds other weights than the base this LoRA run's adapters "
+                         f"were trained on: put that base back at --model")
             raise ValueError(f"--resume: {run_dir} was started with other settings ({diff}); resume with "
                              f"the same ones, or start a new --out{hint}")
         for k in sorted(changed):

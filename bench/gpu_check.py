@@ -1,4 +1,4 @@
-"""Every GPU-only path, checked at once on the first GPU at hand (one H100/H200, within 9 minutes).
+"""Every GPU-only path, checked at once on the first GPU at hand (one H100/H200, within 10 minutes).
 
     python bench/gpu_check.py --out runs/gpu_check.json
 
@@ -20,7 +20,9 @@ section failed or did not run.
    split and peak memory (allocated, reserved, and what the device holds outside torch) against
    the memory plan of the same run (grpo.py --plan): more than PLAN_TOLERANCE over it fails; then
    the tensor-parallel decoder (DTensor over NCCL, tp = 1) under CUDA graphs against the plain
-   model, and a GRPO step with --offload_states against one without (same losses, its peak memory).
+   model, and a GRPO step with --offload_states against one without (same losses, its peak memory);
+   the same step with LoRA (--lora_rank 16: a frozen bf16 base, fp32 adapters under FSDP2's bf16
+   policy, the reference with the adapters off) against its own plan.
 5. the CUDA sections of bench/kernels.py and bench/rollout.py, their output kept (what they printed
    before a time limit, too).
 
@@ -205,7 +207,7 @@ def random_prompts(n, length) -> "grpo.Prompts":
                          for _ in range(n)])
 
 
-def grpo_step_one_gpu(tmp):
+def grpo_step_one_gpu(tmp, **extra):
     model_dir = Path(tmp) / "model"
     save_pretrained(random_model(ModelConfig(**TARGET["shape"])), model_dir)
     on_gpu = TARGET["device"] == "cuda"
@@ -215,7 +217,7 @@ def grpo_step_one_gpu(tmp):
     check(ctx.distributed == ctx.gpu == on_gpu, "a CUDA run is a world of one over NCCL")
     flags = dict(model=str(model_dir), rollout_batch_size=16, mini_batch_size=8, n_samples=7,
                  max_prompt_len=512, max_response_len=256 if on_gpu else 16, micro_batch_tokens=8192,
-                 lr=1e-6, bf16=on_gpu)
+                 lr=1e-6, bf16=on_gpu, **extra)
     cfg = grpo.GRPOConfig(**flags)
     policy = grpo.build_policy(cfg, ctx, NoTokenizer())
     policy.ref_model = grpo.build_reference(cfg, ctx)
@@ -320,17 +322,18 @@ def probe():
 PLAN_TOLERANCE = 0.10
 
 # name: (what it runs, its wall-clock limit in seconds, its process's start-up included). The
-# limits add up to 9 minutes, inside the 15 a lent GPU gives a session (start and transfers apart).
+# limits add up to 10 minutes, inside the 15 a lent GPU gives a session (start and transfers apart).
 SECTIONS = {
     "pytest_on_gpu": (pytest_on_gpu, 150),
     "varlen_attention": (varlen_attention, 30),
     "model_paths": (model_paths, 60),
     "grpo_step_one_gpu": (lambda: grpo_step_one_gpu(tempfile.mkdtemp()), 90),
     "tp_and_offload_one_gpu": (lambda: tp_and_offload_one_gpu(tempfile.mkdtemp()), 60),
+    "grpo_step_lora_one_gpu": (lambda: grpo_step_one_gpu(tempfile.mkdtemp(), lora_rank=16), 60),
     "bench_kernels": (lambda: bench("bench/kernels.py"), 60),
     "bench_rollout": (lambda: bench("bench/rollout.py"), 90),
 }
-SMOKE = ("model_paths", "grpo_step_one_gpu", "tp_and_offload_one_gpu")
+SMOKE = ("model_paths", "grpo_step_one_gpu", "tp_and_offload_one_gpu", "grpo_step_lora_one_gpu")
 PROBE_LIMIT_S = 60
 
 

@@ -51,6 +51,14 @@ def test_a_prompt_whose_answers_cannot_be_told_apart_is_refused_by_its_place():
     a[0]["content"] = b[0]["content"] = "say hi"
     with pytest.raises(ValueError, match=r"f.jsonl:6: the conversations' turns cannot be read back"):
         data.other_order(data.build_judge_messages(a, b), "f.jsonl:6")
+    b[-1]["content"] = "y\nChatbot B: more"  # each answer with a line of its own name: as many extra as each
+    with pytest.raises(ValueError, match=r"f.jsonl:7: the conversations' turns cannot be read back"):
+        data.other_order(data.build_judge_messages(a, b), "f.jsonl:7")
+    a[-1]["content"], b[-1]["content"] = "x", "y"
+    ab = data.build_judge_messages(a, b)
+    relabelled = [{**ab[0]}, {**ab[1], "content": ab[1]["content"].replace("Chatbot A: ", "Chatbot A:\n")}]
+    with pytest.raises(ValueError, match=r"f.jsonl:8: the conversations' turns cannot be read back"):
+        data.other_order(relabelled, "f.jsonl:8")  # turns labelled some other way: nothing to swap by
 
 
 def test_an_rlvr_file_is_read_in_both_orders_and_a_record_that_cannot_be_swapped_is_named(tmp_path):
@@ -92,6 +100,14 @@ def test_the_judge_metrics_in_both_orders_by_hand():
     texts[3] = "<answer>[[A]]</answer>"  # BA's sample 1 now names the rejected answer, as AB's does
     m = reward.metrics(passes.Round(records, None, completions, texts, rewards, rewards, None), 4)
     assert m["position_consistency"] == 1.0 and m["accuracy"] == 0.5
+    # the letters decide it, not the reward's last-80-characters rule: AB's [[A]] early in its trace
+    # (no reward) and BA's [[B]] name the same answer; [[B]] in both orders names both answers
+    texts = ["<answer>[[A]]</answer>" + "x" * 100, "<answer>[[B]]</answer>", "<answer>[[B]]</answer>",
+             "<answer>[[B]]</answer>"]
+    rewards = reward(completions, texts, records)
+    m = reward.metrics(passes.Round(records, None, completions, texts, rewards, rewards, None), 4)
+    assert m["position_consistency"] == 0.5 and rewards.tolist() == [-1.] * 4
+    assert m["all_equal_groups"] == 1.0, "the group's consistency rewards are all alike: it trains nothing"
 
 
 def test_a_step_rolls_out_each_pair_in_both_orders_in_one_group(tiny_policy):

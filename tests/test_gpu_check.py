@@ -23,12 +23,15 @@ def test_gpu_check_smoke_runs_on_the_cpu(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "budget: model_paths 60 s, grpo_step_one_gpu 90 s, tp_and_offload_one_gpu 60 s" in res.stdout
     sections = json.loads(out.read_text())["sections"]
-    assert set(sections) == {"model_paths", "grpo_step_one_gpu", "tp_and_offload_one_gpu"}, sections
+    assert set(sections) == {"model_paths", "grpo_step_one_gpu", "tp_and_offload_one_gpu", "grpo_step_lora_one_gpu"}, \
+        sections
     assert all(s["ok"] for s in sections.values()), sections
     assert sections["model_paths"]["decode_vs_full_forward"] < 1e-5
     # in fp32 on the CPU a preempted trace is regenerated exactly; on a GPU this is a figure
     assert sections["model_paths"]["preemptions"] > 0 and sections["model_paths"]["tight_budget_traces_equal"] == 1.0
     assert sections["grpo_step_one_gpu"]["steps"][0]["rollout_logprob_diff_max"] < 1e-4
+    # LoRA's step 2 rolls out through the merged adapters (step 1 moved them): the sampler still agrees
+    assert sections["grpo_step_lora_one_gpu"]["steps"][1]["rollout_logprob_diff_max"] < 1e-4
     tp_offload = sections["tp_and_offload_one_gpu"]
     assert tp_offload["tp1_graph_decode_equals_plain"] == 1.0
     assert all(g > 0 for g in tp_offload["offload"]["true"]["grad_norms"]), tp_offload  # a comparison that can fail

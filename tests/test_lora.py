@@ -131,20 +131,22 @@ def test_lora_on_two_ranks_and_through_a_tensor_parallel_rollout_takes_the_steps
 
 
 def test_a_lora_run_resumes_bit_equal_and_its_exports_load_in_transformers_and_peft(tiny_policy, tmp_path):
+    import shutil
     import torch.distributed.checkpoint as dcp
     import data
     import demo as demo_task
-    path = tiny_policy[0]
+    path = str(shutil.copytree(tiny_policy[0], tmp_path / "base"))  # its weights are rewritten below
     records = data.write_records(tmp_path / "rlvr.jsonl", demo_task.rlvr_records(24, seed=0))
     args = ["grpo.py", "--model", path, "--data", str(records), "--rollout_batch_size", "8", "--mini_batch_size", "4",
             "--n_samples", "2", "--max_response_len", "8", "--micro_batch_tokens", "512", "--no-bf16",
             "--no-activation_checkpointing", "--lr", "3e-3", "--rollout_slots", "16", "--lora_rank", "4",
             "--lora_targets", "q_proj,v_proj,down_proj", "--kl_coef", "0.01", "--entropy_coef", "0.01"]
 
-    def grpo(out, *extra):
+    def grpo(out, *extra, ok=True):
         res = subprocess.run([sys.executable, *args, "--out", str(out), *extra], cwd=ROOT, capture_output=True,
                              text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert res.returncode == 0, res.stderr[-3000:]
+        assert (res.returncode == 0) == ok, res.stderr[-3000:]
+        return res.stderr
 
     grpo(tmp_path / "full")
     grpo(tmp_path / "cut", "--max_steps", "2")
@@ -185,6 +187,16 @@ def test_a_lora_run_resumes_bit_equal_and_its_exports_load_in_transformers_and_p
     assert (by_peft - by_base).abs().max() > 1e-4, "the adapter changed the model"
     config = json.loads((tmp_path / "full" / "hf" / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8.0 and config["base_model_name_or_path"] == path
+
+    # other weights at --model (an SFT run written there again): the adapters are not theirs
+    weights = load_file(Path(path) / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 2
+    from safetensors.torch import save_file
+    save_file(weights, Path(path) / "model.safetensors", metadata={"format": "pt"})
+    said = grpo(tmp_path / "cut", "--resume", "--resume_step", "2", ok=False)
+    assert "holds other weights than the base this LoRA run's adapters were trained on" in said, said[-2000:]
+    with pytest.raises(ValueError, match="its adapters were trained on another base than"):
+        export.export(str(tmp_path / "full" / "step_00000003"), str(tmp_path / "exported2"))
 
 
 def test_sft_with_lora_on_two_ranks_trains_the_adapters_alone_as_one_process_does(tiny_policy, tmp_path):
