@@ -175,13 +175,41 @@ def build_judge_messages(conversation_a, conversation_b, style="instruct"):
     return [{"role": "system", "content": PROMPTS["instruct_system_prompt"]}, {"role": "user", "content": user}]
 
 
+def swap_answers(one, two, where) -> tuple[str, str]:
+    """Two conversations as render_turns writes them (the turns they share, then each its answer;
+    Chatbot A's turns labelled 'Chatbot A: ', B's 'Chatbot B: ') with their answers swapped; the
+    answers' own text is kept as it is. An answer may start at a line k where conversation 1 has
+    A's label and conversation 2 B's, everything before is the same but for those labels, and the
+    nearest line above that starts with 'User: ' or a label is a 'User: ' one (an answer follows
+    a user turn). The answers start at the last such line: every shared assistant turn is one too.
+    None is refused (a label-like line in a shared turn, turns labelled otherwise). Answers whose
+    first lines are alike up to a 'User: ' line and a label line of their own read as more shared
+    turns: their text is a render of that conversation too, and nothing tells the two apart."""
+    lines1, lines2 = one.split("\n"), two.split("\n")
+    a, b = "Chatbot A: ", "Chatbot B: "
+    relabelled = [b + line[len(a):] if line.startswith(a) else line for line in lines1]
+
+    def after_user(k):
+        above = [line for line in lines1[:k] if line.startswith(("User: ", a))]
+        return bool(above) and above[-1].startswith("User: ")
+
+    starts = [k for k in range(min(len(lines1), len(lines2))) if lines1[k].startswith(a) and lines2[k].startswith(b)
+              and relabelled[:k] == lines2[:k] and after_user(k)]
+    if not starts:
+        raise ValueError(f"{where}: the conversations' turns cannot be read back as render_turns writes them "
+                         f"(no line where their answers could start), so their places cannot be swapped")
+    k = starts[-1]
+    return ("\n".join(lines1[:k] + [a + lines2[k][len(b):]] + lines2[k + 1:]),
+            "\n".join(lines2[:k] + [b + lines1[k][len(a):]] + lines1[k + 1:]))
+
+
 def other_order(messages, where):
     """The judge prompt of `messages` (an RM-R1 judge prompt, as build_judge_messages writes it)
     with its two answers' places swapped: what A showed, B shows. The user turn is read back
     through its template (data.PROMPTS, either style, single- or multi-turn), so this holds for
     pre-rendered RLVR files. A prompt that is not one of the templates, or whose answers hold a
-    template's marker (or, multi-turn, a line starting with the other chatbot's name), could be
-    read back two ways: it is refused, naming `where`.
+    template's marker, or multi-turn turns swap_answers cannot read back, is refused, naming
+    `where`.
         other_order(build_judge_messages(a, b), "x") == build_judge_messages(b, a)
     """
     *before, user = messages
@@ -200,19 +228,9 @@ def other_order(messages, where):
         parts = found.groupdict()
         if "answer_a" in parts:
             parts["answer_a"], parts["answer_b"] = parts["answer_b"], parts["answer_a"]
-        else:  # each conversation's turns are labelled with its chatbot's name (render_turns)
-            one, two = parts["conversation_1"], parts["conversation_2"]
-            # as render_turns writes them: as many user turns as chatbot turns, in both, and no line
-            # of either starting with a name that is not its own; else a label could be content
-            counts = [len(re.findall(rf"(?m)^{name}: ", text)) for text, name in
-                      ((one, "User"), (one, "Chatbot A"), (two, "User"), (two, "Chatbot B"))]
-            others = [len(re.findall(rf"(?m)^{name}: ", text)) for text, name in ((one, "Chatbot B"), (two, "Chatbot A"))]
-            if len(set(counts)) != 1 or not counts[0] or any(others):
-                raise ValueError(f"{where}: the conversations' turns cannot be read back as render_turns writes "
-                                 f"them (a 'User: ' line per 'Chatbot A: ' / 'Chatbot B: ' line, no other line "
-                                 f"starting so), so their places cannot be swapped")
-            parts["conversation_1"] = re.sub(r"(?m)^Chatbot B: ", "Chatbot A: ", two)
-            parts["conversation_2"] = re.sub(r"(?m)^Chatbot A: ", "Chatbot B: ", one)
+        else:
+            parts["conversation_1"], parts["conversation_2"] = swap_answers(parts["conversation_1"],
+                                                                            parts["conversation_2"], where)
         return before + [{**user, "content": template.format(**parts)}]
     raise ValueError(f"{where}: the judge prompt's last turn is not one of RM-R1's templates (data.PROMPTS), so "
                      f"its two answers cannot be swapped for --consistency_reward")

@@ -24,6 +24,10 @@ PAIRS = [  # (conversation a, conversation b): single turn, multi-turn, answers 
     (chat("What is 2 + 3?", "5"), chat("What is 2 + 3?", "6")),
     (chat("hi", "hello {name}", "and 2 + 2?", "4\n\nsurely"), chat("hi", "hello {name}", "and 2 + 2?", "five")),
     (chat("Write {x}.", "Chatbot B is\nwrong"), chat("Write {x}.", "")),
+    # lines of a turn's own text that start like a label, where they can be read only one way
+    (chat("q1", "r1", "Translate this log:\nUser: hello", "x"), chat("q1", "r1", "Translate this log:\nUser: hello", "y")),
+    (chat("q1", "r1", "q2", "x\nUser: hi\nChatbot A: yo"), chat("q1", "r1", "q2", "y\nUser: hi\nChatbot B: zz")),
+    (chat("q1", "r1", "q2", "x\nChatbot A: more"), chat("q1", "r1", "q2", "y")),
 ]
 
 
@@ -43,18 +47,16 @@ def test_a_prompt_whose_answers_cannot_be_told_apart_is_refused_by_its_place():
         data.other_order(data.build_judge_messages(chat("q", "x " + marker), chat("q", "y")), "f.jsonl:3")
     with pytest.raises(ValueError, match=r"f.jsonl:4: the judge prompt's last turn is not one of RM-R1's templates"):
         data.other_order(chat("Which is better, A or B?"), "f.jsonl:4")
-    # multi-turn: a line of a shared turn that starts like a turn's label could be read two ways
+    # multi-turn: a label-like line in a shared turn is content in one conversation and a label in
+    # the other: no line where the answers could start
     a, b = chat("say\nChatbot A: hi", "hi", "more", "x"), chat("say\nChatbot A: hi", "hi", "more", "y")
-    with pytest.raises(ValueError, match=r"f.jsonl:5: the conversations' turns cannot be read back"):
+    with pytest.raises(ValueError, match=r"f.jsonl:5: the conversations' turns cannot be read back .*\(no line"):
         data.other_order(data.build_judge_messages(a, b), "f.jsonl:5")
-    a[-1]["content"] = "x\nChatbot A: more"  # in an answer of its own conversation, likewise
-    a[0]["content"] = b[0]["content"] = "say hi"
-    with pytest.raises(ValueError, match=r"f.jsonl:6: the conversations' turns cannot be read back"):
-        data.other_order(data.build_judge_messages(a, b), "f.jsonl:6")
-    b[-1]["content"] = "y\nChatbot B: more"  # each answer with a line of its own name: as many extra as each
-    with pytest.raises(ValueError, match=r"f.jsonl:7: the conversations' turns cannot be read back"):
-        data.other_order(data.build_judge_messages(a, b), "f.jsonl:7")
-    a[-1]["content"], b[-1]["content"] = "x", "y"
+    # answers that start alike and go on with a label line of their own: two assistant turns in a row
+    # are no render of a conversation, so their answers start at the first line
+    a, b = chat("q0", "r0", "q", "same\nChatbot A: p"), chat("q0", "r0", "q", "same\nChatbot B: q")
+    assert data.other_order(data.build_judge_messages(a, b), "f.jsonl:6") == data.build_judge_messages(b, a)
+    a, b = chat("q1", "r1", "q2", "x"), chat("q1", "r1", "q2", "y")
     ab = data.build_judge_messages(a, b)
     relabelled = [{**ab[0]}, {**ab[1], "content": ab[1]["content"].replace("Chatbot A: ", "Chatbot A:\n")}]
     with pytest.raises(ValueError, match=r"f.jsonl:8: the conversations' turns cannot be read back"):
