@@ -167,8 +167,8 @@ def merged_state_dict(state: dict, model) -> dict:
 def base_digest(path) -> str:
     """sha256 of a base model's config.json and weight files. A LoRA checkpoint holds adapters
     alone, trained on these weights: a resume or an export onto other weights at the same path (an
-    SFT run written there again) is refused by it (run.start_run, export.py). Reading a 7B base
-    takes some 15 s."""
+    SFT run written there again) is refused by it (run.start_run, export.py). It reads every byte
+    of the base, on every rank (15 GB for a 7B)."""
     h = hashlib.sha256()
     for file in [os.path.join(path, "config.json"), *checkpoint_files(path)]:
         h.update(os.path.basename(file).encode() + content_digest(file).encode())
