@@ -14,13 +14,12 @@ argmax over logits that differ by rounding can flip a near-tie).
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import lora  # noqa: E402
-from bench.rollout import SHAPES  # noqa: E402
+from bench.rollout import SHAPES, timed  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from rollout import SamplingParams, generate  # noqa: E402
 
@@ -46,16 +45,6 @@ def models(shape, device, dtype):
     return adapted.eval(), merged
 
 
-def timed(fn, device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - start
-
-
 def section(shape, device, dtype, batch):
     adapted, merge = models(shape, device, dtype)
     gen = torch.Generator().manual_seed(1)
@@ -63,13 +52,13 @@ def section(shape, device, dtype, batch):
     params = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, n=1)
     run = lambda model: generate(model, prompts, params, max_batch_size=batch, use_cuda_graph=device == "cuda")  # noqa: E731
     with torch.no_grad():
-        plain, t_merge = timed(merge, device)
+        t_merge, plain = timed(merge, device)
         run(adapted), run(plain)  # warm-up (and CUDA graph capture)
         t_unmerged = t_decode = float("inf")
         for _ in range(REPEATS):  # in turns, the best of each: a busy machine slows both alike
-            unmerged, t = timed(lambda: run(adapted), device)
+            t, unmerged = timed(lambda: run(adapted), device)
             t_unmerged = min(t_unmerged, t)
-            merged, t = timed(lambda: run(plain), device)
+            t, merged = timed(lambda: run(plain), device)
             t_decode = min(t_decode, t)
     tokens = batch * NEW_TOKENS
     same = sum(a.token_ids == b.token_ids for a, b in zip(unmerged, merged))
